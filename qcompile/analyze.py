@@ -1,0 +1,234 @@
+"""Analysis: which nodes are quantizable, their weights and axes, and the default plan.
+
+A node is quantized when its op type is quantizable (Conv, ConvTranspose, MatMul, Gemm), it is not
+excluded by op type or name, and it has at least one float input. Constant float inputs are
+*weights* (quantized offline, per channel or per block); the others are *activations* (quantized
+per tensor with a calibrated range). Numerically fragile ops (LayerNormalization and decomposed
+norms, Softmax, Sqrt/Div chains) are never quantizable, so they stay in float: Q/DQ pairs are only
+inserted on the inputs of quantized nodes and propagated through range-preserving shape ops.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qcompile.plan import InputQuant, NodePlan, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
+from qcompile.targets import Target
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Ops whose output values are a subset (or rearrangement, or convex combination) of their data
+# input's values: quantizing input and output with the same scale lets onnxruntime run them on
+# integers and drop the Q/DQ pair in between.
+SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Concat", "Identity")
+FUSED_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to quantize. Patterns are fnmatch globs on node names."""
+
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    keep_last: bool = False  # keep the final classifier (last quantizable node before an output) in float
+
+
+def is_float(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None
+
+
+def weight_axes(node: ir.Node, index: int) -> tuple[int, int] | None:
+    """(channel axis, reduction axis) of the weight at input `index`, or None if it has none.
+
+    MatMul B [.., K, N]: channel N, reduce K.   Gemm B: [K, N] (or [N, K] with transB).
+    Conv W [Cout, Cin/g, k..]: channel 0, reduce 1.   ConvTranspose W [Cin, Cout/g, k..]: 1, 0.
+    """
+    shape = node.inputs[index].shape
+    rank = len(shape) if shape is not None else 0
+    if rank < 2:
+        return None
+    op = node.op_type
+    if op == "MatMul" and index == 1:
+        return rank - 1, rank - 2
+    if op == "MatMul" and index == 0:
+        return rank - 2, rank - 1
+    if op == "Gemm" and index in (0, 1):
+        trans = node.attributes.get("transA" if index == 0 else "transB")
+        transposed = bool(trans.as_int()) if trans is not None else False
+        if index == 0:
+            return (1, 0) if transposed else (0, 1)
+        return (0, 1) if transposed else (1, 0)
+    if op == "Conv" and index == 1:
+        return 0, 1
+    if op == "ConvTranspose" and index == 1:
+        return 1, 0
+    return None
+
+
+def data_inputs(node: ir.Node) -> list[ir.Value]:
+    """The inputs of a shape op that carry data (not shapes, axes, scales or roi)."""
+    if node.op_type == "Concat":
+        return [v for v in node.inputs if v is not None]
+    return [node.inputs[0]] if node.inputs and node.inputs[0] is not None else []
+
+
+def tie_heads(value: ir.Value) -> tuple[list[ir.Node], list[ir.Value]]:
+    """Walk up from an activation through shape ops.
+
+    Returns the shape-op nodes crossed and the head values the walk stops at (produced by a
+    non-shape op, a graph input, or a constant). Every value on the way takes the same scale, so
+    calibration collects the heads and insertion places a Q/DQ before each shape op.
+    """
+    nodes: list[ir.Node] = []
+    heads: list[ir.Value] = []
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        p = v.producer()
+        ins = data_inputs(p) if p is not None and p.op_type in SHAPE_OPS and p.domain == "" else []
+        if ins and all(is_float(i) and not is_constant(i) for i in ins):
+            nodes.append(p)
+            stack.extend(ins)
+        else:
+            heads.append(v)
+    return nodes, heads
+
+
+def _excluded(node: ir.Node, options: PlanOptions) -> bool:
+    if node.op_type in options.exclude_ops:
+        return True
+    return any(fnmatch.fnmatchcase(node.name or "", pat) for pat in options.exclude_nodes)
+
+
+def _last_quantizable(graph: ir.Graph, candidates: list[ir.Node]) -> ir.Node | None:
+    """The candidate from which a graph output is reachable without crossing another candidate."""
+    cands = {id(n) for n in candidates}
+    for node in reversed(candidates):
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            for out in n.outputs:
+                if out.is_graph_output():
+                    return node
+                for use in out.uses():
+                    c = use.node
+                    if id(c) not in seen and id(c) not in cands:
+                        seen.add(id(c))
+                        stack.append(c)
+    return None
+
+
+def candidate_nodes(graph: ir.Graph, options: PlanOptions) -> list[ir.Node]:
+    """Quantizable nodes of the main graph, in graph order, honouring exclusions."""
+    out = []
+    for node in graph:
+        if node.domain != "" or node.op_type not in QUANTIZABLE_OPS:
+            continue
+        if _excluded(node, options):
+            log.debug("skip %s: excluded by options", node.name)
+            continue
+        if not any(is_float(v) for v in node.inputs[:2]):
+            log.debug("skip %s: no float input", node.name)
+            continue
+        out.append(node)
+    if options.keep_last and out:
+        last = _last_quantizable(graph, out)
+        if last is not None:
+            log.debug("skip %s: final classifier kept in float (keep_last)", last.name)
+            out = [n for n in out if n is not last]
+    return out
+
+
+def _weight_spec(node: ir.Node, index: int, target: Target) -> QuantSpec | None:
+    pol = target.weights
+    axes = weight_axes(node, index)
+    if axes is None:
+        log.debug("skip weight %d of %s: no channel axis", index, node.name)
+        return None
+    channel, reduce = axes
+    if pol.granularity == "block" and node.op_type in ("MatMul", "Gemm"):
+        k = node.inputs[index].shape[reduce]
+        if isinstance(k, int) and k >= pol.block_size:
+            return QuantSpec(pol.format, PerBlock(reduce, pol.block_size), True, pol.method)
+    if pol.granularity == "tensor":
+        return QuantSpec(pol.format, PerTensor(), True, pol.method)
+    return QuantSpec(pol.format, PerChannel(channel), True, pol.method)
+
+
+def _activation_spec(target: Target) -> QuantSpec:
+    pol = target.activations
+    return QuantSpec(pol.format, PerTensor(), pol.symmetric, pol.method)
+
+
+def _conv_output(node: ir.Node) -> ir.Value | None:
+    """The value to quantize after a Conv: its output, or the output of a sole Relu/Clip consumer."""
+    out = node.outputs[0]
+    uses = list(out.uses())
+    if len(uses) == 1 and uses[0].node.op_type in FUSED_ACTIVATIONS and not out.is_graph_output():
+        out = uses[0].node.outputs[0]
+    return None if out.is_graph_output() else out
+
+
+def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOptions()) -> QuantPlan:
+    """The default plan of `target` for `model` (activation clips are filled by calibration)."""
+    plan = QuantPlan(target.name)
+    for node in candidate_nodes(model.graph, options):
+        np_ = NodePlan(node.op_type)
+        for i, v in enumerate(node.inputs[:2]):
+            if not is_float(v):
+                continue
+            if is_constant(v):
+                spec = _weight_spec(node, i, target)
+                if spec is not None:
+                    np_.inputs[i] = InputQuant(v.name, "weight", spec)
+            elif target.activations is not None:
+                np_.inputs[i] = InputQuant(v.name, "activation", _activation_spec(target))
+        if not np_.inputs:
+            continue
+        acts = [q for q in np_.inputs.values() if q.role == "activation"]
+        if node.op_type == "Conv" and target.quantize_conv_output and acts:
+            out = _conv_output(node)
+            if out is not None and is_float(out):
+                np_.output = InputQuant(out.name, "activation", _activation_spec(target))
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        has_weight = any(q.role == "weight" for q in np_.inputs.values())
+        if target.quantize_bias and node.op_type in ("Conv", "Gemm") and acts and has_weight and is_constant(bias):
+            np_.bias = True
+        plan.nodes[node.name] = np_
+    return plan
+
+
+@dataclass
+class ModelSummary:
+    """What `qcompile inspect` prints."""
+
+    ops: dict[str, int] = field(default_factory=dict)
+    params: int = 0
+    param_bytes: int = 0
+    quantizable: list[str] = field(default_factory=list)
+    opset: int = 0
+    ir_version: int = 0
+
+
+def summarize(model: ir.Model, options: PlanOptions = PlanOptions()) -> ModelSummary:
+    s = ModelSummary(opset=model.opset_imports.get("", 0), ir_version=model.ir_version)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        s.ops[key] = s.ops.get(key, 0) + 1
+    for v in model.graph.initializers.values():
+        if v.const_value is not None:
+            s.params += v.const_value.size
+            s.param_bytes += v.const_value.nbytes
+    s.quantizable = [n.name for n in candidate_nodes(model.graph, options)]
+    return s

@@ -1,0 +1,1 @@
+"""Backends: capability facts and lowering for the runtimes qcompile emits for."""

@@ -1,0 +1,255 @@
+"""Streaming calibration: bounded-memory statistics and format-aware range selection.
+
+The float graph is instrumented once (the values to calibrate become extra outputs), calibration
+batches stream through one onnxruntime session, and each value keeps only a `Histogram`: exact
+running min/max plus a fixed number of bins over a symmetric power-of-two range [-R, R]. When a
+batch exceeds R, R doubles and adjacent bin pairs merge (bin edges stay aligned, so merging is
+exact). Peak memory is therefore O(values x bins + one batch), independent of the sample count.
+
+Range selection from a histogram (`choose_clip`):
+- minmax:     [min, max].
+- percentile: the (p, 1-p) quantiles, p = (100 - percentile)/100 / 2 (symmetric: |x| quantile).
+- entropy:    TensorRT's KL-divergence threshold on the |x| histogram (2**(bits-1) levels).
+- mse:        the clip minimising E[(x - Q(x))^2] where Q is the *target format's* quantizer
+              (INT grid with zero point, or the FP8/minifloat grid scaled by clip/max), with every
+              bin represented by its centre. An FP8 grid is not an INT8 grid: for E4M3 the optimum
+              is usually no clipping at all, for INT8 a clip of ~3-4 sigma.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qcompile import codec
+from qcompile.formats import FloatFormat, IntFormat, parse_format
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BINS = 1 << 14
+PERCENTILE = 99.999
+
+
+@dataclass
+class Histogram:
+    """Streaming histogram over [-R, R] with R a power of two; `bins` even and fixed."""
+
+    bins: int = DEFAULT_BINS
+    lo: float = np.inf
+    hi: float = -np.inf
+    count: int = 0
+    radius: float = 0.0
+    counts: np.ndarray = field(default=None, repr=False)
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.count += x.size
+        amax = max(abs(lo), abs(hi), 1e-30)
+        if self.counts is None:
+            self.radius = float(2.0 ** np.ceil(np.log2(amax)))
+            self.counts = np.zeros(self.bins, dtype=np.int64)
+        while amax > self.radius:
+            self._double()
+        idx = ((x + self.radius) * (self.bins / (2 * self.radius))).astype(np.int64)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+    def _double(self) -> None:
+        """[-R, R] -> [-2R, 2R]: old bin pairs merge into the central half of the new bins."""
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts = np.zeros_like(self.counts)
+        q = self.bins // 4
+        self.counts[q : q + merged.size] = merged
+        self.radius *= 2
+
+    def merge(self, other: Histogram) -> None:
+        if other.counts is None:
+            return
+        if self.counts is None:
+            self.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in other.__dict__.items()})
+            return
+        other = Histogram(**{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in other.__dict__.items()})
+        while self.radius < other.radius:
+            self._double()
+        while other.radius < self.radius:
+            other._double()
+        self.counts += other.counts
+        self.lo, self.hi, self.count = min(self.lo, other.lo), max(self.hi, other.hi), self.count + other.count
+
+    @property
+    def centers(self) -> np.ndarray:
+        w = 2 * self.radius / self.bins
+        return (-self.radius + w * (np.arange(self.bins) + 0.5)).astype(np.float64)
+
+
+def qparams_from_clip(lo: float, hi: float, fmt: IntFormat | FloatFormat, symmetric: bool) -> tuple[float, float]:
+    """(scale, zero_point) that map [lo, hi] onto the format.
+
+    INT symmetric:  s = max(|lo|,|hi|) / qmax, zp = 0.
+    INT affine:     [lo, hi] is widened to contain 0; s = (hi - lo)/(qmax - qmin),
+                    zp = round(qmin - lo/s) (so 0 is exactly representable).
+    Float formats:  s = max(|lo|,|hi|) / fmt.max, zp = 0 (float grids are symmetric).
+    """
+    if isinstance(fmt, FloatFormat):
+        amax = max(abs(lo), abs(hi))
+        return (amax / fmt.max if amax > 0 else 1.0), 0.0
+    if symmetric:
+        amax = max(abs(lo), abs(hi))
+        return (amax / fmt.qmax if amax > 0 else 1.0), 0.0
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0:
+        return 1.0, 0.0
+    scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+    zp = float(np.clip(np.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax))
+    return scale, zp
+
+
+def fake_quant(x: np.ndarray, scale, zero_point, fmt: IntFormat | FloatFormat) -> np.ndarray:
+    """Q then DQ with broadcastable scale/zero point, in float64 for cost evaluation."""
+    if isinstance(fmt, FloatFormat):
+        return codec.round_to_grid(x / scale, fmt).astype(np.float64) * scale
+    q = np.clip(np.round(x / scale) + zero_point, fmt.qmin, fmt.qmax)
+    return (q - zero_point) * scale
+
+
+def _weighted_centers(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    keep = h.counts > 0
+    return h.centers[keep], h.counts[keep].astype(np.float64)
+
+
+def _mse_symmetric(h: Histogram, fmt, lo: float, hi: float) -> tuple[float, float]:
+    """Search the clip t = r * amax (fine grid of r) for symmetric INT or any float format."""
+    c, w = _weighted_centers(h)
+    amax = max(abs(lo), abs(hi))
+    ratios = np.concatenate([np.linspace(0.02, 0.3, 15), np.linspace(0.3, 1.0, 141)[1:]])
+    errs = []
+    for r in ratios:
+        s, zp = qparams_from_clip(-amax * r, amax * r, fmt, True)
+        errs.append(float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2)))
+    t = amax * ratios[int(np.argmin(errs))]
+    return max(lo, -t), min(hi, t)
+
+
+def _mse_affine(h: Histogram, fmt: IntFormat, lo: float, hi: float) -> tuple[float, float]:
+    """Independent shrink of both ends on a geometric grid (affine INT only)."""
+    c, w = _weighted_centers(h)
+    ratios = np.geomspace(0.05, 1.0, 40)
+    los = np.unique(np.minimum(lo, 0.0) * ratios)
+    his = np.unique(np.maximum(hi, 0.0) * ratios)
+    best, best_clip = np.inf, (lo, hi)
+    for a in los:
+        for b in his:
+            s, zp = qparams_from_clip(a, b, fmt, False)
+            err = float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2))
+            if err < best:
+                best, best_clip = err, (float(a), float(b))
+    return best_clip
+
+
+def _entropy_threshold(h: Histogram, levels: int) -> float:
+    """TensorRT KL calibration on the |x| histogram.
+
+    For each candidate threshold bin i: P = |x| bins [0, i) with the outlier mass added to bin
+    i-1; Q = the same bins requantised to `levels` chunks (each chunk's mass spread evenly over its
+    non-empty bins). The threshold minimising KL(P || Q) wins.
+    """
+    half = h.bins // 2
+    absc = h.counts[half:].astype(np.float64) + h.counts[:half][::-1]
+    width = h.radius / absc.size
+    nz = np.nonzero(absc)[0]
+    if nz.size == 0:
+        return 0.0
+    last = int(nz[-1]) + 1
+    if last <= levels:
+        return last * width
+    best, best_i = np.inf, last
+    for i in np.unique(np.linspace(levels, last, 256).astype(int)):
+        p = absc[:i].copy()
+        p[i - 1] += absc[i:].sum()
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        chunk = np.repeat(np.arange(starts.size), np.diff(np.append(starts, i)))
+        nonempty = (absc[:i] > 0).astype(np.float64)
+        mass = np.add.reduceat(absc[:i], starts)
+        count = np.add.reduceat(nonempty, starts)
+        q = np.where(nonempty > 0, (mass / np.maximum(count, 1))[chunk], 0.0)
+        mask = p > 0
+        pn = p[mask] / p.sum()
+        qn = np.maximum(q[mask], 1e-12) / max(q.sum(), 1e-12)
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best:
+            best, best_i = kl, int(i)
+    return best_i * width
+
+
+def choose_clip(h: Histogram, fmt_name: str, symmetric: bool, method: str) -> tuple[float, float]:
+    """The (lo, hi) range to quantize a value with, from its histogram (see the module doc)."""
+    if h.counts is None:
+        return 0.0, 0.0
+    fmt = parse_format(fmt_name)
+    lo, hi = h.lo, h.hi
+    if method == "minmax":
+        return lo, hi
+    if method == "percentile":
+        cdf = np.cumsum(h.counts) / h.count
+        p = (100.0 - PERCENTILE) / 100.0 / 2
+        c = h.centers
+        qlo = float(c[np.searchsorted(cdf, p)])
+        qhi = float(c[min(np.searchsorted(cdf, 1 - p), h.bins - 1)])
+        if symmetric:
+            t = max(abs(qlo), abs(qhi))
+            return max(lo, -t), min(hi, t)
+        return max(lo, qlo), min(hi, qhi)
+    if method == "entropy":
+        levels = 2 ** (fmt.bits - 1) if isinstance(fmt, IntFormat) else 128
+        t = _entropy_threshold(h, levels)
+        return max(lo, -t), min(hi, t)
+    if method == "mse":
+        if isinstance(fmt, IntFormat) and not symmetric:
+            return _mse_affine(h, fmt, lo, hi)
+        return _mse_symmetric(h, fmt, lo, hi)
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def stream_values(model, names: list[str], batches):
+    """Yield {name: array} for each batch: the float model with `names` exposed as outputs.
+
+    The model is instrumented once (the values become extra graph outputs, removed again right
+    after the session is built) and runs in one onnxruntime session at ENABLE_BASIC, so no fusion
+    hides a value. Only one batch of values is alive at a time.
+    """
+    from qcompile.backends.onnxruntime.session import make_session
+
+    by_name = {v.name: v for v in model.graph.inputs}
+    for node in model.graph:
+        for out in node.outputs:
+            by_name[out.name] = out
+    missing = [h for h in names if h not in by_name]
+    if missing:
+        raise KeyError(f"values not in graph: {missing[:5]}")
+    existing = {v.name for v in model.graph.outputs}
+    added = [by_name[h] for h in names if h not in existing]
+    model.graph.outputs.extend(added)
+    try:
+        sess = make_session(model, level="basic")
+    finally:
+        for _ in added:
+            model.graph.outputs.pop()
+    for batch in batches:
+        yield batch, dict(zip(names, sess.run(names, batch)))
+
+
+def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:
+    """Histograms of the named values over all batches (bounded memory, see the module doc)."""
+    hists = {h: Histogram() for h in heads}
+    for batch, values in stream_values(model, heads, batches):
+        for name, arr in values.items():
+            hists[name].update(arr)
+        if progress is not None:
+            progress(next(iter(batch.values())).shape[0])
+    return hists

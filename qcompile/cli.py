@@ -1,0 +1,286 @@
+"""Command line: parse, call the library, print, map errors to exit codes.
+
+Exit codes: 0 ok, 1 error (one-line reason; traceback only with -v), 2 usage, 3 validation failed.
+stdout carries only the result (the output path, or the --json report); progress and logs go to
+stderr.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from qcompile.targets import TARGETS
+
+log = logging.getLogger("qcompile")
+
+
+class _DefaultToCompile(click.Group):
+    """`qcompile MODEL ...` runs `compile`; `qcompile validate|inspect|formats ...` the subcommand."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=level, format="qcompile: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("qcompile").setLevel(logging.INFO if verbose else level)
+
+
+def _run(fn, verbose: bool):
+    """Call fn, mapping exceptions to a one-line stderr message and an exit code."""
+    from qcompile.errors import QCompileError
+
+    try:
+        return fn()
+    except QCompileError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"qcompile: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("qcompile: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the CLI must never show a bare traceback
+        if verbose:
+            traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"qcompile: error: {type(e).__name__}: {msg} (run with -v for details)", err=True)
+        sys.exit(1)
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(type(o).__name__)
+
+
+def _dump(report: dict) -> str:
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(report), indent=1, default=_json_default)
+
+
+@click.group(cls=_DefaultToCompile, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qcompile")
+def main() -> None:
+    """qcompile: quantize an ONNX model so stock onnxruntime runs it.
+
+    \b
+    qcompile MODEL --target int8 [-o OUT] [--calib DATA] [--eval DATA] ...
+    qcompile validate FLOAT COMPILED --eval DATA
+    qcompile inspect MODEL
+    qcompile formats
+    """
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", required=True, type=click.Choice(list(TARGETS)), help="What to compile for.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL.<target>.onnx")
+@click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name) or a directory of them")
+@click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Held-out data (default: part of --calib)")
+@click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method (default: the target's)")
+@click.option("--plan", "plan_in", type=click.Path(dir_okay=False, path_type=Path), help="Replay a saved plan")
+@click.option("--save-plan", type=click.Path(dir_okay=False, path_type=Path), help="Write the plan used (JSON)")
+@click.option("--exclude-node", multiple=True, help="Keep nodes whose name matches this glob in float (repeatable)")
+@click.option("--exclude-op", multiple=True, help="Keep this op type in float (repeatable)")
+@click.option("--keep-last", is_flag=True, help="Keep the final classifier layer in float")
+@click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
+@click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, method, plan_in, save_plan,
+                exclude_node, exclude_op, keep_last, no_validate, min_sqnr, as_json, verbose, quiet):
+    """Quantize MODEL for --target and write the result."""
+    _setup_logging(verbose, quiet)
+
+    def work():
+        from qcompile.analyze import PlanOptions
+        from qcompile.errors import InputError, ValidationFailed
+        from qcompile.pipeline import compile as compile_model
+        from qcompile.pipeline import save_model
+        from qcompile.targets import get_target
+
+        out = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{target}.onnx")
+        if model.exists() and out.exists() and out.resolve() == model.resolve():
+            raise InputError("output path is the input model; choose another -o")
+        tgt = get_target(target)
+        if method and tgt.activations is not None:
+            tgt = dataclasses.replace(tgt, activations=dataclasses.replace(tgt.activations, method=method))
+        options = PlanOptions(tuple(exclude_node), tuple(exclude_op), keep_last)
+        with _Progress(enabled=not quiet and not verbose and sys.stderr.isatty()) as progress:
+            try:
+                result = compile_model(model, tgt, calib=calib, eval=eval_, plan=plan_in, samples=samples, seed=seed,
+                                       validate=not no_validate, min_sqnr=min_sqnr, options=options,
+                                       batch_size=batch_size, progress=progress.advance)
+            except ValidationFailed as e:
+                if as_json and e.report is not None:
+                    e.report["output"] = None
+                    click.echo(_dump(e.report))
+                raise ValidationFailed(f"{e}; output not written (see --min-sqnr, --no-validate)", e.report, e.result) from None
+        if save_plan:
+            result.plan.save(save_plan)
+        size = save_model(result.model, out)
+        report = result.report
+        report["output"] = str(out)
+        report["sizes"]["input_bytes"] = model.stat().st_size
+        report["sizes"]["output_bytes"] = size
+        if as_json:
+            click.echo(_dump(report))
+        else:
+            if not quiet:
+                _print_summary(report)
+            click.echo(str(out))
+
+    _run(work, verbose)
+
+
+class _Progress:
+    """A rich progress bar on stderr counting calibration samples (only on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task("calibrating", total=None)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+        return False
+
+
+def _print_summary(report: dict) -> None:
+    for name, m in report.get("outputs", {}).items():
+        extra = f", top-1 {m['top1_agreement']:.4f}" if "top1_agreement" in m else ""
+        click.echo(f"qcompile: {name}: SQNR {m['sqnr_db']:.2f} dB, cosine {m['cosine_mean']:.5f} (min {m['cosine_min']:.5f}){extra}", err=True)
+    s = report["sizes"]
+    if s.get("float_weight_bytes"):
+        click.echo(f"qcompile: weights {s['float_weight_bytes'] / 1e6:.2f} MB -> {s['quantized_weight_bytes'] / 1e6:.2f} MB, "
+                   f"{report['compile_seconds']:.1f} s", err=True)
+
+
+@main.command("validate")
+@click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("compiled", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--eval", "eval_", required=True, type=click.Path(path_type=Path))
+@click.option("--min-sqnr", type=float)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def validate_cmd(float_model, compiled, eval_, min_sqnr, as_json, verbose):
+    """Compare COMPILED against FLOAT_MODEL on held-out data."""
+    _setup_logging(verbose, False)
+
+    def work():
+        from qcompile.api import validate
+
+        res = validate(float_model, compiled, eval_, min_sqnr=min_sqnr)
+        if as_json:
+            click.echo(_dump(res))
+        else:
+            for name, m in res["outputs"].items():
+                click.echo(f"{name}: sqnr_db={m['sqnr_db']} cosine_mean={m['cosine_mean']} cosine_min={m['cosine_min']} "
+                           f"max_abs_err={m['max_abs_err']:.4g}" + (f" top1={m['top1_agreement']}" if "top1_agreement" in m else ""))
+        if "verdict" in res and not res["verdict"]["passed"]:
+            click.echo(f"qcompile: error: output SQNR {res['verdict']['worst_output_sqnr_db']:.2f} dB below {min_sqnr} dB", err=True)
+            sys.exit(3)
+
+    _run(work, verbose)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def inspect_cmd(model, as_json, verbose):
+    """Ops, parameters, and what would be quantized."""
+    _setup_logging(verbose, False)
+
+    def work():
+        from qcompile.analyze import summarize
+        from qcompile.pipeline import load_model
+
+        s = summarize(load_model(model))
+        if as_json:
+            click.echo(_dump(dataclasses.asdict(s)))
+            return
+        click.echo(f"{model}: IR {s.ir_version}, opset {s.opset}, {s.params:,} parameters ({s.param_bytes / 1e6:.2f} MB)")
+        click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in sorted(s.ops.items(), key=lambda kv: -kv[1])))
+        click.echo(f"quantizable nodes ({len(s.quantizable)}):")
+        for n in s.quantizable:
+            click.echo(f"  {n}")
+
+    _run(work, verbose)
+
+
+@main.command("formats")
+@click.option("--json", "as_json", is_flag=True)
+def formats_cmd(as_json):
+    """Every number format: bits, max, min normal, and whether onnxruntime runs it natively."""
+    from qcompile.backends.onnxruntime.capabilities import CAPABILITIES
+    from qcompile.formats import FORMATS, BlockFormat, FloatFormat
+
+    rows = []
+    seen = set()
+    for name, f in FORMATS.items():
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, BlockFormat):
+            row = {"name": f.name, "kind": "block", "bits": f.bits_per_element, "max": f.element.max if hasattr(f.element, "max") else None,
+                   "min_normal": None, "native": False,
+                   "detail": f"{f.element.name} x {f.block_size}, scale {f.scale.name}" + (f", tensor scale {f.tensor_scale.name}" if f.tensor_scale else "")}
+        elif isinstance(f, FloatFormat):
+            row = {"name": f.name, "kind": "float", "bits": f.bits, "max": f.max, "min_normal": f.min_normal,
+                   "native": CAPABILITIES.qdq_native(f.onnx_dtype), "detail": f"e{f.exp_bits}m{f.man_bits} {f.specials.name}"}
+        else:
+            row = {"name": f.name, "kind": "int", "bits": f.bits, "max": f.qmax, "min_normal": None,
+                   "native": CAPABILITIES.qdq_native(f.onnx_dtype), "detail": f"[{f.qmin}, {f.qmax}]"}
+        rows.append(row)
+    if as_json:
+        click.echo(_dump({"formats": rows}))
+        return
+    click.echo(f"{'name':<14}{'kind':<7}{'bits':>6}  {'max':>12}  {'min normal':>12}  {'ORT':<4} detail")
+    for r in rows:
+        mx = f"{r['max']:.6g}" if r["max"] is not None else "-"
+        mn = f"{r['min_normal']:.6g}" if r["min_normal"] is not None else "-"
+        click.echo(f"{r['name']:<14}{r['kind']:<7}{r['bits']:>6g}  {mx:>12}  {mn:>12}  {'yes' if r['native'] else 'no':<4} {r['detail']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Insert Q/DQ pairs for every value the plan quantizes.
+
+Before:  y = MatMul(x, W)                      z = Conv(a, K, b) -> Relu -> r
+After:   y = MatMul(DQ(Q(x, sx, zx)), DQ(Wq, sw, axis=1))
+         r = Relu(Conv(DQ(Q(a)), DQ(Kq, sk, axis=0), DQ(bq:int32, sa*sk, axis=0)));  r' = DQ(Q(r))
+
+- Weights are quantized offline (`qcompile.weights`) and stored as codes of the format's ONNX type.
+- An activation gets one Q/DQ pair per (value, spec); only the plan's consumers read the DQ output,
+  other consumers (a residual Add, a LayerNorm) keep the float value, except for a node *output*
+  the plan quantizes (after Conv(+Relu)), where every consumer reads it so onnxruntime can fuse
+  the Conv into QLinearConv.
+- Through shape ops (Reshape, Transpose, MaxPool, Concat, ...) the same scale is applied to the
+  op's data inputs too (`analyze.tie_heads`), so onnxruntime runs those ops on integers and drops
+  the DQ -> op -> Q pairs.
+- Bias of Conv/Gemm (int formats) becomes int32 with scale s_x * s_w, as integer kernels expect.
+
+The pass is idempotent: an input already produced by DequantizeLinear is left alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.analyze import tie_heads
+from qcompile.backends.onnxruntime.capabilities import Capabilities
+from qcompile.calibrate import qparams_from_clip
+from qcompile.errors import PreconditionError
+from qcompile.formats import FloatFormat, IntFormat
+from qcompile.plan import InputQuant, QuantPlan, QuantSpec
+from qcompile.weights import quantize_weight, to_ir_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerRecord:
+    """What the report shows per quantized weight."""
+
+    node: str
+    value: str
+    format: str
+    granularity: str
+    weight_sqnr_db: float
+    float_bytes: int
+    quant_bytes: float
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2); inf when equal."""
+    ref = np.asarray(ref, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0:
+        return float("inf")
+    return 10 * np.log10(max(signal, 1e-300) / noise)
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    def __init__(self, plan: QuantPlan, caps: Capabilities) -> None:
+        super().__init__()
+        self.plan = plan
+        self.caps = caps
+        self.records: list[LayerRecord] = []
+        self._names: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"InsertQDQPass({len(self.plan)} nodes)"
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        for name, node in self.plan.nodes.items():
+            quants = list(node.inputs.values()) + ([node.output] if node.output else [])
+            for q in quants:
+                fmt = q.spec.fmt
+                dtype = getattr(fmt, "onnx_dtype", None)
+                if not self.caps.qdq_native(dtype):
+                    raise PreconditionError(f"{q.spec.format} has no native Q/DQ in onnxruntime (node {name})")
+                if opset < self.caps.min_opset(dtype):
+                    raise PreconditionError(
+                        f"{q.spec.format} Q/DQ needs opset >= {self.caps.min_opset(dtype)}, model has {opset}"
+                    )
+                if q.role == "activation" and q.spec.clip is None:
+                    raise PreconditionError(f"activation {q.value!r} of {name} has no calibrated range")
+
+    # --- naming -------------------------------------------------------------------------------
+    def _name(self, base: str) -> str:
+        name, k = base, 1
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def _const(self, graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
+        tensor.name = self._name(tensor.name)
+        v = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+        graph.register_initializer(v)
+        return v
+
+    # --- main ----------------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self._names = {v.name for v in graph.initializers.values()} | {
+            o.name for n in ir.traversal.RecursiveGraphIterator(graph) for o in n.outputs
+        } | {v.name for v in graph.inputs} | {n.name for n in graph if n.name}
+        nodes = {n.name: n for n in graph}
+        act_cache: dict[tuple, tuple[ir.Value, float, float]] = {}
+        weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
+        changed = 0
+        for name, nplan in self.plan.nodes.items():
+            node = nodes.get(name)
+            if node is None:
+                log.warning("plan names node %r, which is not in the graph; skipped", name)
+                continue
+            act_scale, w_scale = None, None
+            for i, q in sorted(nplan.inputs.items()):
+                v = node.inputs[i]
+                if v is None or v.name != q.value:
+                    if v is not None and _is_dq(v):
+                        continue  # already quantized (second run)
+                    log.warning("plan input %d of %s is %r, graph has %r; skipped", i, name, q.value, v and v.name)
+                    continue
+                if q.role == "weight":
+                    dq, w_scale = self._weight(graph, node, i, q, weight_cache)
+                    node.replace_input_with(i, dq)
+                else:
+                    dq, s, _ = self._activation(graph, v, q.spec, act_cache)
+                    node.replace_input_with(i, dq)
+                    if q.spec.fmt.onnx_dtype in self.caps.shape_op_qdq_drop:
+                        self._tie(graph, v, q.spec, act_cache)
+                    act_scale = s if i == 0 or act_scale is None else act_scale
+                changed += 1
+            if nplan.bias and act_scale is not None and w_scale is not None and len(node.inputs) > 2:
+                changed += self._bias(graph, node, act_scale, w_scale)
+            if nplan.output is not None:
+                changed += self._output(graph, nplan.output, act_cache)
+        if changed:
+            graph.sort()
+            _drop_unused_initializers(graph)
+        return ir.passes.PassResult(model, modified=changed > 0)
+
+    def _weight(self, graph, node, i, q: InputQuant, cache) -> tuple[ir.Value, np.ndarray]:
+        w = node.inputs[i]
+        key = (w.name, q.spec)
+        if key in cache:
+            return cache[key]
+        fmt = q.spec.fmt
+        arr = w.const_value.numpy()
+        qw = quantize_weight(arr, q.spec)
+        codes = self._const(graph, to_ir_tensor(qw.codes, fmt, f"{w.name}_q"))
+        scale = self._const(graph, ir.tensor(qw.scale, name=f"{w.name}_scale"))
+        ins = [codes, scale]
+        if qw.zero_point is not None and isinstance(fmt, IntFormat):
+            ins.append(self._const(graph, to_ir_tensor(qw.zero_point, fmt, f"{w.name}_zp")))
+        attrs = {}
+        if qw.axis is not None:
+            attrs["axis"] = qw.axis
+        if qw.block_size is not None:
+            attrs["block_size"] = qw.block_size
+        dq = ir.node("DequantizeLinear", ins, attrs, name=self._name(f"{w.name}_DequantizeLinear"))
+        dq.outputs[0].name = self._name(f"{w.name}_dq")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = w.shape
+        graph.append(dq)
+        self.records.append(
+            LayerRecord(
+                node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, qw.dequantize()), arr.nbytes,
+                arr.size * fmt.bits / 8 + qw.scale.nbytes,
+            )
+        )
+        cache[key] = (dq.outputs[0], qw.scale)
+        return cache[key]
+
+    def _activation(self, graph, v: ir.Value, spec: QuantSpec, cache) -> tuple[ir.Value, float, float]:
+        key = (v.name, spec)
+        if key in cache:
+            return cache[key]
+        fmt = spec.fmt
+        s, zp = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, spec.symmetric)
+        scale = self._const(graph, ir.tensor(np.array(s, dtype=np.float32), name=f"{v.name}_scale"))
+        zero = self._const(graph, to_ir_tensor(np.array(zp, dtype=np.float32), fmt, f"{v.name}_zp"))
+        q = ir.node("QuantizeLinear", [v, scale, zero], name=self._name(f"{v.name}_QuantizeLinear"))
+        q.outputs[0].name = self._name(f"{v.name}_q")
+        q.outputs[0].dtype = fmt.onnx_dtype
+        q.outputs[0].shape = v.shape
+        dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=self._name(f"{v.name}_DequantizeLinear"))
+        dq.outputs[0].name = self._name(f"{v.name}_dq")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = v.shape
+        graph.extend([q, dq])
+        cache[key] = (dq.outputs[0], s, zp)
+        return cache[key]
+
+    def _tie(self, graph, v: ir.Value, spec: QuantSpec, cache) -> None:
+        """Quantize the data inputs of the shape ops above `v` with v's scale (see module doc)."""
+        shape_nodes, _ = tie_heads(v)
+        for sn in shape_nodes:
+            for j, u in enumerate(sn.inputs):
+                if u is None or (sn.op_type != "Concat" and j > 0) or _is_dq(u):
+                    continue
+                dq, _, _ = self._activation(graph, u, spec, cache)
+                sn.replace_input_with(j, dq)
+
+    def _output(self, graph, q: InputQuant, cache) -> int:
+        v = next((o for n in graph for o in n.outputs if o.name == q.value), None)
+        if v is None:
+            return 0
+        dq, _, _ = self._activation(graph, v, q.spec, cache)
+        moved = 0
+        for use in list(v.uses()):
+            if use.node.op_type != "QuantizeLinear":
+                use.node.replace_input_with(use.idx, dq)
+                moved += 1
+        return moved
+
+    def _bias(self, graph, node, act_scale: float, w_scale: np.ndarray) -> int:
+        b = node.inputs[2]
+        if b is None or b.const_value is None or w_scale.ndim > 1:
+            return 0
+        arr = b.const_value.numpy().astype(np.float32)
+        scale = (np.float32(act_scale) * np.broadcast_to(w_scale, arr.shape)).astype(np.float32)
+        scale = np.where(scale == 0, np.float32(1), scale)
+        q = np.clip(np.rint(arr / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        codes = self._const(graph, ir.tensor(q, name=f"{b.name}_q"))
+        sc = self._const(graph, ir.tensor(scale, name=f"{b.name}_scale"))
+        dq = ir.node("DequantizeLinear", [codes, sc], {"axis": 0}, name=self._name(f"{b.name}_DequantizeLinear"))
+        dq.outputs[0].name = self._name(f"{b.name}_dq")
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = b.shape
+        graph.append(dq)
+        node.replace_input_with(2, dq.outputs[0])
+        return 1
+
+
+def _is_dq(v: ir.Value | None) -> bool:
+    p = v.producer() if v is not None else None
+    return p is not None and p.op_type == "DequantizeLinear"
+
+
+def _gran(spec: QuantSpec) -> str:
+    g = spec.granularity.to_json()
+    return g["kind"] + (f"(axis={g['axis']})" if "axis" in g else "") + (f"/{g['size']}" if "size" in g else "")
+
+
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output():
+            del graph.initializers[name]

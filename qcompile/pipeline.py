@@ -1,0 +1,315 @@
+"""The compile pipeline: load -> normalize -> fold -> plan -> calibrate -> quantize -> lower -> emit -> validate.
+
+Every stage is timed and listed in the report. The library never exits and never prints; the CLI
+maps the typed exceptions of `qcompile.errors` to exit codes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qcompile import __version__
+from qcompile.analyze import PlanOptions, make_plan, tie_heads
+from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
+from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
+from qcompile.backends.onnxruntime.session import make_session
+from qcompile.calibrate import choose_clip, collect, fake_quant, qparams_from_clip, stream_values
+from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
+from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.insert_qdq import InsertQDQPass
+from qcompile.passes.normalize import NormalizePass
+from qcompile.plan import PerBlock, QuantPlan
+from qcompile.targets import Target, get_target
+from qcompile.validate import compare, verdict
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA = "qcompile.report/1"
+DEFAULT_SAMPLES = 256
+HELD_OUT = 64  # samples held out of the calibration data when no --eval is given
+
+
+@dataclass
+class CompileResult:
+    model: ir.Model
+    plan: QuantPlan
+    report: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("verdict", {}).get("passed", True))
+
+
+def load_model(source: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Model:
+    """An onnx_ir model from a path (external data stays memory-mapped), a ModelProto or a Model."""
+    if isinstance(source, ir.Model):
+        return source.clone() if hasattr(source, "clone") else ir.from_proto(ir.to_proto(source))
+    if isinstance(source, onnx.ModelProto):
+        return ir.from_proto(source)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except (DecodeError, ValueError, RuntimeError, OSError, IndexError, TypeError) as e:
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputError(f"{path}: not an ONNX model (empty graph)")
+    return model
+
+
+def _as_dataset(data, inputs: list[InputInfo]) -> Dataset | None:
+    if data is None or isinstance(data, Dataset):
+        return data
+    if isinstance(data, dict):
+        return ArrayDataset(data, inputs)
+    return Dataset(data, inputs)
+
+
+def _required_opset(formats: list, blocked: bool, caps: Capabilities) -> int:
+    """The lowest default-domain opset whose Q/DQ covers `formats` (blocked Q/DQ needs 21)."""
+    need = [13] + [caps.min_opset(f.onnx_dtype) for f in formats if caps.qdq_native(getattr(f, "onnx_dtype", None))]
+    return max(need + ([21] if blocked else []))
+
+
+class Stages:
+    """Runs named stages, timing each, for the report's pass list."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+
+    def run(self, name: str, fn: Callable, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        modified = getattr(out, "modified", None)
+        self.entries.append({"name": name, "seconds": round(time.perf_counter() - t0, 4), **({"modified": modified} if modified is not None else {})})
+        log.info("%-28s %.3fs", name, self.entries[-1]["seconds"])
+        return out
+
+
+def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
+                   caps: Capabilities = CAPABILITIES) -> QuantPlan:
+    """Fill the clip of every activation spec without one, from histograms of the value itself or,
+    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads."""
+    specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None}
+    if not specs:
+        return plan
+    by_name = {o.name: o for n in model.graph for o in n.outputs} | {v.name: v for v in model.graph.inputs}
+    heads = {
+        v: [h.name for h in tie_heads(by_name[v])[1]] if s.fmt.onnx_dtype in caps.shape_op_qdq_drop else [v]
+        for v, s in specs.items()
+    }
+    hists = collect(model, sorted({h for hs in heads.values() for h in hs}), data.batches(batch_size), progress)
+    clips = {}
+    for v, spec in specs.items():
+        h = hists[heads[v][0]]
+        for other in heads[v][1:]:
+            h.merge(hists[other])
+        clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
+    return plan.with_clips(clips)
+
+
+def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, float]:
+    """Quantization SQNR (dB) of every planned activation on `data`, measured in the float model."""
+    specs = plan.activation_specs()
+    if not specs:
+        return {}
+    acc = {v: [0.0, 0.0] for v in specs}
+    params = {v: qparams_from_clip(*s.clip, s.fmt, s.symmetric) for v, s in specs.items()}
+    for _, values in stream_values(model, list(specs), data.batches(batch_size)):
+        for v, x in values.items():
+            x = x.astype(np.float64)
+            s, zp = params[v]
+            acc[v][0] += float(np.sum(x**2))
+            acc[v][1] += float(np.sum((x - fake_quant(x.astype(np.float32), s, zp, specs[v].fmt)) ** 2))
+    return {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3)) for v, (sig, n) in acc.items()}
+
+
+def _emit(model: ir.Model, caps: Capabilities) -> None:
+    """Within onnxruntime's limits: IR version <= caps.max_ir_version, checked by onnx.checker."""
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    need = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.ir_version = min(max(model.ir_version, need), caps.max_ir_version)
+
+
+def check_model(model: ir.Model) -> None:
+    proto = ir.to_proto(model)
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise QCompileError(f"compiled model fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def _rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def model_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def compile(
+    model: str | os.PathLike | ir.Model | onnx.ModelProto,
+    target: str | Target = "int8",
+    calib=None,
+    eval=None,
+    plan: QuantPlan | str | os.PathLike | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    validate: bool = True,
+    min_sqnr: float | None = None,
+    options: PlanOptions = PlanOptions(),
+    batch_size: int = 8,
+    caps: Capabilities = CAPABILITIES,
+    progress: Callable | None = None,
+) -> CompileResult:
+    """Quantize `model` for `target`; see the README for the data flow.
+
+    calib / eval: an `.npz` path, a directory of them, a {input: array} dict, or a Dataset.
+    Without calib, inputs are synthesized (and a warning is logged); without eval, the last
+    `HELD_OUT` calibration samples are held out and never used for calibration.
+    Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
+    """
+    t0 = time.perf_counter()
+    tgt = get_target(target) if isinstance(target, str) else target
+    stages = Stages()
+    source = str(model) if isinstance(model, (str, os.PathLike)) else None
+    m = stages.run("load", load_model, model)
+    inputs = InputInfo.of_model(m)
+
+    calib_ds = _as_dataset(calib, inputs)
+    synthesized = calib_ds is None
+    if synthesized:
+        n = (samples or 32) + HELD_OUT
+        log.warning("no calibration data given: synthesizing %d random inputs from the model's input types; "
+                    "ranges (and the validation verdict) will not reflect real data", n)
+        calib_ds = ArrayDataset(synthesize(inputs, n, seed), inputs)
+    eval_ds = _as_dataset(eval, inputs)
+    if eval_ds is None:
+        held = min(HELD_OUT, len(calib_ds) // 4)
+        if held == 0 and validate:
+            raise InputError("calibration data has too few samples to hold some out for validation; give --eval")
+        eval_ds = calib_ds.take(len(calib_ds) - held)
+        calib_ds = calib_ds.take(0, len(calib_ds) - held)
+    if samples is not None:
+        calib_ds = calib_ds.take(0, samples)
+
+    if plan is not None and not isinstance(plan, QuantPlan):
+        plan = QuantPlan.load(plan)
+    if plan is None:
+        opset = _required_opset(tgt.formats(), tgt.weights.granularity == "block", caps)
+    else:
+        specs = [q.spec for n in plan.nodes.values() for q in [*n.inputs.values(), *([n.output] if n.output else [])]]
+        opset = _required_opset([s.fmt for s in specs], any(isinstance(s.granularity, PerBlock) for s in specs), caps)
+    stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
+    stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
+    float_proto = ir.to_proto(m) if validate else None
+
+    if plan is None:
+        plan = stages.run("plan", make_plan, m, tgt, options)
+    else:
+        graph_nodes = {n.name for n in m.graph}
+        unknown = [n for n in plan.nodes if n not in graph_nodes]
+        if unknown:
+            raise InputError(f"plan names nodes not in the model: {unknown[:3]}")
+    if not plan.nodes:
+        raise UnsupportedModelError(f"nothing to quantize for target {tgt.name}: the model has no quantizable op "
+                                    "(Conv, ConvTranspose, MatMul, Gemm with float inputs)")
+    plan = stages.run("calibrate", calibrate_plan, m, plan, calib_ds, batch_size, progress, caps)
+    act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, plan, eval_ds, batch_size) if validate else {}
+
+    insert = InsertQDQPass(plan, caps)
+    stages.run(repr(insert), insert, m)
+    stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
+    stages.run("emit", _emit, m, caps)
+    stages.run("onnx.checker", check_model, m)
+
+    layers = _layer_table(plan, insert, act_sqnr)
+    report = {
+        "schema": REPORT_SCHEMA,
+        "qcompile": __version__,
+        "input": source,
+        "target": tgt.name,
+        "calibration": {"samples": len(calib_ds), "synthesized": synthesized},
+        "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": model_bytes(m)},
+        "layers": layers,
+    }
+    if validate:
+        float_model = ir.from_proto(float_proto)
+        report["sizes"]["float_weight_bytes"] = model_bytes(float_model)
+        report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
+        report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread"}
+        v = verdict(report["outputs"], tgt.min_sqnr_db if min_sqnr is None else min_sqnr)
+        v["worst_layers"] = sorted(layers, key=lambda r: min(r.get("activation_sqnr_db") or np.inf, r.get("weight_sqnr_db") or np.inf))[:5]
+        report["verdict"] = v
+    report["passes"] = stages.entries
+    report["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    report["peak_rss_bytes"] = _rss_peak()
+    result = CompileResult(m, plan, report)
+    if validate and not report["verdict"]["passed"]:
+        worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in report["verdict"]["worst_layers"][:3])
+        raise ValidationFailed(
+            f"output SQNR {report['verdict']['worst_output_sqnr_db']:.2f} dB is below {report['verdict']['min_sqnr_db']} dB "
+            f"for target {tgt.name}; worst layers: {worst}",
+            report,
+            result,
+        )
+    return result
+
+
+def _worst(row: dict) -> float:
+    vals = [v for v in (row.get("activation_sqnr_db"), row.get("weight_sqnr_db")) if v is not None]
+    return min(vals) if vals else float("inf")
+
+
+def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float]) -> list[dict]:
+    rows = []
+    recs = {}
+    for r in insert.records:
+        recs.setdefault(r.node, r)
+    for name, node in plan.nodes.items():
+        row: dict = {"node": name, "op_type": node.op_type}
+        r = recs.get(name)
+        if r is not None:
+            row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
+                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes))
+        acts = [q for q in node.inputs.values() if q.role == "activation"]
+        if acts:
+            row["activation_format"] = acts[0].spec.format
+            vals = [act_sqnr[q.value] for q in acts if q.value in act_sqnr]
+            if vals:
+                row["activation_sqnr_db"] = min(vals)
+        rows.append(row)
+    return rows
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> int:
+    """Write atomically (temp file in the same directory, then rename); returns the size in bytes.
+
+    Weights past 1.8 GB go to an external data file next to the model.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        if model_bytes(model) > 1_800_000_000:
+            ir.save(model, tmp, external_data=path.name + ".data")
+        else:
+            ir.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
+
+
+__all__ = ["compile", "CompileResult", "load_model", "save_model", "calibrate_plan"]

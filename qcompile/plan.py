@@ -1,0 +1,222 @@
+"""Quantization plans as data.
+
+A `QuantPlan` says, for every quantized node, how each of its float inputs (and optionally its
+output) is quantized: a `QuantSpec` = format + granularity + symmetry + scale method, plus the
+calibrated clipping range for activations. Analysis and calibration *produce* plans; the Q/DQ
+insertion and lowering passes *consume* them. Plans serialize to versioned JSON so a user can save
+one, edit one layer and replay it (`--save-plan` / `--plan`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from qcompile.errors import InputError
+from qcompile.formats import parse_format
+
+SCHEMA = "qcompile.plan/1"
+METHODS = ("minmax", "percentile", "entropy", "mse")
+Role = Literal["weight", "activation"]
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale (and zero point) for the whole tensor."""
+
+    def to_json(self) -> dict:
+        return {"kind": "tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per index of `axis` (e.g. output channel of a weight)."""
+
+    axis: int
+
+    def to_json(self) -> dict:
+        return {"kind": "channel", "axis": self.axis}
+
+
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale per `size` consecutive elements along `axis` (ONNX opset-21 blocked Q/DQ)."""
+
+    axis: int
+    size: int
+
+    def to_json(self) -> dict:
+        return {"kind": "block", "axis": self.axis, "size": self.size}
+
+
+Granularity = Union[PerTensor, PerChannel, PerBlock]
+
+
+def granularity_from_json(d: dict) -> Granularity:
+    kind = d.get("kind")
+    if kind == "tensor":
+        return PerTensor()
+    if kind == "channel":
+        return PerChannel(int(d["axis"]))
+    if kind == "block":
+        return PerBlock(int(d["axis"]), int(d["size"]))
+    raise InputError(f"plan: unknown granularity kind {kind!r} (tensor, channel, block)")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    format:      a name `qcompile.formats.parse_format` accepts (`int8`, `e4m3fn`, ...).
+    symmetric:   zero point 0 (always true for float formats).
+    method:      scale selection: minmax | percentile | entropy | mse (format-aware MSE clipping).
+    clip:        calibrated (lo, hi) range of an activation; None until calibrated.
+    """
+
+    format: str
+    granularity: Granularity = PerTensor()
+    symmetric: bool = True
+    method: str = "minmax"
+    clip: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        parse_format(self.format)  # KeyError listing the known names
+        if self.method not in METHODS:
+            raise InputError(f"plan: unknown scale method {self.method!r} (one of {', '.join(METHODS)})")
+
+    @property
+    def fmt(self):
+        return parse_format(self.format)
+
+    def to_json(self) -> dict:
+        d = {
+            "format": self.format,
+            "granularity": self.granularity.to_json(),
+            "symmetric": self.symmetric,
+            "method": self.method,
+        }
+        if self.clip is not None:
+            d["clip"] = [float(self.clip[0]), float(self.clip[1])]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> QuantSpec:
+        clip = d.get("clip")
+        return cls(
+            format=d["format"],
+            granularity=granularity_from_json(d.get("granularity", {"kind": "tensor"})),
+            symmetric=bool(d.get("symmetric", True)),
+            method=d.get("method", "minmax"),
+            clip=None if clip is None else (float(clip[0]), float(clip[1])),
+        )
+
+
+@dataclass(frozen=True)
+class InputQuant:
+    """A quantized input of a node: which value, in which role, with which spec."""
+
+    value: str
+    role: Role
+    spec: QuantSpec
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "role": self.role, **self.spec.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> InputQuant:
+        role = d.get("role")
+        if role not in ("weight", "activation"):
+            raise InputError(f"plan: input role must be 'weight' or 'activation', got {role!r}")
+        return cls(value=d["value"], role=role, spec=QuantSpec.from_json(d))
+
+
+@dataclass
+class NodePlan:
+    """The quantization of one node.
+
+    inputs: input index -> InputQuant.
+    output: quantize the node's output (after a fused Relu/Clip when `output_value` names it), so
+            onnxruntime can run the node as a full integer kernel (QLinearConv). None = float out.
+    bias:   quantize the bias input as int32 with scale s_x * s_w (Conv/Gemm with int formats).
+    """
+
+    op_type: str
+    inputs: dict[int, InputQuant] = field(default_factory=dict)
+    output: InputQuant | None = None
+    bias: bool = False
+
+    def to_json(self) -> dict:
+        d: dict = {"op_type": self.op_type, "inputs": {str(i): q.to_json() for i, q in sorted(self.inputs.items())}}
+        if self.output is not None:
+            d["output"] = self.output.to_json()
+        if self.bias:
+            d["bias"] = "int32"
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> NodePlan:
+        return cls(
+            op_type=d["op_type"],
+            inputs={int(i): InputQuant.from_json(q) for i, q in d.get("inputs", {}).items()},
+            output=InputQuant.from_json(d["output"]) if d.get("output") else None,
+            bias=d.get("bias") == "int32",
+        )
+
+
+@dataclass
+class QuantPlan:
+    """Node name -> NodePlan, plus the target it was made for."""
+
+    target: str
+    nodes: dict[str, NodePlan] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def activation_specs(self) -> dict[str, QuantSpec]:
+        """Every quantized activation value (inputs and outputs) -> its spec (one spec per value)."""
+        out: dict[str, QuantSpec] = {}
+        for node in self.nodes.values():
+            quants = list(node.inputs.values()) + ([node.output] if node.output else [])
+            for q in quants:
+                if q.role == "activation":
+                    out.setdefault(q.value, q.spec)
+        return out
+
+    def with_clips(self, clips: dict[str, tuple[float, float]]) -> QuantPlan:
+        """A copy whose activation specs without a clip get the calibrated one."""
+
+        def fill(q: InputQuant | None) -> InputQuant | None:
+            if q is None or q.role != "activation" or q.spec.clip is not None or q.value not in clips:
+                return q
+            return dataclasses.replace(q, spec=dataclasses.replace(q.spec, clip=clips[q.value]))
+
+        nodes = {
+            name: NodePlan(n.op_type, {i: fill(q) for i, q in n.inputs.items()}, fill(n.output), n.bias)
+            for name, n in self.nodes.items()
+        }
+        return QuantPlan(self.target, nodes)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA, "target": self.target, "nodes": {k: v.to_json() for k, v in self.nodes.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> QuantPlan:
+        if d.get("schema") != SCHEMA:
+            raise InputError(f"plan: schema {d.get('schema')!r} is not {SCHEMA!r}")
+        try:
+            return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()})
+        except KeyError as e:
+            raise InputError(f"plan: missing or unknown key {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> QuantPlan:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise InputError(f"plan {path}: {e}") from None

@@ -1,0 +1,126 @@
+"""Offline weight quantization: scales per tensor, channel or block, then codes.
+
+Symmetric only (zero point 0): s = clip / qmax for INT formats, clip / max for float formats,
+where clip is the absolute maximum of each group (tensor, channel, or block of `size` along the
+reduction axis) times a ratio r. method="minmax" takes r = 1; method="mse" searches r on a grid
+per group and keeps the r that minimises the group's squared error ||w - DQ(Q(w))||^2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile import codec
+from qcompile.calibrate import fake_quant
+from qcompile.formats import FloatFormat, IntFormat
+from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantSpec
+
+MSE_RATIOS = np.linspace(0.5, 1.0, 26)
+
+
+@dataclass
+class QuantizedWeight:
+    """codes: integer or float codes in the format's numpy storage type, shaped like the weight.
+
+    scale / zero_point: shaped for ONNX DequantizeLinear: scalar (per tensor), 1-D (per axis),
+    or the weight shape with `axis` divided by `block_size` (blocked).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int | None
+    block_size: int | None
+
+    def dequantize(self) -> np.ndarray:
+        s = _expand(self.scale, self.codes.shape, self.axis, self.block_size)
+        q = self.codes.astype(np.float32)
+        if self.zero_point is not None:
+            q = q - _expand(self.zero_point, self.codes.shape, self.axis, self.block_size).astype(np.float32)
+        return q * s
+
+
+def _expand(p: np.ndarray, shape: tuple, axis: int | None, block: int | None) -> np.ndarray:
+    """Broadcast per-axis or blocked parameters to the full weight shape."""
+    if p.ndim == 0:
+        return p
+    if block is None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return p.reshape(view)
+    return np.repeat(p, block, axis=axis).take(np.arange(shape[axis]), axis=axis)
+
+
+def _grouped_amax(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int | None, int | None]:
+    g = spec.granularity
+    a = np.abs(w)
+    if isinstance(g, PerTensor):
+        return np.asarray(a.max(), dtype=np.float32), None, None
+    axis = g.axis % w.ndim
+    if isinstance(g, PerChannel):
+        other = tuple(i for i in range(w.ndim) if i != axis)
+        return a.max(axis=other).astype(np.float32), axis, None
+    n = w.shape[axis]
+    pad = (-n) % g.size
+    if pad:
+        widths = [(0, 0)] * w.ndim
+        widths[axis] = (0, pad)
+        a = np.pad(a, widths)
+    shape = list(a.shape)
+    shape[axis : axis + 1] = [shape[axis] // g.size, g.size]
+    return a.reshape(shape).max(axis=axis + 1).astype(np.float32), axis, g.size
+
+
+def _fmt_top(fmt) -> float:
+    return float(fmt.qmax) if isinstance(fmt, IntFormat) else float(fmt.max)
+
+
+def _group_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
+    """Squared error of every group when its clip is `ratio` x amax."""
+    s = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
+    err = (w - fake_quant(w, _expand(s, w.shape, axis, block), 0.0, fmt)) ** 2
+    if axis is None:
+        return np.asarray(err.sum())
+    if block is None:
+        return err.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
+    pad = (-w.shape[axis]) % block
+    if pad:
+        widths = [(0, 0)] * w.ndim
+        widths[axis] = (0, pad)
+        err = np.pad(err, widths)
+    shape = list(err.shape)
+    shape[axis : axis + 1] = [shape[axis] // block, block]
+    return err.reshape(shape).sum(axis=axis + 1)
+
+
+def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """Quantize a float weight with `spec` (symmetric; see the module doc)."""
+    fmt = spec.fmt
+    if not isinstance(fmt, (IntFormat, FloatFormat)):
+        raise NotImplementedError(f"weight format {spec.format} needs the block-format lowering")
+    w = np.asarray(w, dtype=np.float32)
+    amax, axis, block = _grouped_amax(w, spec)
+    ratio = np.ones_like(amax)
+    if spec.method == "mse":
+        best = np.full(amax.shape, np.inf)
+        for r in MSE_RATIOS:
+            e = _group_errors(w, amax, r, fmt, axis, block)
+            better = e < best
+            best = np.where(better, e, best)
+            ratio = np.where(better, r, ratio)
+    scale = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
+    full = _expand(scale, w.shape, axis, block)
+    if isinstance(fmt, IntFormat):
+        codes = codec.round_to_grid(w / full, fmt).astype(fmt.storage_dtype)
+        zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
+    else:
+        codes = codec.round_to_grid(w / full, fmt).astype(fmt.ml_dtype)
+        zp = None
+    return QuantizedWeight(codes, scale, zp, axis, block)
+
+
+def to_ir_tensor(a: np.ndarray, fmt, name: str) -> ir.Tensor:
+    """An onnx_ir tensor of the format's ONNX dtype holding codes `a`."""
+    return ir.Tensor(np.asarray(a).astype(fmt.onnx_dtype.numpy()), dtype=fmt.onnx_dtype, name=name)
