@@ -123,33 +123,40 @@ def _weighted_centers(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
     return h.centers[keep], h.counts[keep].astype(np.float64)
 
 
+def _hist_error(c: np.ndarray, w: np.ndarray, lo: float, hi: float, fmt, symmetric: bool) -> float:
+    s, zp = qparams_from_clip(lo, hi, fmt, symmetric)
+    return float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2))
+
+
+def _argmin_refined(cost, top: float) -> float:
+    """argmin of cost(t) over t in (0, top]: 120 geometric points over 4 decades, then 60 linear
+    points in the bracket around the best (a relative resolution of ~0.1%)."""
+    grid = np.geomspace(top * 1e-4, top, 120)
+    errs = [cost(t) for t in grid]
+    i = int(np.argmin(errs))
+    fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 60)
+    errs_f = [cost(t) for t in fine]
+    return float(fine[int(np.argmin(errs_f))])
+
+
 def _mse_symmetric(h: Histogram, fmt, lo: float, hi: float) -> tuple[float, float]:
-    """Search the clip t = r * amax (fine grid of r) for symmetric INT or any float format."""
+    """The symmetric clip t minimising the histogram's squared error (symmetric INT or float formats)."""
     c, w = _weighted_centers(h)
     amax = max(abs(lo), abs(hi))
-    ratios = np.concatenate([np.linspace(0.02, 0.3, 15), np.linspace(0.3, 1.0, 141)[1:]])
-    errs = []
-    for r in ratios:
-        s, zp = qparams_from_clip(-amax * r, amax * r, fmt, True)
-        errs.append(float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2)))
-    t = amax * ratios[int(np.argmin(errs))]
-    return max(lo, -t), min(hi, t)
+    t = _argmin_refined(lambda t: _hist_error(c, w, -t, t, fmt, True), amax)
+    return float(max(lo, -t)), float(min(hi, t))
 
 
 def _mse_affine(h: Histogram, fmt: IntFormat, lo: float, hi: float) -> tuple[float, float]:
-    """Independent shrink of both ends on a geometric grid (affine INT only)."""
+    """Affine INT: coordinate descent on the two ends (each a refined 1-D search), three rounds."""
     c, w = _weighted_centers(h)
-    ratios = np.geomspace(0.05, 1.0, 40)
-    los = np.unique(np.minimum(lo, 0.0) * ratios)
-    his = np.unique(np.maximum(hi, 0.0) * ratios)
-    best, best_clip = np.inf, (lo, hi)
-    for a in los:
-        for b in his:
-            s, zp = qparams_from_clip(a, b, fmt, False)
-            err = float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2))
-            if err < best:
-                best, best_clip = err, (float(a), float(b))
-    return best_clip
+    a, b = min(lo, 0.0), max(hi, 0.0)
+    for _ in range(3):
+        if b > 0:
+            b = _argmin_refined(lambda t: _hist_error(c, w, a, t, fmt, False), max(hi, 0.0))
+        if a < 0:
+            a = -_argmin_refined(lambda t: _hist_error(c, w, -t, b, fmt, False), -min(lo, 0.0))
+    return float(a), float(b)
 
 
 def _entropy_threshold(h: Histogram, levels: int) -> float:
@@ -206,7 +213,8 @@ def choose_clip(h: Histogram, fmt_name: str, symmetric: bool, method: str) -> tu
             return max(lo, -t), min(hi, t)
         return max(lo, qlo), min(hi, qhi)
     if method == "entropy":
-        levels = 2 ** (fmt.bits - 1) if isinstance(fmt, IntFormat) else 128
+        bits = fmt.bits if isinstance(fmt, IntFormat) else 8
+        levels = 2 ** (bits if (lo >= 0 and not symmetric) else bits - 1)
         t = _entropy_threshold(h, levels)
         return max(lo, -t), min(hi, t)
     if method == "mse":

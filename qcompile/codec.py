@@ -197,10 +197,13 @@ def quantize_int(
 ) -> np.ndarray:
     """onnxruntime QuantizeLinear for integer outputs: clamp(rint(x / scale) + zp, qmin, qmax).
 
-    x / scale is a float32 division, rint is round-half-even, and NaN becomes qmin (onnxruntime's
-    MLAS clamp turns NaN into the lower bound). A fixed-point format's 2**-frac_bits belongs in
-    the scale; narrow_range is honoured through qmin. Returns codes as `fmt.storage_dtype`
-    (signed for signed formats).
+    x / scale is a float32 division, rint is round-half-even, +-inf and out-of-range values
+    saturate, and NaN becomes qmin (onnxruntime's MLAS clamp turns NaN into the lower bound).
+    onnxruntime 1.31's int2/uint2 kernels and its int4/uint4 per-axis kernel on the last axis
+    convert to int32 before clamping, so NaN, +-inf and |x / scale| >= 2**31 differ there
+    (tests/test_codec.py::test_ort_int32_first_kernels); this function keeps the saturating rule.
+    A fixed-point format's 2**-frac_bits belongs in the scale; narrow_range is honoured through
+    qmin. Returns codes as `fmt.storage_dtype` (signed for signed formats).
     """
     x = np.asarray(x, dtype=np.float32)
     s = expand_param(np.asarray(scale, dtype=np.float32), x.shape, axis, block_size)
@@ -225,7 +228,8 @@ def quantize_float(
 ) -> np.ndarray:
     """onnxruntime QuantizeLinear (saturate=1) for float outputs: encode(float32(x / scale))."""
     x = np.asarray(x, dtype=np.float32)
-    return encode(x / expand_param(np.asarray(scale, dtype=np.float32), x.shape, axis, block_size), fmt)
+    s = expand_param(np.asarray(scale, dtype=np.float32), x.shape, axis, block_size)
+    return encode(x / s, fmt)
 
 
 def dequantize_float(

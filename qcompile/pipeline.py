@@ -29,6 +29,7 @@ from qcompile.errors import InputError, QCompileError, UnsupportedModelError, Va
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
+from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.targets import Target, get_target
 from qcompile.validate import compare, verdict
@@ -117,6 +118,18 @@ def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: 
             h.merge(hists[other])
         clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
     return plan.with_clips(clips)
+
+
+def smooth(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> QuantPlan:
+    """Per-channel activation maxima and sample rows from the calibration data, a per-value alpha
+    search (`choose_scales`), then SmoothQuantPass; returns the rewritten plan."""
+    names = sorted(smoothable(model.graph, plan))
+    if not names:
+        return plan
+    amax, rows = channel_stats(stream_values(model, names, data.batches(batch_size)), names)
+    p = SmoothQuantPass(plan, choose_scales(model.graph, plan, amax, rows))
+    p(model)
+    return p.new_plan
 
 
 def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, float]:
@@ -225,6 +238,8 @@ def compile(
     if not plan.nodes:
         raise UnsupportedModelError(f"nothing to quantize for target {tgt.name}: the model has no quantizable op "
                                     "(Conv, ConvTranspose, MatMul, Gemm with float inputs)")
+    if tgt.smooth:
+        plan = stages.run("SmoothQuantPass", smooth, m, plan, calib_ds, batch_size)
     plan = stages.run("calibrate", calibrate_plan, m, plan, calib_ds, batch_size, progress, caps)
     act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, plan, eval_ds, batch_size) if validate else {}
 

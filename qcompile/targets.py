@@ -43,6 +43,7 @@ class Target:
     min_sqnr_db: float  # validation gate on every output; below it the compile fails (exit 3)
     quantize_conv_output: bool = False  # Q after Conv(+Relu) so onnxruntime builds QLinearConv
     quantize_bias: bool = False  # int32 bias with scale s_x*s_w for Conv/Gemm
+    smooth: bool = False  # SmoothQuant with a per-layer alpha search before calibration
 
     def formats(self):
         out = [parse_format(self.weights.format)]
@@ -70,6 +71,7 @@ TARGETS: dict[str, Target] = {
             min_sqnr_db=15.0,
             quantize_conv_output=True,
             quantize_bias=True,
+            smooth=True,
         ),
         Target(
             "a16w8",

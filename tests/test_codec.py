@@ -190,11 +190,12 @@ def test_unsigned_and_fnuz_edges():
 
 def test_int_codes_are_twos_complement():
     int4, uint4 = FORMATS["int4"], FORMATS["uint4"]
-    np.testing.assert_array_equal(codec.encode([-8, -1, 0, 7, 100, np.nan], int4), [8, 15, 0, 7, 7, 0])
-    np.testing.assert_array_equal(codec.decode(np.arange(16), int4), [*range(8), *range(-8, 0)])
-    np.testing.assert_array_equal(codec.round_to_grid([-3, 2.5, 3.5, 99, -np.inf], uint4), [0, 2, 4, 15, 0])
-    elem = FORMATS["mxint8"].element
-    np.testing.assert_array_equal(codec.round_to_grid([5.0, -5.0, 1 / 128, 3 / 128], elem), [127 / 64, -127 / 64, 0, 1 / 32])
+    eq = np.testing.assert_array_equal
+    eq(codec.encode([-8, -1, 0, 7, 100, np.nan], int4), [8, 15, 0, 7, 7, 0])
+    eq(codec.decode(np.arange(16), int4), [*range(8), *range(-8, 0)])
+    eq(codec.round_to_grid([-3, 2.5, 3.5, 99, -np.inf], uint4), [0, 2, 4, 15, 0])
+    elem = FORMATS["mxint8"].element  # k / 64, k in [-127, 127]
+    eq(codec.round_to_grid([5.0, -5.0, 1 / 128, 3 / 128], elem), [127 / 64, -127 / 64, 0, 1 / 32])
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +251,8 @@ ORT_FORMATS = ["int8", "uint8", "int16", "uint16", "int4", "uint4", "int2", "uin
 
 
 def _session(nodes, inputs, output_shape, initializers, opset):
-    graph = helper.make_graph(
-        nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)], initializers
-    )
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)
+    graph = helper.make_graph(nodes, "g", inputs, [output], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -407,7 +407,7 @@ def test_pack_nibbles_and_sixes():
 
 
 @pytest.mark.parametrize(
-    "name, ml", [("int4", ml_dtypes.int4), ("uint4", ml_dtypes.uint4), ("e2m1", ml_dtypes.float4_e2m1fn)]
+    "name, ml", [("int4", ml_dtypes.int4), ("uint4", ml_dtypes.uint4), ("e2m1", ml_dtypes.float4_e2m1fn)],
 )
 @pytest.mark.parametrize("count", [1, 6, 7])
 def test_onnx_4bit_storage_agrees(name, ml, count):
@@ -529,7 +529,7 @@ def test_nvfp4_matches_reference_loop(spread):
     fmt = FORMATS["nvfp4"]
     x = _block_inputs(fmt, np.random.default_rng(6 + spread), spread=max(spread, 1))
     if spread < 30:
-        x[np.isfinite(x) & (np.abs(x) > 1e30)] = 1.0  # keep the tensor scale from flushing every other block
+        x[np.isfinite(x) & (np.abs(x) > 1e30)] = 1.0  # or the tensor scale flushes every other block
     q = codec.quantize_block(x, fmt)
     np.testing.assert_array_equal(codec.dequantize_block(q, fmt), _ref_nvfp4(x))
     assert q.tensor_scale == np.float32(np.abs(x[np.isfinite(x)]).max()) / np.float32(2688)
@@ -579,7 +579,9 @@ def test_block_sqnr_matches_reference(gaussian, name, db):
     assert _sqnr(gaussian, codec.fake_quant(gaussian, FORMATS[name])) == pytest.approx(db, abs=0.05)
 
 
-@pytest.mark.parametrize("name, db", [("e4m3fn", 31.54), ("e5m2", 25.56), ("int8", 38.30), ("int4", 13.12)])
+@pytest.mark.parametrize(
+    "name, db", [("e4m3fn", 31.54), ("e5m2", 25.56), ("int8", 38.30), ("int4", 13.12)]
+)
 def test_per_tensor_absmax_sqnr_matches_reference(gaussian, name, db):
     fmt = FORMATS[name]
     amax = np.abs(gaussian).max()

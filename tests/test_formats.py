@@ -83,7 +83,8 @@ def test_ue5m3_convention():
 @pytest.mark.parametrize("signed", [True, False])
 def test_int_formats(bits, signed):
     fmt = FORMATS[f"{'' if signed else 'u'}int{bits}"]
-    assert (fmt.qmin, fmt.qmax) == ((-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1))
+    half = 2 ** (bits - 1)
+    assert (fmt.qmin, fmt.qmax) == ((-half, half - 1) if signed else (0, 2**bits - 1))
     info = np.iinfo(fmt.storage_dtype)
     assert info.min <= fmt.qmin and fmt.qmax <= info.max and info.bits == (8 if bits <= 8 else 16)
     if fmt.onnx_dtype is not None:
@@ -169,7 +170,9 @@ def test_default_specials_rule():
     assert default_specials(5, 3, signed=False) is Specials.FN
 
 
-@pytest.mark.parametrize("name", ["int17", "int1", "fp7", "mxfp3", "e9m30", "ue4m3fnuz", "e8m0ieee", ""])
+@pytest.mark.parametrize(
+    "name", ["int17", "int1", "fp7", "mxfp3", "e9m30", "ue4m3fnuz", "e8m0ieee", ""]
+)
 def test_unknown_name_lists_known(name):
     with pytest.raises(KeyError) as err:
         parse_format(name)

@@ -1,0 +1,390 @@
+"""onnxruntime's own quantizer (`onnxruntime.quantization`) as baselines for qcompile.
+
+Every entry of `BASELINES` builds one onnxruntime-quantized model from a float model and the same
+calibration `.npz` data qcompile uses (arrays keyed by graph input name, first axis = samples):
+
+    path = BASELINES["ort-dynamic"](float_path, calib_npz, out_path)
+
+`build` does the same but turns any failure into a `BaselineError` naming the configuration, and by
+default also checks that the result loads in onnxruntime's optimized session (ENABLE_ALL, what
+`evaluate` and users run). `build_isolated` runs `build` in a fresh Python process and reports wall
+time and the child's peak RSS; use it for the histogram calibrators (percentile, entropy, the FP8
+"distribution" one), which keep every calibrated tensor of every sample in memory until the data
+reader is exhausted, so that their memory is returned when they finish. Run them one at a time.
+
+`evaluate` compares any quantized model (qcompile's or a baseline) against its float model on
+held-out data with `qcompile.validate.compare`, so both get the same metrics.
+
+Pre-processing: `onnxruntime.quantization.shape_inference.quant_pre_process` (symbolic shape
+inference + basic graph optimization), which onnxruntime tells users to run first, is applied
+before every configuration (`preprocess=True`). Symbolic shape inference does not complete on some
+exporter outputs (e.g. torch.export's MiniLM: "Incomplete symbolic shape inference", with or
+without auto_merge); then it is retried with `skip_symbolic_shape=True` (ONNX shape inference and
+the optimizer still run), and if that fails as well the float model is quantized as it is. Which
+one was used is logged at INFO.
+
+Configurations (QInt8 = signed int8; all static ones use the QDQ format):
+  ort-dynamic                  quantize_dynamic, per-channel int8 weights (MatMulInteger + DynamicQuantizeLinear)
+  ort-dynamic-pt               quantize_dynamic, per-tensor int8 weights
+  ort-static-all-<method>      quantize_static, per-channel int8 weights, int8 activations, every op ORT quantizes
+  ort-static-matmul-<method>   the same restricted to op_types_to_quantize=["MatMul", "Gemm", "Conv"]
+  ort-fp8                      quantize_static, FLOAT8E4M3FN weights and activations (needs the Distribution calibrator)
+  ort-int4                     MatMulNBitsQuantizer: 4-bit weight-only, block 32, symmetric, accuracy_level 4
+with <method> one of minmax, percentile, entropy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from qcompile.errors import QCompileError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+Builder = Callable[..., Path]  # (float_path, calib_npz, out_path, *, preprocess=True, batch_size=8) -> Path
+
+MATMUL_OPS = ("MatMul", "Gemm", "Conv")
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits (onnxruntime's CPU fast path)
+CALIB_BATCH_SIZE = 8
+
+
+class BaselineError(QCompileError):
+    """An onnxruntime baseline configuration could not be built, or its model does not load."""
+
+    def __init__(self, config: str, reason: str) -> None:
+        super().__init__(f"{config}: {reason}")
+        self.config = config
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- data
+
+
+class NpzDataReader:
+    """A `CalibrationDataReader` streaming batches from one `.npz` (arrays keyed by input name).
+
+    Only the current batch is materialised. Batches have equal sizes (the largest divisor of the
+    sample count that is <= `batch_size`): onnxruntime's histogram calibrators stack the collected
+    outputs with `np.asarray(list)`, which fails on a ragged last batch. `set_range` lets
+    onnxruntime's `CalibStridedMinMax` option calibrate in strides. `rewind` starts over.
+    """
+
+    def __init__(self, path: PathLike, input_names: list[str], batch_size: int = CALIB_BATCH_SIZE,
+                 dtypes: dict[str, np.dtype] | None = None) -> None:
+        self.path = Path(path)
+        self.input_names = list(input_names)
+        self.dtypes = dtypes or {}
+        with np.load(self.path) as z:
+            missing = [n for n in self.input_names if n not in z.files]
+            if missing:
+                raise ValueError(f"{self.path.name}: no arrays for model inputs {missing} (has {sorted(z.files)})")
+            sizes = {z[n].shape[0] for n in self.input_names}
+        if len(sizes) != 1:
+            raise ValueError(f"{self.path.name}: inputs have different sample counts {sorted(sizes)}")
+        self.n = sizes.pop()
+        self.batch_size = max(d for d in range(1, max(1, min(batch_size, self.n)) + 1) if self.n % d == 0)
+        self.start, self.stop = 0, self.n
+        self._it: Iterator[dict] | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.stop = start_index, min(end_index, self.n)
+        self._it = None
+
+    def rewind(self) -> None:
+        self._it = None
+
+    def _batches(self) -> Iterator[dict]:
+        with np.load(self.path) as z:
+            arrays = {n: z[n] for n in self.input_names}  # npz members are read once, not per batch
+        step = min(self.batch_size, max(len(self), 1))
+        for s in range(self.start, self.stop, step):
+            yield {n: np.ascontiguousarray(a[s : min(s + step, self.stop)], dtype=self.dtypes.get(n, a.dtype))
+                   for n, a in arrays.items()}
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = self._batches()
+        return next(self._it, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        item = self.get_next()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+def _model_inputs(path: PathLike) -> tuple[list[str], dict[str, np.dtype]]:
+    """Graph inputs that are not initializers, with their numpy dtypes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    names, dtypes = [], {}
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        names.append(v.name)
+        dtypes[v.name] = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+    return names, dtypes
+
+
+def data_reader(float_path: PathLike, calib: PathLike, batch_size: int = CALIB_BATCH_SIZE) -> NpzDataReader:
+    """An `NpzDataReader` over `calib` for the inputs of the model at `float_path`."""
+    names, dtypes = _model_inputs(float_path)
+    return NpzDataReader(calib, names, batch_size, dtypes)
+
+
+# --------------------------------------------------------------------------- pre-processing
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """onnxruntime's calibrators `print` progress; keep stdout for results (send it to stderr)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def preprocess(float_path: PathLike, out_path: PathLike) -> str:
+    """Run `quant_pre_process`; returns which variant succeeded ("full", "no-symbolic-shape", "none").
+
+    "none" means `out_path` holds an unchanged copy of the float model.
+    """
+    import shutil
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for variant, kwargs in (("full", {}), ("no-symbolic-shape", {"skip_symbolic_shape": True})):
+        try:
+            with _quiet_stdout():
+                quant_pre_process(str(float_path), str(out_path), **kwargs)
+            log.info("quant_pre_process(%s): %s", Path(float_path).name, variant)
+            return variant
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises bare Exception here
+            log.info("quant_pre_process(%s) %s failed: %s: %s", Path(float_path).name, variant,
+                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    shutil.copyfile(float_path, out_path)
+    log.info("quant_pre_process(%s): none (quantizing the float model as is)", Path(float_path).name)
+    return "none"
+
+
+@contextlib.contextmanager
+def _prepared(float_path: PathLike, enabled: bool) -> Iterator[Path]:
+    if not enabled:
+        yield Path(float_path)
+        return
+    with tempfile.TemporaryDirectory(prefix="qcompile-ort-pre-") as d:
+        out = Path(d) / "preprocessed.onnx"
+        preprocess(float_path, out)
+        yield out
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _dynamic(float_path: PathLike, calib: PathLike | None, out_path: PathLike, *, per_channel: bool,
+             preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE) -> Path:
+    """quantize_dynamic (int8 weights; activations quantized at run time); `calib` is not used."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    del calib, batch_size
+    with _prepared(float_path, preprocess) as src, _quiet_stdout():
+        quantize_dynamic(str(src), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8)
+    return Path(out_path)
+
+
+def _static(float_path: PathLike, calib: PathLike, out_path: PathLike, *, method: str, ops: tuple[str, ...] | None,
+            preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE) -> Path:
+    """quantize_static, QDQ, per-channel int8 weights and int8 activations."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]
+    reader = data_reader(float_path, calib, batch_size)
+    with _prepared(float_path, preprocess) as src, _quiet_stdout():
+        quantize_static(
+            str(src), str(out_path), reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(ops) if ops else None,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrate_method,
+        )
+    return Path(out_path)
+
+
+def _fp8(float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
+         batch_size: int = CALIB_BATCH_SIZE) -> Path:
+    """quantize_static with FLOAT8E4M3FN weights and activations.
+
+    onnxruntime only accepts `CalibrationMethod.Distribution` for float 8 (it raises otherwise);
+    FP8 needs QDQ (QOperator has no float 8 kernels) and onnxruntime's FP8 path is per-tensor.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = data_reader(float_path, calib, batch_size)
+    with _prepared(float_path, preprocess) as src, _quiet_stdout():
+        quantize_static(
+            str(src), str(out_path), reader,
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QFLOAT8E4M3FN,
+            weight_type=QuantType.QFLOAT8E4M3FN,
+            calibrate_method=CalibrationMethod.Distribution,
+        )
+    return Path(out_path)
+
+
+def _int4(float_path: PathLike, calib: PathLike | None, out_path: PathLike, *, preprocess: bool = True,
+          batch_size: int = CALIB_BATCH_SIZE) -> Path:
+    """MatMulNBitsQuantizer (RTN): 4-bit weight-only MatMulNBits, block 32, symmetric, accuracy_level 4."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    del calib, batch_size
+    with _prepared(float_path, preprocess) as src, _quiet_stdout():
+        q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
+                                 accuracy_level=INT4_ACCURACY_LEVEL)
+        q.process()
+        q.model.save_model_to_file(str(out_path), False)
+    return Path(out_path)
+
+
+BASELINES: dict[str, Builder] = {
+    "ort-dynamic": partial(_dynamic, per_channel=True),
+    "ort-dynamic-pt": partial(_dynamic, per_channel=False),
+    **{f"ort-static-all-{m}": partial(_static, method=m, ops=None) for m in ("minmax", "percentile", "entropy")},
+    **{f"ort-static-matmul-{m}": partial(_static, method=m, ops=MATMUL_OPS) for m in ("minmax", "percentile", "entropy")},
+    "ort-fp8": _fp8,
+    "ort-int4": _int4,
+}
+
+# Builders that keep every calibrated tensor of every calibration sample in memory (onnxruntime's
+# HistogramCalibrater): run them one at a time, ideally with `build_isolated`.
+HISTOGRAM_CALIBRATED = frozenset(n for n in BASELINES if n.endswith(("-percentile", "-entropy")) or n == "ort-fp8")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def check_loads(path: PathLike, config: str = "") -> None:
+    """Raise BaselineError unless `path` loads in onnxruntime's optimized CPU session (ENABLE_ALL)."""
+    from qcompile.backends.onnxruntime.session import make_session
+
+    try:
+        make_session(str(path), level="all")
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/RuntimeException
+        raise BaselineError(config or Path(path).name,
+                            f"the model does not load in onnxruntime (ENABLE_ALL): {_one_line(e)}") from None
+
+
+def build(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
+          batch_size: int = CALIB_BATCH_SIZE, check: bool = True) -> Path:
+    """Build baseline `name` into `out_path`; any failure raises BaselineError naming `name`."""
+    if name not in BASELINES:
+        raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        BASELINES[name](float_path, calib, out_path, preprocess=preprocess, batch_size=batch_size)
+    except MemoryError:
+        raise BaselineError(name, "failed to build: out of memory") from None
+    except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises anything from ValueError to bare Exception
+        log.debug("baseline %s failed", name, exc_info=True)
+        raise BaselineError(name, f"failed to build: {_one_line(e)}") from None
+    if not out_path.is_file():
+        raise BaselineError(name, f"failed to build: onnxruntime wrote no model at {out_path}")
+    if check:
+        check_loads(out_path, name)
+    return out_path
+
+
+_CHILD = """
+import json, resource, sys, time, logging
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+from qcompile.baselines import build, BaselineError
+a = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+rec = {"config": a["name"]}
+try:
+    rec["path"] = str(build(a["name"], a["float_path"], a["calib"], a["out_path"], preprocess=a["preprocess"],
+                            batch_size=a["batch_size"], check=a["check"]))
+    rec["error"] = None
+except BaselineError as e:
+    rec["path"], rec["error"] = None, e.reason
+rec["seconds"] = round(time.perf_counter() - t0, 3)
+rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+sys.stdout.write("\\n" + json.dumps(rec) + "\\n")
+"""
+
+
+def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
+                   batch_size: int = CALIB_BATCH_SIZE, check: bool = True, timeout: float | None = None) -> dict:
+    """`build` in a fresh Python process: one configuration's memory is returned when it ends.
+
+    Returns {"config", "path" (None on failure), "error" (None, or the reason), "seconds" (wall
+    time of the build, without interpreter start-up), "peak_rss_bytes" (the child's peak RSS)}.
+    Never raises for a failed build; a crash (killed, out of memory, timeout) is an error too.
+    """
+    if name not in BASELINES:
+        raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    args = {"name": name, "float_path": str(float_path), "calib": str(calib), "out_path": str(out_path),
+            "preprocess": preprocess, "batch_size": batch_size, "check": check}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": name, "path": None, "error": f"failed to build: timed out after {timeout:g} s",
+                "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": None}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    if proc.returncode == -9:
+        how += " (out of memory?)"
+    return {"config": name, "path": None, "error": f"failed to build: process {how}: {tail}".rstrip(": "),
+            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": None}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, batch_size: int = 8) -> dict[str, dict]:
+    """Per-output metrics of `quant_path` against `float_path` on `eval_npz` (qcompile.validate.compare).
+
+    Both models run in onnxruntime's optimized CPU session (ENABLE_ALL, 1 thread). For each output:
+    sqnr_db, cosine_mean, cosine_min, max_abs_err, samples, and top1_agreement / softmax_kl when the
+    output looks like class scores. The same function serves qcompile's models and the baselines.
+    """
+    from qcompile.data import Dataset, InputInfo
+    from qcompile.pipeline import load_model
+    from qcompile.validate import compare
+
+    f, q = load_model(float_path), load_model(quant_path)
+    return compare(f, q, Dataset(eval_npz, InputInfo.of_model(f)), batch_size)
+
+
+__all__ = ["BASELINES", "HISTOGRAM_CALIBRATED", "BaselineError", "NpzDataReader", "build", "build_isolated",
+           "check_loads", "data_reader", "evaluate", "preprocess"]

@@ -1,0 +1,143 @@
+"""Shared test helpers: onnxruntime sessions, metrics, graph inspection and the pass contract.
+
+Kept independent of `qcompile.backends.onnxruntime.session` on purpose, so a broken session helper
+in the library cannot make its own tests pass.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# onnxruntime kernels that compute on integers (what int8 Q/DQ around MatMul/Conv/Gemm must become).
+INTEGER_KERNELS = {
+    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "MatMulInteger", "ConvInteger",
+    "DynamicQuantizeMatMul", "MatMulNBits",
+}
+# Float compute ops: one of these reading a DequantizeLinear output in the *optimized* graph means
+# onnxruntime re-dequantizes the tensor every run and computes in float (the fusion did not happen).
+FLOAT_COMPUTE = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "FusedGemm", "FusedConv", "NhwcFusedConv"}
+
+
+# --- onnxruntime -------------------------------------------------------------------------------
+def to_proto(model) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, ir.Model):
+        return ir.to_proto(model)
+    return onnx.load(str(model))
+
+
+def session(model, level: str = "all", optimized_path: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """A 1-thread CPU session at `level` (disable/basic/extended/all) on a proto, ir.Model or path."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(to_proto(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run(model, feeds: dict, level: str = "all") -> list[np.ndarray]:
+    return session(model, level).run(None, feeds)
+
+
+def optimized(model, path: str | os.PathLike, level: str = "all") -> onnx.ModelProto:
+    """The graph onnxruntime actually runs at `level` (saved through optimized_model_filepath)."""
+    session(model, level, optimized_path=path)
+    return onnx.load(str(path))
+
+
+def op_counts(model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in to_proto(model).graph.node)
+
+
+def unfused_quantized_compute(opt: onnx.ModelProto) -> list[str]:
+    """Float MatMul/Conv/Gemm (or their fused float forms) that read a DequantizeLinear output."""
+    producer = {o: n for n in opt.graph.node for o in n.output}
+    bad = []
+    for n in opt.graph.node:
+        if n.op_type in FLOAT_COMPUTE and any(i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input):
+            bad.append(f"{n.op_type}({n.name})")
+    return bad
+
+
+# --- metrics -----------------------------------------------------------------------------------
+def sqnr_db(ref, test) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2) in float64; inf when equal."""
+    ref = np.asarray(ref, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(ref**2)) / noise)
+
+
+def rel_err(test, ref) -> float:
+    """||test - ref|| / ||ref|| (Frobenius, float64)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(test, dtype=np.float64) - ref) / np.linalg.norm(ref))
+
+
+def sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --- pass contract -----------------------------------------------------------------------------
+def snapshot(model: ir.Model) -> bytes:
+    """Deterministic bytes of the whole model (graph, initializers, opsets, IR version)."""
+    return ir.to_proto(model).SerializeToString(deterministic=True)
+
+
+def check_model(model: ir.Model, full: bool = True) -> None:
+    onnx.checker.check_model(ir.to_proto(model), full_check=full)
+
+
+def assert_pass_contract(pass_, model: ir.Model, *, expect_modified: bool | None = None) -> ir.passes.PassResult:
+    """Run `pass_` on `model` twice and check the contract of every qcompile pass:
+
+    - `modified` is honest: True exactly when the model's serialized form changed;
+    - the result passes `onnx.checker` (full check, with shape inference);
+    - a second run is a no-op: modified False and the model byte-identical.
+    Returns the first PassResult.
+    """
+    before = snapshot(model)
+    first = pass_(model)
+    after = snapshot(first.model)
+    assert first.modified == (before != after), (
+        f"{pass_!r}: modified={first.modified} but the model {'changed' if before != after else 'did not change'}"
+    )
+    if expect_modified is not None:
+        assert first.modified is expect_modified, f"{pass_!r}: expected modified={expect_modified}"
+    check_model(first.model)
+    second = pass_(first.model)
+    again = snapshot(second.model)
+    assert again == after, f"{pass_!r}: a second run changed the model"
+    assert second.modified is False, f"{pass_!r}: a second run reported modified=True on an unchanged model"
+    return first
+
+
+def node_by_name(model: ir.Model, name: str) -> ir.Node:
+    for n in model.graph:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def producer_op(value: ir.Value | None) -> str | None:
+    p = value.producer() if value is not None else None
+    return p.op_type if p is not None else None

@@ -1,0 +1,140 @@
+"""Calibration / evaluation data: .npz files, directories of them, batching, checks (qcompile.data)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+
+import tiny_models
+from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
+from qcompile.errors import InputError
+
+
+def _inputs(proto: onnx.ModelProto) -> list[InputInfo]:
+    return InputInfo.of_model(ir.from_proto(proto))
+
+
+def _concat(batches, name="x"):
+    return np.concatenate([b[name] for b in batches])
+
+
+def _two_input_model(batch_dim):
+    g = h.make_graph(
+        [h.make_node("Add", ["a", "b"], ["y"])], "g",
+        [h.make_tensor_value_info("a", T.FLOAT, [batch_dim, 4]), h.make_tensor_value_info("b", T.FLOAT, [batch_dim, 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, [batch_dim, 4])],
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_input_info_of_model():
+    (info,) = _inputs(tiny_models.cnn())
+    assert info == InputInfo("x", np.dtype(np.float32), (None, 3, 16, 16))
+
+
+def test_npz_file(tmp_path):
+    x = np.random.default_rng(0).standard_normal((20, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, extra=np.zeros(3))  # extra arrays are ignored
+    ds = Dataset(tmp_path / "d.npz", _inputs(tiny_models.mlp()))
+    assert len(ds) == 20
+    batches = list(ds.batches(8))
+    assert [b["x"].shape[0] for b in batches] == [8, 8, 4]
+    np.testing.assert_array_equal(_concat(batches), x)
+    # take: a sample range, without copying files
+    np.testing.assert_array_equal(_concat(ds.take(5, 12).batches(4)), x[5:12])
+    np.testing.assert_array_equal(_concat(ds.take(15).batches(4)), x[15:])
+    assert len(ds.take(15)) == 5 and len(ds.take(0, 100)) == 20
+
+
+def test_directory_of_npz_in_name_order(tmp_path):
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((n, 64)).astype(np.float32) for n in (5, 7, 3)]
+    for i, p in enumerate(parts):  # written out of order: reading must sort by file name
+        np.savez(tmp_path / f"part{[2, 0, 1][i]}.npz", x=p)
+    ds = Dataset(tmp_path, _inputs(tiny_models.mlp()))
+    expected = np.concatenate([parts[1], parts[2], parts[0]])
+    assert len(ds) == 15
+    np.testing.assert_array_equal(_concat(ds.batches(4)), expected)
+    # a range across the file boundaries
+    np.testing.assert_array_equal(_concat(ds.take(6, 13).batches(100)), expected[6:13])
+
+
+def test_missing_input_name_is_an_input_error(tmp_path):
+    np.savez(tmp_path / "d.npz", input=np.zeros((4, 64), np.float32))
+    with pytest.raises(InputError, match=r"missing arrays for model inputs \['x'\] \(has \['input'\]\)"):
+        Dataset(tmp_path / "d.npz", _inputs(tiny_models.mlp()))
+    with pytest.raises(InputError, match=r"missing arrays for model inputs \['x'\]"):
+        ArrayDataset({"input": np.zeros((4, 64), np.float32)}, _inputs(tiny_models.mlp()))
+
+
+def test_unusable_data_paths_are_input_errors(tmp_path):
+    inputs = _inputs(tiny_models.mlp())
+    with pytest.raises(InputError, match="no such file or directory"):
+        Dataset(tmp_path / "nope.npz", inputs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no .npz files"):
+        Dataset(tmp_path / "empty", inputs)
+    (tmp_path / "bad.npz").write_text("not an npz")
+    with pytest.raises(InputError, match="not a readable .npz"):
+        Dataset(tmp_path / "bad.npz", inputs)
+
+
+def test_mismatched_sample_counts_and_dtypes(tmp_path):
+    inputs = _inputs(_two_input_model("N"))
+    np.savez(tmp_path / "d.npz", a=np.zeros((4, 4), np.float32), b=np.zeros((5, 4), np.float32))
+    with pytest.raises(InputError, match="different sample counts"):
+        Dataset(tmp_path / "d.npz", inputs)
+    # float64 data is cast to the model's float32; strings are refused
+    ds = ArrayDataset({"a": np.zeros((2, 4)), "b": np.ones((2, 4))}, inputs)
+    assert next(ds.batches())["a"].dtype == np.float32
+    with pytest.raises(InputError, match="is <U1, the model wants float32"):
+        ArrayDataset({"a": np.full((2, 4), "a"), "b": np.ones((2, 4))}, inputs)
+
+
+def test_fixed_batch_dim_is_fed_one_sample_at_a_time(tmp_path):
+    inputs = _inputs(_two_input_model(1))
+    a = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.savez(tmp_path / "d.npz", a=a, b=-a)
+    batches = list(Dataset(tmp_path / "d.npz", inputs).batches(batch_size=8))
+    assert len(batches) == 10
+    assert all(b["a"].shape == (1, 4) and b["b"].shape == (1, 4) for b in batches)
+    np.testing.assert_array_equal(_concat(batches, "a"), a)
+    # with a symbolic batch dim the same data comes in batches of 8
+    assert [b["a"].shape[0] for b in Dataset(tmp_path / "d.npz", _inputs(_two_input_model("N"))).batches(8)] == [8, 2]
+
+
+def test_array_dataset_batches():
+    inputs = _inputs(tiny_models.mlp())
+    x = np.random.default_rng(2).standard_normal((10, 64)).astype(np.float32)
+    ds = ArrayDataset({"x": x}, inputs)
+    assert len(ds) == 10
+    np.testing.assert_array_equal(_concat(ds.batches(3)), x)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG data.py Dataset.take: builds object.__new__(Dataset) even for an "
+                   "ArrayDataset, so the slice has no .files and iterating it raises AttributeError "
+                   "(breaks compile() without calib, or with in-memory calib and no eval)")
+def test_array_dataset_take():
+    x = np.random.default_rng(2).standard_normal((10, 64)).astype(np.float32)
+    ds = ArrayDataset({"x": x}, _inputs(tiny_models.mlp()))
+    part = ds.take(2, 7)
+    assert len(part) == 5
+    np.testing.assert_array_equal(_concat(part.batches(2)), x[2:7])
+
+
+def test_synthesize_follows_input_types():
+    g = h.make_graph(
+        [h.make_node("Identity", ["x"], ["y"])], "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3]), h.make_tensor_value_info("ids", T.INT64, ["N", "S"]),
+         h.make_tensor_value_info("attention_mask", T.INT64, ["N", "S"])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 3])],
+    )
+    inputs = _inputs(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    d = synthesize(inputs, 5, seed=0, dim=7)
+    assert d["x"].shape == (5, 3) and d["x"].dtype == np.float32
+    assert d["ids"].shape == (5, 7) and d["ids"].dtype == np.int64 and d["ids"].min() >= 0
+    assert (d["attention_mask"] == 1).all()
+    np.testing.assert_array_equal(synthesize(inputs, 5, seed=0, dim=7)["x"], d["x"])  # seeded

@@ -1,0 +1,155 @@
+"""Quantization plans as data: the default plan of a target, JSON round trip, readable errors."""
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+import pytest
+
+import tiny_models
+from qcompile.analyze import PlanOptions, make_plan
+from qcompile.errors import InputError
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.normalize import NormalizePass
+from qcompile.plan import SCHEMA, InputQuant, NodePlan, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
+from qcompile.targets import TARGETS, get_target
+
+
+def _prepared(name: str) -> ir.Model:
+    m = ir.from_proto(getattr(tiny_models, name)())
+    NormalizePass(21, 26)(m)
+    FoldBatchNormPass()(m)
+    return m
+
+
+# --- the default plan --------------------------------------------------------------------------
+def test_int8_plan_of_mlp():
+    plan = make_plan(_prepared("mlp"), get_target("int8"))
+    assert list(plan.nodes) == ["fc1", "fc2"]
+    fc1, fc2 = plan.nodes["fc1"], plan.nodes["fc2"]
+    assert fc1.inputs[0] == InputQuant("x", "activation", QuantSpec("int8", PerTensor(), False, "mse"))
+    # MatMul B [K, N]: one scale per output column N (axis 1)
+    assert fc1.inputs[1] == InputQuant("w1", "weight", QuantSpec("int8", PerChannel(1), True, "minmax"))
+    assert not fc1.bias, "MatMul has no bias input (the bias is a separate Add)"
+    # Gemm with transB=1: B is [N, K], output channel on axis 0; int32 bias for integer kernels
+    assert fc2.inputs[1].spec.granularity == PerChannel(0)
+    assert fc2.bias and fc2.output is None
+
+
+def test_w4_plan_blocks_along_the_reduction_axis():
+    plan = make_plan(_prepared("mlp"), get_target("w4"))
+    assert plan.nodes["fc1"].inputs[1].spec.granularity == PerBlock(0, 32)  # MatMul B [K=64, N]
+    assert plan.nodes["fc2"].inputs[1].spec.granularity == PerBlock(1, 32)  # Gemm transB: [N, K=128]
+    assert all(q.role == "weight" for n in plan.nodes.values() for q in n.inputs.values()), "weight-only"
+
+
+def test_int8_plan_of_cnn_quantizes_conv_outputs_after_relu():
+    plan = make_plan(_prepared("cnn"), get_target("int8"))
+    assert plan.nodes["conv1"].output.value == "r1", "Q after Conv+Relu so onnxruntime builds QLinearConv"
+    assert plan.nodes["conv2"].output.value == "r2"
+    assert plan.nodes["conv1"].inputs[1].spec.granularity == PerChannel(0)
+    assert plan.nodes["conv1"].bias and plan.nodes["fc"].bias
+
+
+def test_plan_options_exclude_and_keep_last():
+    m = _prepared("mlp")
+    assert list(make_plan(m, get_target("int8"), PlanOptions(exclude_nodes=("fc1",))).nodes) == ["fc2"]
+    assert list(make_plan(m, get_target("int8"), PlanOptions(exclude_ops=("Gemm",))).nodes) == ["fc1"]
+    assert list(make_plan(m, get_target("int8"), PlanOptions(keep_last=True)).nodes) == ["fc1"]
+
+
+# --- JSON round trip ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("model", ["mlp", "cnn", "attention"])
+def test_plan_json_round_trip(tmp_path, model, target):
+    plan = make_plan(_prepared(model), get_target(target))
+    assert plan.nodes
+    # with calibrated clips on the activations
+    plan = plan.with_clips({v: (-1.5, 2.25) for v in plan.activation_specs()})
+    text = json.dumps(plan.to_json())
+    back = QuantPlan.from_json(json.loads(text))
+    assert back.to_json() == plan.to_json()
+    assert back.nodes == plan.nodes and back.target == plan.target
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert QuantPlan.load(path).nodes == plan.nodes
+    assert json.loads(path.read_text())["schema"] == SCHEMA
+
+
+def test_with_clips_fills_only_missing_clips():
+    spec = QuantSpec("int8", PerTensor(), False, "mse")
+    plan = QuantPlan("int8", {
+        "a": NodePlan("MatMul", {0: InputQuant("x", "activation", spec)}),
+        "b": NodePlan("MatMul", {0: InputQuant("y", "activation", QuantSpec("int8", clip=(-1.0, 1.0)))}),
+    })
+    out = plan.with_clips({"x": (0.0, 3.0), "y": (-9.0, 9.0)})
+    assert out.nodes["a"].inputs[0].spec.clip == (0.0, 3.0)
+    assert out.nodes["b"].inputs[0].spec.clip == (-1.0, 1.0), "an existing (user-edited) clip is kept"
+    assert plan.nodes["a"].inputs[0].spec.clip is None, "with_clips returns a copy"
+    assert set(out.activation_specs()) == {"x", "y"}
+
+
+# --- readable errors ---------------------------------------------------------------------------
+def _plan_json():
+    return {
+        "schema": SCHEMA,
+        "target": "int8",
+        "nodes": {"fc1": {"op_type": "MatMul", "inputs": {"1": {"value": "w1", "role": "weight", "format": "int8",
+                                                                 "granularity": {"kind": "channel", "axis": 1}}}}},
+    }
+
+
+def test_valid_minimal_plan_json_loads():
+    plan = QuantPlan.from_json(_plan_json())
+    assert plan.nodes["fc1"].inputs[1].spec == QuantSpec("int8", PerChannel(1), True, "minmax")
+
+
+def test_unknown_schema_is_an_input_error():
+    d = _plan_json() | {"schema": "qcompile.plan/999"}
+    with pytest.raises(InputError, match=r"schema 'qcompile.plan/999' is not 'qcompile.plan/1'"):
+        QuantPlan.from_json(d)
+    with pytest.raises(InputError, match="schema None"):
+        QuantPlan.from_json({k: v for k, v in _plan_json().items() if k != "schema"})
+
+
+def test_unknown_format_names_the_known_ones():
+    with pytest.raises(KeyError, match=r"unknown format 'int99'.*int8"):
+        QuantSpec("int99")
+    d = _plan_json()
+    d["nodes"]["fc1"]["inputs"]["1"]["format"] = "int99"
+    with pytest.raises((InputError, KeyError), match=r"int99.*known.*e4m3fn"):
+        QuantPlan.from_json(d)
+
+
+def test_unknown_granularity_is_an_input_error():
+    d = _plan_json()
+    d["nodes"]["fc1"]["inputs"]["1"]["granularity"] = {"kind": "row"}
+    with pytest.raises(InputError, match=r"unknown granularity kind 'row' \(tensor, channel, block\)"):
+        QuantPlan.from_json(d)
+
+
+def test_unknown_method_and_role_are_input_errors():
+    d = _plan_json()
+    d["nodes"]["fc1"]["inputs"]["1"]["method"] = "median"
+    with pytest.raises(InputError, match=r"unknown scale method 'median' \(one of minmax, percentile, entropy, mse\)"):
+        QuantPlan.from_json(d)
+    d = _plan_json()
+    d["nodes"]["fc1"]["inputs"]["1"]["role"] = "bias"
+    with pytest.raises(InputError, match="role must be 'weight' or 'activation', got 'bias'"):
+        QuantPlan.from_json(d)
+
+
+def test_missing_key_is_an_input_error():
+    d = _plan_json()
+    del d["nodes"]["fc1"]["inputs"]["1"]["format"]
+    with pytest.raises(InputError, match="missing or unknown key 'format'"):
+        QuantPlan.from_json(d)
+
+
+def test_unreadable_plan_file_is_an_input_error(tmp_path):
+    p = tmp_path / "plan.json"
+    p.write_text("{ not json")
+    with pytest.raises(InputError, match="plan .*plan.json"):
+        QuantPlan.load(p)
+    with pytest.raises(InputError, match="plan .*missing.json"):
+        QuantPlan.load(tmp_path / "missing.json")
