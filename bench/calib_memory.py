@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 EVAL_SAMPLES = 16
+OPS_LABEL = {"all": "all ops", "matmul": "MatMul/Gemm/Conv"}  # onnxruntime's default op set, or qcompile's
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
@@ -103,6 +104,10 @@ class LowMemory(RuntimeError):
     """The machine's available memory fell below the floor while a child ran; it was stopped."""
 
 
+class ChildFailed(RuntimeError):
+    """The child exited non-zero; the message is the last line of its stderr."""
+
+
 def run_child(cmd: list[str], min_free_mb: float) -> dict:
     """Run cmd to completion; its own peak RSS (MB, from wait4), wall seconds and stdout.
 
@@ -136,8 +141,9 @@ def run_child(cmd: list[str], min_free_mb: float) -> dict:
                             f"less than {min_free_mb:.0f} MB of memory left on the machine")
         if proc.returncode != 0:
             err.seek(0)
-            tail = err.read().decode(errors="replace").strip().splitlines()[-15:]
-            raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n" + "\n".join(tail))
+            lines = err.read().decode(errors="replace").strip().splitlines() or ["(no stderr)"]
+            print("\n".join(lines[-15:]), file=sys.stderr)
+            raise ChildFailed(f"exit {proc.returncode}: {lines[-1][:160]}")
         out.seek(0)
         stdout = out.read().decode()
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall, "stdout": stdout}
@@ -201,15 +207,16 @@ def measure(args) -> dict:
         jobs = [("qcompile", "int8 (target default)", n, qcompile_cmd(model, files[n], eval_, work / "out.onnx", args.batch_size))
                 for n in args.qcompile_samples]
         if not args.skip_ort:
-            jobs += [("onnxruntime", f"quantize_static {m}", n, ort_cmd(model, files[n], work / "out.onnx", m, args.batch_size, args.ort_ops))
-                     for m in args.ort_methods for n in args.ort_samples]
+            jobs += [("onnxruntime", f"quantize_static {m}, {OPS_LABEL[ops]}", n,
+                      ort_cmd(model, files[n], work / "out.onnx", m, args.batch_size, ops))
+                     for ops in args.ort_ops for m in args.ort_methods for n in args.ort_samples]
         for tool, method, n, cmd in jobs:
             runs, aborted = [], None
             for r in range(args.repeat):
                 try:
                     res = run_child(cmd, args.min_free_mb)
-                except LowMemory as e:
-                    aborted = str(e)
+                except (LowMemory, ChildFailed) as e:
+                    aborted = f"{'stopped' if isinstance(e, LowMemory) else 'failed'}: {e}"
                     print(f"  {tool:<12} {method:<28} n={n:<5} run {r + 1}/{args.repeat}: {e}", file=sys.stderr, flush=True)
                     break
                 print(f"  {tool:<12} {method:<28} n={n:<5} run {r + 1}/{args.repeat}: "
@@ -241,7 +248,6 @@ def measure(args) -> dict:
         "command": " ".join(["python", "bench/calib_memory.py", *sys.argv[1:]]),
         **info,
         "batch_size": args.batch_size,
-        "ort_ops": "MatMul/Gemm/Conv only" if args.ort_ops == "matmul" else "every op quantize_static quantizes",
         "repeat": args.repeat,
         "rows": rows,
         "peak_rss_ratios": ratios,
@@ -256,7 +262,7 @@ def markdown(result: dict) -> str:
     lines = ["| tool | method | samples | peak RSS MB | wall s |", "| --- | --- | ---: | ---: | ---: |"]
     for r in result["rows"]:
         if r["peak_rss_mb"] is None:
-            lines.append(f"| {r['tool']} | {r['method']} | {r['samples']} | not measured: {r['aborted']} | - |")
+            lines.append(f"| {r['tool']} | {r['method']} | {r['samples']} | {r['aborted']} | - |")
         else:
             lines.append(f"| {r['tool']} | {r['method']} | {r['samples']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |")
     lines.append("")
@@ -281,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-samples", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--ort-methods", nargs="+", default=["percentile", "entropy"],
                     choices=["percentile", "entropy", "minmax"])
-    ap.add_argument("--ort-ops", choices=["all", "matmul"], default="all",
-                    help="onnxruntime op types: its default set, or MatMul/Gemm/Conv only (default: all)")
+    ap.add_argument("--ort-ops", nargs="+", choices=["all", "matmul"], default=["all"],
+                    help="onnxruntime op types: its default set (all), and/or MatMul/Gemm/Conv only "
+                         "like qcompile (matmul); default: all")
     ap.add_argument("--skip-ort", action="store_true", help="qcompile rows only")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the table shows medians")

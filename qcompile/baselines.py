@@ -1,36 +1,42 @@
 """onnxruntime's own quantizer (`onnxruntime.quantization`) as baselines for qcompile.
 
 Every entry of `BASELINES` builds one onnxruntime-quantized model from a float model and the same
-calibration `.npz` data qcompile uses (arrays keyed by graph input name, first axis = samples):
+calibration `.npz` data qcompile uses (arrays keyed by graph input name, first axis = samples,
+streamed batch by batch through `NpzDataReader`, a `CalibrationDataReader`), and returns its path:
 
     path = BASELINES["ort-dynamic"](float_path, calib_npz, out_path)
 
-`build` does the same but turns any failure into a `BaselineError` naming the configuration, and by
-default also checks that the result loads in onnxruntime's optimized session (ENABLE_ALL, what
-`evaluate` and users run). `build_isolated` runs `build` in a fresh Python process and reports wall
-time and the child's peak RSS; use it for the histogram calibrators (percentile, entropy, the FP8
-"distribution" one), which keep every calibrated tensor of every sample in memory until the data
-reader is exhausted, so that their memory is returned when they finish. Run them one at a time.
+`build(name, ...)` does the same but turns any failure into a `BaselineError` naming the
+configuration, and by default checks that the model loads in onnxruntime's optimized session
+(ENABLE_ALL, what `evaluate` and users run). `build_isolated` runs `build` in a fresh Python
+process and returns a record (path or error, wall seconds, the child's peak RSS) instead of
+raising, so a caller can write "failed: reason" and go on.
 
-`evaluate` compares any quantized model (qcompile's or a baseline) against its float model on
+`evaluate` compares any quantized model, qcompile's or a baseline, against its float model on
 held-out data with `qcompile.validate.compare`, so both get the same metrics.
-
-Pre-processing: `onnxruntime.quantization.shape_inference.quant_pre_process` (symbolic shape
-inference + basic graph optimization), which onnxruntime tells users to run first, is applied
-before every configuration (`preprocess=True`). Symbolic shape inference does not complete on some
-exporter outputs (e.g. torch.export's MiniLM: "Incomplete symbolic shape inference", with or
-without auto_merge); then it is retried with `skip_symbolic_shape=True` (ONNX shape inference and
-the optimizer still run), and if that fails as well the float model is quantized as it is. Which
-one was used is logged at INFO.
 
 Configurations (QInt8 = signed int8; all static ones use the QDQ format):
   ort-dynamic                  quantize_dynamic, per-channel int8 weights (MatMulInteger + DynamicQuantizeLinear)
   ort-dynamic-pt               quantize_dynamic, per-tensor int8 weights
   ort-static-all-<method>      quantize_static, per-channel int8 weights, int8 activations, every op ORT quantizes
-  ort-static-matmul-<method>   the same restricted to op_types_to_quantize=["MatMul", "Gemm", "Conv"]
-  ort-fp8                      quantize_static, FLOAT8E4M3FN weights and activations (needs the Distribution calibrator)
-  ort-int4                     MatMulNBitsQuantizer: 4-bit weight-only, block 32, symmetric, accuracy_level 4
+  ort-static-matmul-<method>   the same with op_types_to_quantize=["MatMul", "Gemm", "Conv"]
+  ort-fp8                      quantize_static, FLOAT8E4M3FN weights and activations, Distribution calibrator,
+                               MatMul/Gemm/Conv (see `_fp8` for why these options)
+  ort-int4                     MatMulNBitsQuantizer: 4-bit weight-only MatMulNBits, block 32, symmetric, accuracy_level 4
 with <method> one of minmax, percentile, entropy.
+
+Memory: onnxruntime's histogram calibrators (percentile, entropy, and the FP8 Distribution one)
+keep the calibrated tensors of every sample until the data reader is exhausted. Build those one at
+a time, preferably with `build_isolated` (their memory goes away with the child process), or pass
+`calib_stride=k`, which sets onnxruntime's `CalibStridedMinMax` option so histograms are merged k
+samples at a time (same results to 3 digits for ort-fp8 on MiniLM, at a quarter of the memory).
+
+Pre-processing: `onnxruntime.quantization.shape_inference.quant_pre_process`, which onnxruntime
+tells users to run first, is applied before every configuration (`preprocess=True`). Its symbolic
+shape inference does not complete on some exporter outputs (torch.export's MiniLM: "Incomplete
+symbolic shape inference", with or without auto_merge); then it is retried with
+`skip_symbolic_shape=True` (ONNX shape inference and the basic optimizer still run), and if that
+fails too, the float model is quantized as it is. The variant used is logged at INFO.
 """
 from __future__ import annotations
 
@@ -53,7 +59,8 @@ from qcompile.errors import QCompileError
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
-Builder = Callable[..., Path]  # (float_path, calib_npz, out_path, *, preprocess=True, batch_size=8) -> Path
+# (float_path, calib_npz, out_path, *, preprocess=True, batch_size=8, calib_stride=None) -> out_path
+Builder = Callable[..., Path]
 
 MATMUL_OPS = ("MatMul", "Gemm", "Conv")
 INT4_BLOCK_SIZE = 32
@@ -62,12 +69,18 @@ CALIB_BATCH_SIZE = 8
 
 
 class BaselineError(QCompileError):
-    """An onnxruntime baseline configuration could not be built, or its model does not load."""
+    """An onnxruntime baseline configuration could not be built, or its model does not load.
 
-    def __init__(self, config: str, reason: str) -> None:
+    `config` names the configuration, `reason` is the one-line cause, `stage` is "build" or
+    "load", and `path` is the written model for a load failure (None otherwise).
+    """
+
+    def __init__(self, config: str, reason: str, path: PathLike | None = None) -> None:
         super().__init__(f"{config}: {reason}")
         self.config = config
         self.reason = reason
+        self.path = Path(path) if path is not None else None
+        self.stage = "load" if path is not None else "build"
 
 
 # --------------------------------------------------------------------------- data
@@ -76,10 +89,11 @@ class BaselineError(QCompileError):
 class NpzDataReader:
     """A `CalibrationDataReader` streaming batches from one `.npz` (arrays keyed by input name).
 
-    Only the current batch is materialised. Batches have equal sizes (the largest divisor of the
-    sample count that is <= `batch_size`): onnxruntime's histogram calibrators stack the collected
-    outputs with `np.asarray(list)`, which fails on a ragged last batch. `set_range` lets
-    onnxruntime's `CalibStridedMinMax` option calibrate in strides. `rewind` starts over.
+    Batches are sliced from the arrays on demand. Batches have equal sizes (the largest divisor of
+    the number of samples in range that is <= `batch_size`): onnxruntime's histogram calibrators
+    stack the collected outputs with `np.asarray(list)`, which fails on a ragged last batch.
+    `set_range` lets onnxruntime's `CalibStridedMinMax` option calibrate in strides; `rewind`
+    starts over.
     """
 
     def __init__(self, path: PathLike, input_names: list[str], batch_size: int = CALIB_BATCH_SIZE,
@@ -95,7 +109,7 @@ class NpzDataReader:
         if len(sizes) != 1:
             raise ValueError(f"{self.path.name}: inputs have different sample counts {sorted(sizes)}")
         self.n = sizes.pop()
-        self.batch_size = max(d for d in range(1, max(1, min(batch_size, self.n)) + 1) if self.n % d == 0)
+        self.batch_size = max(1, batch_size)
         self.start, self.stop = 0, self.n
         self._it: Iterator[dict] | None = None
 
@@ -112,7 +126,8 @@ class NpzDataReader:
     def _batches(self) -> Iterator[dict]:
         with np.load(self.path) as z:
             arrays = {n: z[n] for n in self.input_names}  # npz members are read once, not per batch
-        step = min(self.batch_size, max(len(self), 1))
+        n = len(self)
+        step = max(d for d in range(1, max(1, min(self.batch_size, n)) + 1) if n % d == 0) if n else 1
         for s in range(self.start, self.stop, step):
             yield {n: np.ascontiguousarray(a[s : min(s + step, self.stop)], dtype=self.dtypes.get(n, a.dtype))
                    for n, a in arrays.items()}
@@ -201,19 +216,30 @@ def _prepared(float_path: PathLike, enabled: bool) -> Iterator[Path]:
 
 
 def _dynamic(float_path: PathLike, calib: PathLike | None, out_path: PathLike, *, per_channel: bool,
-             preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE) -> Path:
-    """quantize_dynamic (int8 weights; activations quantized at run time); `calib` is not used."""
+             preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None) -> Path:
+    """quantize_dynamic: int8 weights, activations quantized at run time; `calib` is not used."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    del calib, batch_size
+    del calib, batch_size, calib_stride
     with _prepared(float_path, preprocess) as src, _quiet_stdout():
         quantize_dynamic(str(src), str(out_path), per_channel=per_channel, weight_type=QuantType.QInt8)
     return Path(out_path)
 
 
+def _calib_options(calib_stride: int | None) -> dict:
+    # CalibStridedMinMax: despite its name quantize_static applies it to every calibrator; the
+    # histogram calibrators then merge their histograms stride by stride instead of holding every
+    # sample's tensors at once (the number of samples must be a multiple of the stride).
+    return {"CalibStridedMinMax": int(calib_stride)} if calib_stride else {}
+
+
 def _static(float_path: PathLike, calib: PathLike, out_path: PathLike, *, method: str, ops: tuple[str, ...] | None,
-            preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE) -> Path:
-    """quantize_static, QDQ, per-channel int8 weights and int8 activations."""
+            preprocess: bool = True, batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None) -> Path:
+    """quantize_static, QDQ, per-channel int8 weights and int8 activations (ORT's defaults otherwise).
+
+    Entropy through quantize_static cannot set its bin counts (num_bins = num_quantized_bins = 128),
+    so the only threshold candidate is the full range: without strides it reproduces MinMax.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -228,16 +254,25 @@ def _static(float_path: PathLike, calib: PathLike, out_path: PathLike, *, method
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=calibrate_method,
+            extra_options=_calib_options(calib_stride),
         )
     return Path(out_path)
 
 
 def _fp8(float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
-         batch_size: int = CALIB_BATCH_SIZE) -> Path:
-    """quantize_static with FLOAT8E4M3FN weights and activations.
+         batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None) -> Path:
+    """quantize_static with FLOAT8E4M3FN weights and activations on MatMul/Gemm/Conv, QDQ.
 
-    onnxruntime only accepts `CalibrationMethod.Distribution` for float 8 (it raises otherwise);
-    FP8 needs QDQ (QOperator has no float 8 kernels) and onnxruntime's FP8 path is per-tensor.
+    The options that work: onnxruntime accepts only `CalibrationMethod.Distribution` for float 8
+    (it raises ValueError otherwise); float 8 needs the QDQ format; weights per tensor (its
+    default; per-channel measured no better on MiniLM). Quantizing all ops fails on models whose
+    tensors reach float32's limits, such as the -3.4e38 attention-mask bias of Hugging Face BERTs:
+    the Distribution histogram over (-max, max) overflows ("Too many bins for data range"), so the
+    quantized ops are the same as qcompile's (MatMul, Gemm, Conv).
+
+    The result does not load in onnxruntime's default ENABLE_ALL session (the QDQ fusion turns a
+    float8 Q/DQ MatMul into QLinearMatMul, which has no float8 kernel); `build` reports that, and
+    `evaluate(..., session_config=FALLBACK_SESSION_CONFIG)` runs it with the QDQ fusions disabled.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -246,20 +281,22 @@ def _fp8(float_path: PathLike, calib: PathLike, out_path: PathLike, *, preproces
         quantize_static(
             str(src), str(out_path), reader,
             quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(MATMUL_OPS),
             activation_type=QuantType.QFLOAT8E4M3FN,
             weight_type=QuantType.QFLOAT8E4M3FN,
             calibrate_method=CalibrationMethod.Distribution,
+            extra_options=_calib_options(calib_stride),
         )
     return Path(out_path)
 
 
 def _int4(float_path: PathLike, calib: PathLike | None, out_path: PathLike, *, preprocess: bool = True,
-          batch_size: int = CALIB_BATCH_SIZE) -> Path:
+          batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None) -> Path:
     """MatMulNBitsQuantizer (RTN): 4-bit weight-only MatMulNBits, block 32, symmetric, accuracy_level 4."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    del calib, batch_size
+    del calib, batch_size, calib_stride
     with _prepared(float_path, preprocess) as src, _quiet_stdout():
         q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
                                  accuracy_level=INT4_ACCURACY_LEVEL)
@@ -277,9 +314,14 @@ BASELINES: dict[str, Builder] = {
     "ort-int4": _int4,
 }
 
-# Builders that keep every calibrated tensor of every calibration sample in memory (onnxruntime's
-# HistogramCalibrater): run them one at a time, ideally with `build_isolated`.
+# onnxruntime's HistogramCalibrater keeps the calibrated tensors of every sample in memory until the
+# data reader is exhausted (MiniLM, 256 sentences of 85 tokens: 6 GB peak for MatMul inputs, 13 GB for
+# all ops). Run these one at a time (`build_isolated`), or pass `calib_stride`.
 HISTOGRAM_CALIBRATED = frozenset(n for n in BASELINES if n.endswith(("-percentile", "-entropy")) or n == "ort-fp8")
+
+# Session config entries under which a QDQ model that fails onnxruntime's QDQ fusions (float8 Q/DQ
+# around MatMul -> QLinearMatMul, which has no float8 kernel) still loads at ENABLE_ALL.
+FALLBACK_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
 
 
 def _one_line(e: BaseException) -> str:
@@ -287,26 +329,43 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
-def check_loads(path: PathLike, config: str = "") -> None:
-    """Raise BaselineError unless `path` loads in onnxruntime's optimized CPU session (ENABLE_ALL)."""
-    from qcompile.backends.onnxruntime.session import make_session
+def _session(path: PathLike, session_config: dict[str, str] | None = None):
+    """onnxruntime CPU session at ENABLE_ALL, 1 thread (qcompile's validation settings)."""
+    import onnxruntime as ort
 
+    from qcompile.backends.onnxruntime.session import session_options
+
+    so = session_options("all")
+    for k, v in (session_config or {}).items():
+        so.add_session_config_entry(k, v)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def check_loads(path: PathLike, config: str = "", session_config: dict[str, str] | None = None) -> None:
+    """Raise BaselineError unless `path` loads in onnxruntime's optimized CPU session (ENABLE_ALL)."""
     try:
-        make_session(str(path), level="all")
+        _session(path, session_config)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/RuntimeException
         raise BaselineError(config or Path(path).name,
-                            f"the model does not load in onnxruntime (ENABLE_ALL): {_one_line(e)}") from None
+                            f"does not load in onnxruntime (ENABLE_ALL): {_one_line(e)}", path=path) from None
 
 
 def build(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
-          batch_size: int = CALIB_BATCH_SIZE, check: bool = True) -> Path:
-    """Build baseline `name` into `out_path`; any failure raises BaselineError naming `name`."""
+          batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None, check: bool = True) -> Path:
+    """Build baseline `name` into `out_path` and return it.
+
+    Any failure raises BaselineError naming `name`: `stage="build"` when onnxruntime's quantizer
+    fails, `stage="load"` when the model was written but does not load in onnxruntime's ENABLE_ALL
+    session (then `error.path` is the model, which a caller may still evaluate, e.g. with
+    `FALLBACK_SESSION_CONFIG`). `check=False` skips the load check.
+    """
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        BASELINES[name](float_path, calib, out_path, preprocess=preprocess, batch_size=batch_size)
+        BASELINES[name](float_path, calib, out_path, preprocess=preprocess, batch_size=batch_size,
+                        calib_stride=calib_stride)
     except MemoryError:
         raise BaselineError(name, "failed to build: out of memory") from None
     except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises anything from ValueError to bare Exception
@@ -325,13 +384,13 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 from qcompile.baselines import build, BaselineError
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-rec = {"config": a["name"]}
+rec = {"config": a.pop("name")}
 try:
-    rec["path"] = str(build(a["name"], a["float_path"], a["calib"], a["out_path"], preprocess=a["preprocess"],
-                            batch_size=a["batch_size"], check=a["check"]))
-    rec["error"] = None
+    rec["path"] = str(build(rec["config"], **a))
+    rec["error"] = rec["stage"] = None
 except BaselineError as e:
-    rec["path"], rec["error"] = None, e.reason
+    rec["path"] = str(e.path) if e.path else None
+    rec["error"], rec["stage"] = e.reason, e.stage
 rec["seconds"] = round(time.perf_counter() - t0, 3)
 rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 sys.stdout.write("\\n" + json.dumps(rec) + "\\n")
@@ -339,24 +398,28 @@ sys.stdout.write("\\n" + json.dumps(rec) + "\\n")
 
 
 def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
-                   batch_size: int = CALIB_BATCH_SIZE, check: bool = True, timeout: float | None = None) -> dict:
-    """`build` in a fresh Python process: one configuration's memory is returned when it ends.
+                   batch_size: int = CALIB_BATCH_SIZE, calib_stride: int | None = None, check: bool = True,
+                   timeout: float | None = None) -> dict:
+    """`build` in a fresh Python process, so that one configuration's memory is returned when it ends.
 
-    Returns {"config", "path" (None on failure), "error" (None, or the reason), "seconds" (wall
-    time of the build, without interpreter start-up), "peak_rss_bytes" (the child's peak RSS)}.
-    Never raises for a failed build; a crash (killed, out of memory, timeout) is an error too.
+    Returns {"config", "path", "error", "stage", "seconds", "peak_rss_bytes"}: `path` is the written
+    model or None; `error` is None or the reason; `stage` is None, "build" or "load" (see `build`);
+    `seconds` is the build's wall time (without interpreter start-up) and `peak_rss_bytes` the
+    child's peak RSS. Never raises for a failed configuration: a crash (killed, out of memory,
+    timeout) is recorded as a build error.
     """
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     args = {"name": name, "float_path": str(float_path), "calib": str(calib), "out_path": str(out_path),
-            "preprocess": preprocess, "batch_size": batch_size, "check": check}
+            "preprocess": preprocess, "batch_size": batch_size, "calib_stride": calib_stride, "check": check}
     t0 = time.perf_counter()
+    failed = {"config": name, "path": None, "stage": "build", "peak_rss_bytes": None}
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"config": name, "path": None, "error": f"failed to build: timed out after {timeout:g} s",
-                "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": None}
+        return {**failed, "error": f"failed to build: timed out after {timeout:g} s",
+                "seconds": round(time.perf_counter() - t0, 3)}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
@@ -364,27 +427,42 @@ def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: P
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
     if proc.returncode == -9:
         how += " (out of memory?)"
-    return {"config": name, "path": None, "error": f"failed to build: process {how}: {tail}".rstrip(": "),
-            "seconds": round(time.perf_counter() - t0, 3), "peak_rss_bytes": None}
+    return {**failed, "error": f"failed to build: process {how}: {tail}".rstrip(": "),
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, batch_size: int = 8) -> dict[str, dict]:
-    """Per-output metrics of `quant_path` against `float_path` on `eval_npz` (qcompile.validate.compare).
+def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, batch_size: int = 8,
+             session_config: dict[str, str] | None = None) -> dict[str, dict]:
+    """Per-output metrics of `quant_path` against `float_path` on `eval_npz`.
 
-    Both models run in onnxruntime's optimized CPU session (ENABLE_ALL, 1 thread). For each output:
+    The same metrics qcompile's validation reports (`qcompile.validate.compare`): for each output
     sqnr_db, cosine_mean, cosine_min, max_abs_err, samples, and top1_agreement / softmax_kl when the
-    output looks like class scores. The same function serves qcompile's models and the baselines.
+    output looks like class scores. Both models run in onnxruntime's optimized CPU session
+    (ENABLE_ALL, 1 thread), so qcompile's models and the baselines are measured alike.
+    `session_config` adds session config entries for the quantized model only (e.g.
+    `FALLBACK_SESSION_CONFIG` for a model that does not load otherwise); the metrics are then
+    accumulated with `qcompile.validate.OutputStats`, as `compare` does.
     """
     from qcompile.data import Dataset, InputInfo
     from qcompile.pipeline import load_model
-    from qcompile.validate import compare
+    from qcompile.validate import OutputStats, compare, looks_like_scores
 
-    f, q = load_model(float_path), load_model(quant_path)
-    return compare(f, q, Dataset(eval_npz, InputInfo.of_model(f)), batch_size)
+    f = load_model(float_path)
+    data = Dataset(eval_npz, InputInfo.of_model(f))
+    if not session_config:
+        return compare(f, load_model(quant_path), data, batch_size)
+    ref, test = _session(float_path), _session(quant_path, session_config)
+    outs = {o.name for o in test.get_outputs()}
+    stats = {v.name: OutputStats(scores=looks_like_scores(v)) for v in f.graph.outputs if v.name in outs}
+    names = list(stats)
+    for batch in data.batches(batch_size):
+        for name, r, o in zip(names, ref.run(names, batch), test.run(names, batch)):
+            stats[name].update(np.asarray(r), np.asarray(o))
+    return {name: s.summary() for name, s in stats.items()}
 
 
-__all__ = ["BASELINES", "HISTOGRAM_CALIBRATED", "BaselineError", "NpzDataReader", "build", "build_isolated",
-           "check_loads", "data_reader", "evaluate", "preprocess"]
+__all__ = ["BASELINES", "FALLBACK_SESSION_CONFIG", "HISTOGRAM_CALIBRATED", "BaselineError", "NpzDataReader", "build",
+           "build_isolated", "check_loads", "data_reader", "evaluate", "preprocess"]

@@ -129,12 +129,12 @@ def _hist_error(c: np.ndarray, w: np.ndarray, lo: float, hi: float, fmt, symmetr
 
 
 def _argmin_refined(cost, top: float) -> float:
-    """argmin of cost(t) over t in (0, top]: 120 geometric points over 4 decades, then 60 linear
-    points in the bracket around the best (a relative resolution of ~0.1%)."""
-    grid = np.geomspace(top * 1e-4, top, 120)
+    """argmin of cost(t) over t in (0, top]: 48 geometric points over 4 decades (21% apart), then
+    24 linear points in the bracket around the best (a relative resolution of ~2%)."""
+    grid = np.geomspace(top * 1e-4, top, 48)
     errs = [cost(t) for t in grid]
     i = int(np.argmin(errs))
-    fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 60)
+    fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 24)
     errs_f = [cost(t) for t in fine]
     return float(fine[int(np.argmin(errs_f))])
 
@@ -148,10 +148,10 @@ def _mse_symmetric(h: Histogram, fmt, lo: float, hi: float) -> tuple[float, floa
 
 
 def _mse_affine(h: Histogram, fmt: IntFormat, lo: float, hi: float) -> tuple[float, float]:
-    """Affine INT: coordinate descent on the two ends (each a refined 1-D search), three rounds."""
+    """Affine INT: coordinate descent on the two ends (each a refined 1-D search), two rounds."""
     c, w = _weighted_centers(h)
     a, b = min(lo, 0.0), max(hi, 0.0)
-    for _ in range(3):
+    for _ in range(2):
         if b > 0:
             b = _argmin_refined(lambda t: _hist_error(c, w, a, t, fmt, False), max(hi, 0.0))
         if a < 0:

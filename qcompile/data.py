@@ -79,7 +79,7 @@ class Dataset:
         return max(0, self.stop - self.start)
 
     def take(self, start: int, stop: int | None = None) -> Dataset:
-        d = object.__new__(Dataset)
+        d = object.__new__(type(self))
         d.__dict__.update(self.__dict__)
         d.start = self.start + start
         d.stop = self.stop if stop is None else min(self.stop, self.start + stop)

@@ -35,22 +35,11 @@ class QuantizedWeight:
     block_size: int | None
 
     def dequantize(self) -> np.ndarray:
-        s = _expand(self.scale, self.codes.shape, self.axis, self.block_size)
+        s = codec.expand_param(self.scale, self.codes.shape, self.axis, self.block_size)
         q = self.codes.astype(np.float32)
         if self.zero_point is not None:
-            q = q - _expand(self.zero_point, self.codes.shape, self.axis, self.block_size).astype(np.float32)
+            q = q - codec.expand_param(self.zero_point, self.codes.shape, self.axis, self.block_size).astype(np.float32)
         return q * s
-
-
-def _expand(p: np.ndarray, shape: tuple, axis: int | None, block: int | None) -> np.ndarray:
-    """Broadcast per-axis or blocked parameters to the full weight shape."""
-    if p.ndim == 0:
-        return p
-    if block is None:
-        view = [1] * len(shape)
-        view[axis] = -1
-        return p.reshape(view)
-    return np.repeat(p, block, axis=axis).take(np.arange(shape[axis]), axis=axis)
 
 
 def _grouped_amax(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int | None, int | None]:
@@ -80,7 +69,7 @@ def _fmt_top(fmt) -> float:
 def _group_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
     """Squared error of every group when its clip is `ratio` x amax."""
     s = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
-    err = (w - fake_quant(w, _expand(s, w.shape, axis, block), 0.0, fmt)) ** 2
+    err = (w - fake_quant(w, codec.expand_param(s, w.shape, axis, block), 0.0, fmt)) ** 2
     if axis is None:
         return np.asarray(err.sum())
     if block is None:
@@ -111,7 +100,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
             best = np.where(better, e, best)
             ratio = np.where(better, r, ratio)
     scale = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
-    full = _expand(scale, w.shape, axis, block)
+    full = codec.expand_param(scale, w.shape, axis, block)
     if isinstance(fmt, IntFormat):
         codes = codec.round_to_grid(w / full, fmt).astype(fmt.storage_dtype)
         zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)

@@ -127,7 +127,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     dq, w_scale = self._weight(graph, node, i, q, weight_cache)
                     node.replace_input_with(i, dq)
                 else:
-                    dq, s, _ = self._activation(graph, v, q.spec, act_cache)
+                    dq, s, _ = self._activation(graph, v, q.spec, act_cache, consumer=node.name)
                     node.replace_input_with(i, dq)
                     if q.spec.fmt.onnx_dtype in self.caps.shape_op_qdq_drop:
                         self._tie(graph, v, q.spec, act_cache)
@@ -174,8 +174,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         cache[key] = (dq.outputs[0], qw.scale)
         return cache[key]
 
-    def _activation(self, graph, v: ir.Value, spec: QuantSpec, cache) -> tuple[ir.Value, float, float]:
-        key = (v.name, spec)
+    def _activation(self, graph, v: ir.Value, spec: QuantSpec, cache, consumer: str | None = None) -> tuple[ir.Value, float, float]:
+        """Q/DQ of v with spec; one pair per quantized consumer (onnxruntime fuses a MatMul only when
+        its activation Q/DQ is its own), shared for shape-op ties and node outputs."""
+        key = (v.name, spec, consumer)
         if key in cache:
             return cache[key]
         fmt = spec.fmt

@@ -3,8 +3,8 @@
 Numerics are checked in onnxruntime at DISABLE_ALL, i.e. the ONNX Q/DQ semantics: the pass output
 for float8 is not yet lowered (tests/backends/test_lowering.py covers ENABLE_ALL). Floors are
 per-format output SQNR against the float graph on these seeded models, a few dB under the values
-measured when the test was written (in brackets), so a wrong scale, axis or zero point (which
-costs 10+ dB) fails while a new seed does not:
+measured when the test was written (in brackets in FLOORS), so a wrong scale, axis or zero point
+(which costs 10+ dB) fails while a new seed does not.
 """
 from __future__ import annotations
 
