@@ -143,7 +143,7 @@ def run_child(cmd: list[str], min_free_mb: float) -> dict:
             err.seek(0)
             lines = err.read().decode(errors="replace").strip().splitlines() or ["(no stderr)"]
             print("\n".join(lines[-15:]), file=sys.stderr)
-            raise ChildFailed(f"exit {proc.returncode}: {lines[-1][:160]}")
+            raise ChildFailed(f"exit {proc.returncode} after peaking at {usage.ru_maxrss / 1024:.0f} MB: {lines[-1][:120]}")
         out.seek(0)
         stdout = out.read().decode()
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "wall_s": wall, "stdout": stdout}

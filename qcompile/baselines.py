@@ -53,6 +53,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
 
 from qcompile.errors import QCompileError
 
@@ -86,14 +87,15 @@ class BaselineError(QCompileError):
 # --------------------------------------------------------------------------- data
 
 
-class NpzDataReader:
-    """A `CalibrationDataReader` streaming batches from one `.npz` (arrays keyed by input name).
+class NpzDataReader(CalibrationDataReader):
+    """Streams batches from one `.npz` (arrays keyed by input name, first axis = samples).
 
-    Batches are sliced from the arrays on demand. Batches have equal sizes (the largest divisor of
-    the number of samples in range that is <= `batch_size`): onnxruntime's histogram calibrators
-    stack the collected outputs with `np.asarray(list)`, which fails on a ragged last batch.
-    `set_range` lets onnxruntime's `CalibStridedMinMax` option calibrate in strides; `rewind`
-    starts over.
+    The input arrays are read once per pass (an `.npz` member cannot be memory-mapped) and yielded
+    batch by batch, cast to the model's input dtypes. Batches have equal sizes (the largest divisor
+    of the number of samples in range that is <= `batch_size`): onnxruntime's histogram
+    calibrators stack the collected outputs with `np.asarray(list)`, which fails on a ragged last
+    batch. `set_range` lets onnxruntime's `CalibStridedMinMax` option calibrate in strides;
+    `rewind` starts over.
     """
 
     def __init__(self, path: PathLike, input_names: list[str], batch_size: int = CALIB_BATCH_SIZE,
@@ -126,25 +128,17 @@ class NpzDataReader:
     def _batches(self) -> Iterator[dict]:
         with np.load(self.path) as z:
             arrays = {n: z[n] for n in self.input_names}  # npz members are read once, not per batch
-        n = len(self)
-        step = max(d for d in range(1, max(1, min(self.batch_size, n)) + 1) if n % d == 0) if n else 1
+        count = len(self)
+        step = max((d for d in range(1, min(self.batch_size, count) + 1) if count % d == 0), default=1)
         for s in range(self.start, self.stop, step):
-            yield {n: np.ascontiguousarray(a[s : min(s + step, self.stop)], dtype=self.dtypes.get(n, a.dtype))
-                   for n, a in arrays.items()}
+            yield {name: np.ascontiguousarray(a[s : s + step], dtype=self.dtypes.get(name, a.dtype))
+                   for name, a in arrays.items()}
 
     def get_next(self) -> dict | None:
         if self._it is None:
             self._it = self._batches()
         return next(self._it, None)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
 
 
 def _model_inputs(path: PathLike) -> tuple[list[str], dict[str, np.dtype]]:
@@ -379,9 +373,9 @@ def build(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, 
 
 
 _CHILD = """
-import json, resource, sys, time, logging
+import json, sys, time, logging
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-from qcompile.baselines import build, BaselineError
+from qcompile.baselines import build, BaselineError, peak_rss_bytes
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 rec = {"config": a.pop("name")}
@@ -392,9 +386,28 @@ except BaselineError as e:
     rec["path"] = str(e.path) if e.path else None
     rec["error"], rec["stage"] = e.reason, e.stage
 rec["seconds"] = round(time.perf_counter() - t0, 3)
-rec["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rec["peak_rss_bytes"] = peak_rss_bytes()
 sys.stdout.write("\\n" + json.dumps(rec) + "\\n")
 """
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since it started (or exec'd).
+
+    Linux's VmHWM, which starts afresh at exec; `getrusage`'s ru_maxrss would instead carry the
+    parent's RSS into a child started with fork + exec (it is preserved across execve).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: PathLike, *, preprocess: bool = True,
@@ -435,7 +448,7 @@ def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: P
 
 
 def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, batch_size: int = 8,
-             session_config: dict[str, str] | None = None) -> dict[str, dict]:
+             session_config: dict[str, str] | None = None, float_session=None) -> dict[str, dict]:
     """Per-output metrics of `quant_path` against `float_path` on `eval_npz`.
 
     The same metrics qcompile's validation reports (`qcompile.validate.compare`): for each output
@@ -444,7 +457,8 @@ def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, bat
     (ENABLE_ALL, 1 thread), so qcompile's models and the baselines are measured alike.
     `session_config` adds session config entries for the quantized model only (e.g.
     `FALLBACK_SESSION_CONFIG` for a model that does not load otherwise); the metrics are then
-    accumulated with `qcompile.validate.OutputStats`, as `compare` does.
+    accumulated with `qcompile.validate.OutputStats`, as `compare` does. `float_session` (an
+    onnxruntime session of `float_path`) saves rebuilding it when evaluating several models.
     """
     from qcompile.data import Dataset, InputInfo
     from qcompile.pipeline import load_model
@@ -453,8 +467,8 @@ def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, bat
     f = load_model(float_path)
     data = Dataset(eval_npz, InputInfo.of_model(f))
     if not session_config:
-        return compare(f, load_model(quant_path), data, batch_size)
-    ref, test = _session(float_path), _session(quant_path, session_config)
+        return compare(f, load_model(quant_path), data, batch_size, float_session=float_session)
+    ref, test = float_session or _session(float_path), _session(quant_path, session_config)
     outs = {o.name for o in test.get_outputs()}
     stats = {v.name: OutputStats(scores=looks_like_scores(v)) for v in f.graph.outputs if v.name in outs}
     names = list(stats)
@@ -465,4 +479,4 @@ def evaluate(float_path: PathLike, quant_path: PathLike, eval_npz: PathLike, bat
 
 
 __all__ = ["BASELINES", "FALLBACK_SESSION_CONFIG", "HISTOGRAM_CALIBRATED", "BaselineError", "NpzDataReader", "build",
-           "build_isolated", "check_loads", "data_reader", "evaluate", "preprocess"]
+           "build_isolated", "check_loads", "data_reader", "evaluate", "peak_rss_bytes", "preprocess"]

@@ -56,9 +56,7 @@ class Histogram:
             self.counts = np.zeros(self.bins, dtype=np.int64)
         while amax > self.radius:
             self._double()
-        idx = ((x + self.radius) * (self.bins / (2 * self.radius))).astype(np.int64)
-        np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        self.counts += np.histogram(x, self.bins, (-self.radius, self.radius))[0]
 
     def _double(self) -> None:
         """[-R, R] -> [-2R, 2R]: old bin pairs merge into the central half of the new bins."""

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -50,6 +51,9 @@ def _run(fn, verbose: bool):
     except KeyboardInterrupt:
         click.echo("qcompile: interrupted", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - the CLI must never show a bare traceback
         if verbose:
             traceback.print_exc()

@@ -1,6 +1,8 @@
 """Typed exceptions of the library. The CLI maps them to exit codes; the library never exits."""
 from __future__ import annotations
 
+import onnx_ir as ir
+
 
 class QCompileError(Exception):
     """Base class: a one-line, user-facing reason."""
@@ -16,8 +18,9 @@ class UnsupportedModelError(QCompileError):
     """The model is valid ONNX but there is nothing the target can do with it."""
 
 
-class PreconditionError(QCompileError):
-    """A pass cannot run on this model (its `requires` failed)."""
+class PreconditionError(QCompileError, ir.passes.PreconditionError):
+    """A pass cannot run on this model (its `requires` failed). Also an onnx_ir PreconditionError,
+    so the pass manager re-raises it as is instead of wrapping away the reason."""
 
 
 class ValidationFailed(QCompileError):

@@ -120,14 +120,19 @@ def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: 
     return plan.with_clips(clips)
 
 
-def smooth(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> QuantPlan:
-    """Per-channel activation maxima and sample rows from the calibration data, a per-value alpha
-    search (`choose_scales`), then SmoothQuantPass; returns the rewritten plan."""
+def smoothing_scales(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, list[float]]:
+    """SmoothQuant scales per activation: per-channel maxima and sample rows from the calibration
+    data, then a per-value search over candidate scales (`choose_scales`)."""
     names = sorted(smoothable(model.graph, plan))
     if not names:
-        return plan
+        return {}
     amax, rows = channel_stats(stream_values(model, names, data.batches(batch_size)), names)
-    p = SmoothQuantPass(plan, choose_scales(model.graph, plan, amax, rows))
+    return {k: v.tolist() for k, v in choose_scales(model.graph, plan, amax, rows).items()}
+
+
+def apply_smoothing(model: ir.Model, plan: QuantPlan) -> QuantPlan:
+    """Run SmoothQuantPass with the plan's scales; returns the plan naming the smoothed graph."""
+    p = SmoothQuantPass(plan, {k: np.asarray(v, dtype=np.float32) for k, v in plan.smoothing.items()})
     p(model)
     return p.new_plan
 
@@ -228,7 +233,8 @@ def compile(
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
 
-    if plan is None:
+    replay = plan is not None
+    if not replay:
         plan = stages.run("plan", make_plan, m, tgt, options)
     else:
         graph_nodes = {n.name for n in m.graph}
@@ -238,18 +244,20 @@ def compile(
     if not plan.nodes:
         raise UnsupportedModelError(f"nothing to quantize for target {tgt.name}: the model has no quantizable op "
                                     "(Conv, ConvTranspose, MatMul, Gemm with float inputs)")
-    if tgt.smooth:
-        plan = stages.run("SmoothQuantPass", smooth, m, plan, calib_ds, batch_size)
-    plan = stages.run("calibrate", calibrate_plan, m, plan, calib_ds, batch_size, progress, caps)
-    act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, plan, eval_ds, batch_size) if validate else {}
+    if tgt.smooth and not replay:
+        plan.smoothing = stages.run("smoothing-search", smoothing_scales, m, plan, calib_ds, batch_size)
+    work = stages.run("SmoothQuantPass", apply_smoothing, m, plan) if plan.smoothing else plan
+    work = stages.run("calibrate", calibrate_plan, m, work, calib_ds, batch_size, progress, caps)
+    plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
+    act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, work, eval_ds, batch_size) if validate else {}
 
-    insert = InsertQDQPass(plan, caps)
+    insert = InsertQDQPass(work, caps)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)
 
-    layers = _layer_table(plan, insert, act_sqnr)
+    layers = _layer_table(work, insert, act_sqnr)
     report = {
         "schema": REPORT_SCHEMA,
         "qcompile": __version__,

@@ -167,10 +167,16 @@ class NodePlan:
 
 @dataclass
 class QuantPlan:
-    """Node name -> NodePlan, plus the target it was made for."""
+    """Node name -> NodePlan, plus the target it was made for.
+
+    smoothing: activation value -> per-channel SmoothQuant scales s (X W = (X/s)(sW)), applied
+    before calibration; node entries name the values of the *unsmoothed* graph, so a saved plan
+    replays on the original model.
+    """
 
     target: str
     nodes: dict[str, NodePlan] = field(default_factory=dict)
+    smoothing: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -197,17 +203,34 @@ class QuantPlan:
             name: NodePlan(n.op_type, {i: fill(q) for i, q in n.inputs.items()}, fill(n.output), n.bias)
             for name, n in self.nodes.items()
         }
-        return QuantPlan(self.target, nodes)
+        return QuantPlan(self.target, nodes, self.smoothing)
+
+    def with_specs_of(self, other: QuantPlan) -> QuantPlan:
+        """A copy keeping this plan's value names but taking every spec from `other` (same nodes)."""
+
+        def take(q: InputQuant | None, o: InputQuant | None) -> InputQuant | None:
+            return q if q is None or o is None else dataclasses.replace(q, spec=o.spec)
+
+        nodes = {}
+        for name, n in self.nodes.items():
+            o = other.nodes.get(name, n)
+            nodes[name] = NodePlan(n.op_type, {i: take(q, o.inputs.get(i)) for i, q in n.inputs.items()},
+                                   take(n.output, o.output), n.bias)
+        return QuantPlan(self.target, nodes, self.smoothing)
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "target": self.target, "nodes": {k: v.to_json() for k, v in self.nodes.items()}}
+        d = {"schema": SCHEMA, "target": self.target, "nodes": {k: v.to_json() for k, v in self.nodes.items()}}
+        if self.smoothing:
+            d["smoothing"] = {k: [float(x) for x in v] for k, v in self.smoothing.items()}
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> QuantPlan:
         if d.get("schema") != SCHEMA:
             raise InputError(f"plan: schema {d.get('schema')!r} is not {SCHEMA!r}")
         try:
-            return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()})
+            return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()},
+                       smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()})
         except KeyError as e:
             raise InputError(f"plan: missing or unknown key {e}") from None
 

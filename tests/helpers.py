@@ -93,6 +93,25 @@ def rel_err(test, ref) -> float:
     return float(np.linalg.norm(np.asarray(test, dtype=np.float64) - ref) / np.linalg.norm(ref))
 
 
+def assert_close_up_to_flips(got, ref, *, rtol: float, max_flipped: int, flip_bound: float, what: str = "") -> None:
+    """Per sample (first axis): ||got - ref|| / ||ref|| <= rtol, and elementwise allclose(rtol), except
+    for at most `max_flipped` samples whose relative error is still < `flip_bound`.
+
+    For quantized models compared across kernels or a numpy reference: a pre-quantization value that
+    lands within float32 noise of a rounding midpoint flips one code by one step, which moves one
+    sample by far more than rtol but far less than any real defect (see test_lowering.py).
+    """
+    n = ref.shape[0]
+    g = np.asarray(got, dtype=np.float64).reshape(n, -1)
+    r = np.asarray(ref, dtype=np.float64).reshape(n, -1)
+    per_sample = np.linalg.norm(g - r, axis=1) / np.maximum(np.linalg.norm(r, axis=1), 1e-30)
+    flipped = np.flatnonzero(per_sample > rtol)
+    assert flipped.size <= max_flipped, f"{what}: {flipped.size} samples differ by > {rtol} (worst {per_sample.max():.2e})"
+    assert per_sample.max() < flip_bound, f"{what}: a sample differs by {per_sample.max():.2e} >= {flip_bound}"
+    ok = np.setdiff1d(np.arange(n), flipped)
+    np.testing.assert_allclose(g[ok], r[ok], rtol=rtol, atol=rtol * float(np.abs(r).max()), err_msg=what)
+
+
 def sha256(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

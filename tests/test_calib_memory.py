@@ -68,7 +68,7 @@ def _ratio(result: dict, tool: str) -> float:
 
 
 def test_qcompile_calibration_memory_is_flat(result):
-    # 8x more samples. Measured ratio: 1.03 (qcompile streams batches into fixed-size
+    # 8x more samples. Measured ratio: 0.98-1.03 (qcompile streams batches into fixed-size
     # histograms; SmoothQuant's scoring sample is capped at 2048 rows, reached at 64 samples).
     rows = [r for r in result["rows"] if r["tool"] == "qcompile"]
     assert [r["calibrated_samples"] for r in rows] == [FEW, MANY]

@@ -41,7 +41,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             b = conv.inputs[2].const_value.numpy().astype(np.float64) if len(conv.inputs) > 2 and conv.inputs[2] is not None else np.zeros(cout)
             new_w = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
             new_b = ((b - mean) * k + beta).astype(np.float32)
-            wv = ir.Value(name=f"{conv.inputs[1].name}_bnfold", const_value=ir.tensor(new_w, name=f"{conv.inputs[1].name}_bnfold"))
+            wname = f"{conv.inputs[1].name}_bnfold_{conv.name}"
+            wv = ir.Value(name=wname, const_value=ir.tensor(new_w, name=wname))
             bv = ir.Value(name=f"{conv.name}_bias_bnfold", const_value=ir.tensor(new_b, name=f"{conv.name}_bias_bnfold"))
             for v in (wv, bv):
                 v.dtype, v.shape = ir.DataType.FLOAT, ir.Shape(v.const_value.shape)
@@ -50,12 +51,16 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 conv.resize_inputs(3)
             conv.replace_input_with(1, wv)
             conv.replace_input_with(2, bv)
-            bn.outputs[0].replace_all_uses_with(conv.outputs[0])
-            if bn.outputs[0].is_graph_output():
-                idx = graph.outputs.index(bn.outputs[0])
-                name = bn.outputs[0].name
-                graph.outputs[idx] = conv.outputs[0]
-                conv.outputs[0].name = name
+            name = bn.outputs[0].name
+            was_output = bn.outputs[0].is_graph_output()
+            bn.outputs[0].replace_all_uses_with(conv.outputs[0], replace_graph_outputs=True)
+            if was_output:
+                old = bn.outputs[0]
+                old.name = None
+                out = conv.outputs[0]
+                out.name = name  # the graph output keeps its name (and its declared type)
+                out.dtype = out.dtype or old.dtype
+                out.shape = out.shape or old.shape
             graph.remove(bn, safe=True)
             folded += 1
         if folded:

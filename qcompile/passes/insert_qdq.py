@@ -208,8 +208,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _output(self, graph, q: InputQuant, cache) -> int:
         v = next((o for n in graph for o in n.outputs if o.name == q.value), None)
-        if v is None:
-            return 0
+        if v is None or any(u.node.op_type == "QuantizeLinear" for u in v.uses()):
+            return 0  # absent, or already quantized (second run)
         dq, _, _ = self._activation(graph, v, q.spec, cache)
         moved = 0
         for use in list(v.uses()):

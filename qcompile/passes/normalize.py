@@ -39,25 +39,37 @@ class NormalizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         opset = model.opset_imports.get("", 1)
+        modified = False
         if opset < self.min_opset:
             log.info("upgrading opset %d -> %d", opset, self.min_opset)
             onnxscript.version_converter.convert_version(model, self.min_opset)
             if model.opset_imports.get("") != self.min_opset:
                 raise PreconditionError(f"could not upgrade opset {opset} to {self.min_opset}")
-        common.NameFixPass()(model)
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 24, output_size_limit=1 << 24)
-        common.RemoveUnusedNodesPass()(model)
-        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+            modified = True
+        lift = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
+        for p in (common.NameFixPass(), lift):
+            modified |= p(model).modified
+        modified |= onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 24, output_size_limit=1 << 24).modified
+        for p in (common.RemoveUnusedNodesPass(), lift):
+            modified |= p(model).modified
+        before = _type_signature(model.graph)
         common.ShapeInferencePass()(model)
-        _name_nodes(model.graph)
-        return ir.passes.PassResult(model, modified=True)
+        modified |= _type_signature(model.graph) != before
+        modified |= _name_nodes(model.graph)
+        return ir.passes.PassResult(model, modified=modified)
 
 
-def _name_nodes(graph: ir.Graph) -> None:
-    """Unique, stable names for unnamed or duplicate nodes: `<op_type>_<index>`."""
+def _type_signature(graph: ir.Graph) -> list:
+    return [(o.dtype, None if o.shape is None else tuple(str(d) for d in o.shape)) for n in graph for o in n.outputs]
+
+
+def _name_nodes(graph: ir.Graph) -> bool:
+    """Unique, stable names for unnamed or duplicate nodes: `<op_type>_<index>`. True if any renamed."""
     seen: set[str] = set()
+    renamed = False
     for i, node in enumerate(graph):
         if not node.name or node.name in seen:
             node.name = f"{node.op_type}_{i}"
+            renamed = True
         seen.add(node.name)
+    return renamed

@@ -17,11 +17,11 @@ Before:  y_c = MatMul(x, W_c)
 After:   y_c = MatMul(Mul(x, 1/s), W'_c),  W'_c = diag(s) W_c  (a new initializer; W_c is never
          modified in place, another node may share it)
 
-When x comes from LayerNormalization (or a Mul by a constant per-channel gain, as in decomposed
-RMSNorm) and every consumer of x is smoothed, 1/s is folded into that gain (and bias) instead of
-inserting a Mul. Per-channel maxima come from a calibration pass (`channel_absmax`). The plan is
-rewritten to name the smoothed activation and weights, with the activation's clip cleared so it
-is calibrated after smoothing. Exact in float: the float output changes only by rounding.
+When x is used only by the smoothed consumers, 1/s is folded into its producers instead of
+inserting a Mul: through Relu and bias Adds into a LayerNormalization gain, a per-channel Mul
+(decomposed RMSNorm), or the output columns of a MatMul/Gemm (`_plan_fold`). This keeps Relu
+right before the quantizer, so onnxruntime still folds it into an integer kernel. Per-channel maxima come from a calibration pass (`channel_absmax`). The plan is
+rewritten to name the smoothed activation and weights (`new_plan`); calibration runs after it. Exact in float: the float output changes only by rounding.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.plan import InputQuant, QuantPlan
+from qcompile.plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def smoothable(graph: ir.Graph, plan: QuantPlan) -> dict[str, list[str]]:
 
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.75)
-OUTLIER_QUANTILES = (0.5, 0.9, 0.97, 0.99)
+OUTLIER_QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.97, 0.99, 0.995)
 
 
 def smoothing_scales(amax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -94,52 +94,62 @@ def outlier_scales(amax: np.ndarray, quantile: float) -> np.ndarray:
     return np.clip(np.where(t > 0, np.maximum(1.0, amax / max(t, 1e-12)), 1.0), 1.0, 1e5).astype(np.float32)
 
 
-def candidate_scales(amax: np.ndarray, wmax: np.ndarray) -> list[np.ndarray]:
-    return [smoothing_scales(amax, wmax, a) for a in ALPHAS] + [outlier_scales(amax, q) for q in OUTLIER_QUANTILES]
+def candidate_rules(wmax: np.ndarray) -> list:
+    """Candidate rules amax -> s: SmoothQuant per alpha, then outlier-only per quantile."""
+    return [lambda a, al=al: smoothing_scales(a, wmax, al) for al in ALPHAS] + [
+        lambda a, q=q: outlier_scales(a, q) for q in OUTLIER_QUANTILES
+    ]
 
 
 def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
                   rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per activation, the best candidate scales, or nothing when none beats plain quantization."""
+    """Per activation, the best candidate scales, or nothing when none beats plain quantization.
+
+    The sample rows are split in two: candidate scales and the activation clip are fitted on
+    one half and scored on the other, so a rule that only fits the sample's own extremes (iid
+    data has no outlier channels) does not win; the chosen rule is then applied to the maxima of
+    the whole calibration set.
+    """
     from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
     from qcompile.weights import quantize_weight
 
     nodes = {n.name: n for n in graph}
     out = {}
     for value, consumers in smoothable(graph, plan).items():
-        if value not in amax or value not in rows:
+        if value not in amax or value not in rows or rows[value].shape[0] < 4:
             continue
-        x = rows[value].astype(np.float32)
+        fit, test = rows[value][0::2].astype(np.float32), rows[value][1::2].astype(np.float32)
         ws = [_weight_rows(nodes[c]) for c in consumers]
-        if any(w.shape[0] != x.shape[1] for w in ws):
+        if any(w.shape[0] != fit.shape[1] for w in ws):
             continue
         aspec = plan.nodes[consumers[0]].inputs[0].spec
         wspecs = [plan.nodes[c].inputs[1].spec for c in consumers]
-        refs = [x @ w for w in ws]
+        refs = [test @ w for w in ws]
         wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+        fit_amax = np.abs(fit).max(axis=0)
 
         def error(s: np.ndarray | None) -> float:
-            xs = x if s is None else x / s
+            s = np.ones(fit.shape[1], np.float32) if s is None else s
             h = Histogram()
-            h.update(xs)
+            h.update(fit / s)
             sc, zp = qparams_from_clip(*choose_clip(h, aspec.format, aspec.symmetric, aspec.method), aspec.fmt, aspec.symmetric)
-            xq = fake_quant(xs, sc, zp, aspec.fmt).astype(np.float32)
+            xq = fake_quant(test / s, sc, zp, aspec.fmt).astype(np.float32)
             err = 0.0
             for w, ref, node, spec in zip(ws, refs, consumers, wspecs):
-                ws_ = w if s is None else w * s[:, None]
                 gemm_t = nodes[node].op_type == "Gemm" and _trans_b(nodes[node])
+                ws_ = w * s[:, None]
                 q = quantize_weight(ws_.T if gemm_t else ws_, spec).dequantize()
                 err += float(np.sum((ref - xq @ (q.T if gemm_t else q)) ** 2))
             return err
 
-        best, best_s = error(None), None
-        for s in candidate_scales(amax[value], wmax):
-            e = error(s)
+        best, best_rule = error(None), None
+        for rule in candidate_rules(wmax):
+            e = error(rule(fit_amax))
             if e < best:
-                best, best_s = e, s
-        log.debug("smoothing %s: %s", value, "off" if best_s is None else "on")
-        if best_s is not None:
-            out[value] = best_s
+                best, best_rule = e, rule
+        log.debug("smoothing %s: %s", value, "off" if best_rule is None else "on")
+        if best_rule is not None:
+            out[value] = best_rule(amax[value])
     return out
 
 
@@ -163,14 +173,15 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         graph = model.graph
         nodes = {n.name: n for n in graph}
         values = {o.name: o for n in graph for o in n.outputs} | {v.name: v for v in graph.inputs}
-        plan = QuantPlan(self.plan.target, {k: dataclasses.replace(v, inputs=dict(v.inputs)) for k, v in self.plan.nodes.items()})
+        plan = QuantPlan(self.plan.target, {k: dataclasses.replace(v, inputs=dict(v.inputs)) for k, v in self.plan.nodes.items()},
+                         self.plan.smoothing)
         changed = 0
         for value, consumers in smoothable(graph, self.plan).items():
             s = self.scales.get(value)
             x = values.get(value)
             if s is None or x is None:
                 continue
-            smoothed = self._fold_into_gain(graph, x, consumers, s) or self._insert_mul(graph, x, consumers, s, nodes)
+            smoothed = self._fold_backward(graph, x, consumers, s) or self._insert_mul(graph, x, consumers, s, nodes)
             for c in consumers:
                 node = nodes[c]
                 w = node.inputs[1]
@@ -180,11 +191,14 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 nv.dtype, nv.shape = ir.DataType.FLOAT, ir.Shape(new.shape)
                 graph.register_initializer(nv)
                 node.replace_input_with(1, nv)
-                p = plan.nodes[c]
-                p.inputs[0] = InputQuant(smoothed.name, "activation", dataclasses.replace(p.inputs[0].spec, clip=None))
-                p.inputs[1] = InputQuant(nv.name, "weight", p.inputs[1].spec)
             changed += 1
         if changed:
+            # Folding may have replaced weights of other planned nodes too: re-read every name.
+            for name, np_ in plan.nodes.items():
+                for i, q in np_.inputs.items():
+                    current = nodes[name].inputs[i]
+                    if current is not None and current.name != q.value:
+                        np_.inputs[i] = dataclasses.replace(q, value=current.name)
             for name, v in list(graph.initializers.items()):
                 if not v.uses() and not v.is_graph_output():
                     del graph.initializers[name]
@@ -204,33 +218,90 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         graph.sort()
         return mul.outputs[0]
 
-    def _fold_into_gain(self, graph, x: ir.Value, consumers: list[str], s: np.ndarray) -> ir.Value | None:
-        """Scale the gain (and bias) of a LayerNormalization / per-channel Mul producing x."""
-        p = x.producer()
-        if p is None or x.is_graph_output() or {u.node.name for u in x.uses()} != set(consumers):
+    def _fold_backward(self, graph, x: ir.Value, consumers: list[str], s: np.ndarray) -> ir.Value | None:
+        """Divide channel j of x by s_j inside its producers instead of inserting a Mul.
+
+        Walks up while each value is used only on the way: Relu(z)/s = Relu(z/s) (s > 0),
+        (y + b)/s = y/s + b/s; and stops at a producer whose per-channel constants absorb 1/s:
+        LayerNormalization (gain, bias), Mul by a per-channel constant, MatMul/Gemm with constant
+        weights (output columns, and Gemm's bias). All edits create new initializers; nothing is
+        changed unless the whole walk succeeds.
+        """
+        if x.is_graph_output() or {u.node.name for u in x.uses()} != set(consumers):
             return None
-        if p.op_type == "LayerNormalization":
-            idx = [1, 2]
-        elif p.op_type == "Mul":
-            idx = [i for i in (0, 1) if p.inputs[i] is not None and p.inputs[i].const_value is not None][:1]
-        else:
+        edits = _plan_fold(x, s)
+        if edits is None:
             return None
-        params = [p.inputs[i] for i in idx if i < len(p.inputs) and p.inputs[i] is not None]
-        if not params or any(v.const_value is None or v.const_value.numpy().shape[-1:] != s.shape for v in params):
-            return None
-        for i in idx:
-            v = p.inputs[i] if i < len(p.inputs) else None
-            if v is None:
-                continue
-            new = (v.const_value.numpy() / s).astype(np.float32)
-            nv = ir.Value(name=f"{v.name}_smooth", const_value=ir.tensor(new, name=f"{v.name}_smooth"))
-            nv.dtype, nv.shape = ir.DataType.FLOAT, ir.Shape(new.shape)
+        for node, idx, arr in edits:
+            old = node.inputs[idx]
+            name = f"{old.name}_smooth_{node.name}"
+            nv = ir.Value(name=name, const_value=ir.tensor(arr.astype(np.float32), name=name))
+            nv.dtype, nv.shape = ir.DataType.FLOAT, ir.Shape(arr.shape)
             graph.register_initializer(nv)
-            p.replace_input_with(i, nv)
+            node.replace_input_with(idx, nv)
         return x
 
 
-def channel_stats(values_stream, names: list[str], max_rows: int = 1024) -> tuple[dict, dict]:
+def _per_channel(v: ir.Value | None, k: int) -> np.ndarray | None:
+    if v is None or v.const_value is None:
+        return None
+    a = v.const_value.numpy()
+    return a if a.size == k and a.shape[-1:] == (k,) else None
+
+
+def _plan_fold(x: ir.Value, s: np.ndarray) -> list[tuple[ir.Node, int, np.ndarray]] | None:
+    """The constant edits that divide channel j of x by s_j (see `_fold_backward`), or None."""
+    k = s.size
+    edits: list[tuple[ir.Node, int, np.ndarray]] = []
+    v = x
+    while True:
+        p = v.producer()
+        if p is None or p.domain != "":
+            return None
+        op = p.op_type
+        if op == "Relu":
+            v = p.inputs[0]
+            if v is None or len(v.uses()) != 1 or v.is_graph_output():
+                return None
+            continue
+        if op == "LayerNormalization":
+            gains = [(i, _per_channel(p.inputs[i] if i < len(p.inputs) else None, k)) for i in (1, 2)]
+            if gains[0][1] is None:
+                return None
+            return edits + [(p, i, g / s) for i, g in gains if g is not None]
+        if op in ("Mul", "Add"):
+            ci = next((i for i in (0, 1) if _per_channel(p.inputs[i], k) is not None), None)
+            if ci is None:
+                return None
+            edits.append((p, ci, _per_channel(p.inputs[ci], k) / s))
+            if op == "Mul":
+                return edits
+            v = p.inputs[1 - ci]
+            if v is None or v.const_value is not None or len(v.uses()) != 1 or v.is_graph_output():
+                return None
+            continue
+        if op == "MatMul" and p.inputs[1] is not None and p.inputs[1].const_value is not None:
+            w = p.inputs[1].const_value.numpy()
+            if w.ndim != 2 or w.shape[1] != k:
+                return None
+            return edits + [(p, 1, w / s[None, :])]
+        if op == "Gemm" and p.inputs[1] is not None and p.inputs[1].const_value is not None:
+            w = p.inputs[1].const_value.numpy()
+            trans = _trans_b(p)
+            if (w.shape[0] if trans else w.shape[1]) != k:
+                return None
+            edits.append((p, 1, w / s[:, None] if trans else w / s[None, :]))
+            c = p.inputs[2] if len(p.inputs) > 2 else None
+            if c is not None:
+                cc = _per_channel(c, k)
+                if cc is None:
+                    return None
+                edits.append((p, 2, cc / s))
+            return edits
+        return None
+
+
+def channel_stats(values_stream, names: list[str], max_rows: int = 2048) -> tuple[dict, dict]:
     """Over a stream of {name: array}: max |x| per last-axis channel (all batches), and the first
     `max_rows` rows of each value (for scoring alphas). Memory is bounded by max_rows."""
     amax: dict[str, np.ndarray] = {}

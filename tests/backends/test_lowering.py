@@ -8,7 +8,7 @@ fusions to break. Tolerances:
   float32 summation order at ENABLE_ALL (rtol 1e-5);
 - ENABLE_ALL vs DISABLE_ALL of a compiled fp8 model, and against a numpy simulation from
   qcompile.codec: rtol 1e-5 (only float32 summation order differs between kernels; measured
-  <= 1e-7 relative).
+  <= 1e-7 relative), up to isolated rounding flips (see "Rounding flips" below).
 """
 from __future__ import annotations
 
@@ -84,10 +84,6 @@ def _assert_lowered_equal(model, proto):
         np.testing.assert_allclose(y, y_ref, rtol=RTOL, atol=RTOL * float(np.abs(y_ref).max()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG lowering.py LowerForOnnxruntimePass._unsafe reads the float8 type from the "
-                   "QuantizeLinear *output value's* inferred dtype; on a Q/DQ graph without value_info (types not "
-                   "inferred) it lowers nothing and the model still fails to load at ENABLE_ALL. The type is known "
-                   "from the zero point (or output_dtype)")
 def test_untyped_fp8_qdq_is_lowered():
     model = ir.from_proto(_fp8_qdq_matmul(typed=False))
     assert LowerForOnnxruntimePass(CAPABILITIES)(model).modified
@@ -145,6 +141,21 @@ def test_constant_fp8_quantizer_is_not_lowered():
 
 
 # --- the FP8 emission end to end ----------------------------------------------------------------
+# Rounding flips. ENABLE_ALL fuses float ops upstream of a quantizer (MatMul+Add -> Gemm, MatMul*c ->
+# FusedMatMul), which changes float32 summation order by an ulp or two. When a pre-quantization value
+# x/s sits within those ulps of a rounding midpoint, the fp8 code flips by one step; in the attention
+# block that moves one token row of the output by ~1e-4..1e-2 relative. No emission can avoid it, so
+# the end-to-end checks are:
+# - every quantized fp8 code is the same at both levels, except near-midpoint values (|x/s| within
+#   1e-5 relative of a rounding boundary), and then only by one grid step: the emission has the Q/DQ
+#   semantics at ENABLE_ALL (ReluQuantFusion-like bugs change thousands of codes, far from midpoints);
+# - outputs agree within rtol 1e-5 per sample, for all samples but at most MAX_FLIPPED (1 of 64) whose
+#   relative error stays under FLIP_BOUND (one code step of one element is << 1e-2 of a sample's norm).
+MAX_FLIPPED = 1
+FLIP_BOUND = 1e-2
+NEAR_TIE = 1e-5
+
+
 @pytest.fixture(scope="module")
 def fp8_compiled():
     out = {}
@@ -156,6 +167,25 @@ def fp8_compiled():
     return out
 
 
+def _assert_same_up_to_flips(got, ref, what):
+    helpers.assert_close_up_to_flips(got, ref, rtol=RTOL, max_flipped=MAX_FLIPPED, flip_bound=FLIP_BOUND, what=what)
+
+
+def _quantizer_probes(model: ir.Model) -> tuple[onnx.ModelProto, list[tuple[str, str, int]]]:
+    """The model with every lowered fp8 quantizer exposed: (x/s value, fp8-grid value, fp8 type)."""
+    proto = ir.to_proto(model)
+    prod = {o: n for n in proto.graph.node for o in n.output}
+    probes = []
+    for n in proto.graph.node:
+        to = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}.get("to")
+        src = prod.get(n.input[0]) if n.op_type == "Cast" else None
+        if to == T.FLOAT and src is not None and src.op_type == "Cast":
+            probes.append((src.input[0], n.output[0], {a.name: onnx.helper.get_attribute_value(a) for a in src.attribute}["to"]))
+    for pre, grid, _ in probes:
+        proto.graph.output.extend([h.make_tensor_value_info(pre, T.FLOAT, None), h.make_tensor_value_info(grid, T.FLOAT, None)])
+    return proto, probes
+
+
 @pytest.mark.parametrize("name", ["mlp", "attention"])
 def test_fp8_emission_loads_at_enable_all_and_equals_disable_all(fp8_compiled, name):
     _, r, feeds = fp8_compiled[name]
@@ -164,7 +194,24 @@ def test_fp8_emission_loads_at_enable_all_and_equals_disable_all(fp8_compiled, n
     assert ops["DequantizeLinear"] > 0, "fp8 weights stay 1 byte per element"
     a = helpers.run(r.model, feeds, "all")[0]
     d = helpers.run(r.model, feeds, "disable")[0]
-    np.testing.assert_allclose(a, d, rtol=RTOL, atol=RTOL * float(np.abs(d).max()))
+    _assert_same_up_to_flips(a, d, f"{name}: ENABLE_ALL vs DISABLE_ALL")
+
+    proto, probes = _quantizer_probes(r.model)
+    assert len(probes) >= len(r.plan.activation_specs()), "every planned fp8 activation is a lowered quantizer"
+    names = [o.name for o in proto.graph.output]
+    at = dict(zip(names, helpers.run(proto, feeds, "all")))
+    dis = dict(zip(names, helpers.run(proto, feeds, "disable")))
+    fmt = parse_format("e4m3fn")
+    for pre, grid, to in probes:
+        assert to == T.FLOAT8E4M3FN
+        diff = at[grid] != dis[grid]
+        if not diff.any():
+            continue
+        v = dis[pre][diff].astype(np.float64)
+        lo, hi = codec.round_to_grid(v * (1 - NEAR_TIE), fmt), codec.round_to_grid(v * (1 + NEAR_TIE), fmt)
+        assert (lo != hi).all(), f"{grid}: an fp8 code changed at ENABLE_ALL for a value far from a rounding midpoint"
+        assert ((at[grid][diff] == lo) | (at[grid][diff] == hi)).all(), f"{grid}: a code moved by more than one step"
+        assert diff.mean() < 1e-3, f"{grid}: {diff.sum()} codes changed"
 
 
 def _simulate(name, proto, plan, x):
@@ -173,7 +220,6 @@ def _simulate(name, proto, plan, x):
     fmt = parse_format("e4m3fn")
     W = {i.name: nh.to_array(i) for i in proto.graph.initializer}
     clips = {q.value: q.spec.clip for n in plan.nodes.values() for q in n.inputs.values() if q.role == "activation"}
-
     def act(v, name_):
         lo, hi = clips[name_]
         s = np.float32(max(abs(lo), abs(hi)) / fmt.max)
@@ -212,6 +258,5 @@ def test_fp8_emission_matches_numpy_simulation(fp8_compiled, name):
     expected_acts = {"mlp": {"x", "h2"}, "attention": {"xn", "qh", "kh", "p", "vh", "o2"}}[name]
     assert set(r.plan.activation_specs()) == expected_acts, "the simulation mirrors the plan"
     ref = _simulate(name, proto, r.plan, feeds["x"])
-    got = helpers.run(r.model, feeds, "all")[0]
-    assert helpers.rel_err(got, ref) < RTOL
-    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))
+    for level in ("all", "disable"):
+        _assert_same_up_to_flips(helpers.run(r.model, feeds, level)[0], ref, f"{name}: {level} vs numpy simulation")

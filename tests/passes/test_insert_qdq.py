@@ -34,12 +34,12 @@ D = ir.DataType
 
 # target -> SQNR floor (dB) of the Q/DQ model against float, MLP / CNN / attention
 FLOORS = {
-    "int8": 35.0,      # 8-bit activations + per-channel weights, no SmoothQuant at this level [38.6 / 41.3 / 40.7]
-    "a16w8": 38.0,     # int16 activations add ~nothing: per-channel int8 weights alone [42.2 / 43.7 / 48.4]
-    "w8": 38.0,        # weight-only int8, float activations [42.4 / 43.7 / 49.1]
-    "w4": 15.0,        # 4-bit weights: ~24 dB less than int8 [18.7 / 16.5 / 24.8]
-    "fp8": 24.0,       # E4M3: 3 mantissa bits, ~31 dB per tensor, compounded over 2-6 layers [25.9 / 25.7 / 31.0]
-    "fp8-e5m2": 18.0,  # E5M2: one mantissa bit fewer, ~6 dB under E4M3 [20.6 / 19.4 / 24.9]
+    "int8": 35.0,      # 8-bit activations + per-channel weights, no SmoothQuant at this level [39.3 / 41.4 / 41.2]
+    "a16w8": 38.0,     # int16 activations add ~nothing: per-channel int8 weights alone [42.5 / 43.7 / 48.7]
+    "w8": 38.0,        # weight-only int8, float activations [42.5 / 43.7 / 49.1]
+    "w4": 15.0,        # 4-bit weights: ~24 dB less than int8 [18.9 / 16.4 / 24.8]
+    "fp8": 24.0,       # E4M3: 3 mantissa bits, ~31 dB per tensor, compounded over 2-6 layers [25.4 / 26.2 / 31.1]
+    "fp8-e5m2": 18.0,  # E5M2: one mantissa bit fewer, ~6 dB under E4M3 [20.8 / 19.6 / 25.0]
 }
 MODELS = ["mlp", "cnn", "attention"]
 
@@ -133,7 +133,9 @@ def test_structure_int8_mlp_matches_numpy_simulation():
     b2 = np.rint(W["b2"] / bscale) * bscale
     ref = hq @ w2.T + b2
     got = helpers.run(model, {"x": x}, "disable")[0]
-    assert helpers.rel_err(got, ref) < 1e-5
+    # 1e-5 per sample, up to one sample with an int8 rounding flip (an h2 value within float32
+    # noise of a rounding midpoint moves one code by one step: ~1e-3 of that sample)
+    helpers.assert_close_up_to_flips(got, ref, rtol=1e-5, max_flipped=1, flip_bound=1e-2, what="int8 mlp vs numpy")
 
 
 def test_other_consumers_keep_the_float_value():
@@ -275,16 +277,10 @@ def test_plan_for_missing_node_changes_nothing():
 
 
 # --- contract on the tiny models ----------------------------------------------------------------
-_CONV_OUTPUT_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG insert_qdq.py InsertQDQPass._output: on a second run it builds a new Q/DQ pair for the "
-    "already-quantized Conv(+Relu) output before finding nothing to move; the pair is left dangling and the "
-    "pass reports modified=False although the graph changed")
-
-
 @pytest.mark.parametrize("name, target", [
     ("mlp", "int8"), ("mlp", "fp8"), ("mlp", "w4"), ("attention", "int8"), ("attention", "a16w8"),
     ("cnn", "fp8"), ("cnn", "w8"),
-    pytest.param("cnn", "int8", marks=_CONV_OUTPUT_BUG), pytest.param("cnn", "a16w8", marks=_CONV_OUTPUT_BUG),
+    ("cnn", "int8"), ("cnn", "a16w8"),
 ])
 def test_contract(name, target):
     model, proto = _prepared(name)

@@ -93,8 +93,6 @@ def test_keeps_a_newer_opset():
     assert [v.name for v in model.graph.outputs] == ["y"] and [v.name for v in model.graph.inputs] == ["x"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG normalize.py NormalizePass.call always returns modified=True, so a "
-                   "second run on a normalized model claims to have changed it")
 def test_contract_second_run_is_a_noop():
     model = ir.from_proto(_raw_model())
     helpers.assert_pass_contract(NormalizePass(21, 26), model, expect_modified=True)

@@ -40,11 +40,12 @@ class LowerForOnnxruntimePass(ir.passes.InPlacePass):
                 continue
             x, scale = q.inputs[0], q.inputs[1]
             qout = q.outputs[0]
+            qtype = _quantized_type(q)
             div = ir.node("Div", [x, scale], name=f"{q.name}_Div")
-            cast = ir.node("Cast", [div.outputs[0]], {"to": qout.dtype, "saturate": 1}, name=f"{q.name}_Cast")
-            for node, ref in ((div, x), (cast, qout)):
+            cast = ir.node("Cast", [div.outputs[0]], {"to": qtype, "saturate": 1}, name=f"{q.name}_Cast")
+            for node, dtype in ((div, ir.DataType.FLOAT), (cast, qtype)):
                 node.outputs[0].name = f"{node.name}_out"
-                node.outputs[0].dtype, node.outputs[0].shape = ref.dtype, ref.shape
+                node.outputs[0].dtype, node.outputs[0].shape = dtype, x.shape
             graph.insert_before(q, [div, cast])
             for use in list(qout.uses()):
                 dq = use.node
@@ -70,7 +71,18 @@ class LowerForOnnxruntimePass(ir.passes.InPlacePass):
         """A float8 activation quantizer with zero point 0 (see the module doc)."""
         if q.inputs[0] is None or q.inputs[0].const_value is not None:
             return False
-        if q.outputs[0].dtype not in self.caps.activation_qdq_unsafe:
+        if _quantized_type(q) not in self.caps.activation_qdq_unsafe:
             return False
         zp = q.inputs[2] if len(q.inputs) > 2 else None
         return zp is None or (zp.const_value is not None and not zp.const_value.numpy().astype("float32").any())
+
+
+def _quantized_type(q: ir.Node) -> ir.DataType | None:
+    """The output type of a QuantizeLinear: its zero point's type, else `output_dtype`, else uint8."""
+    zp = q.inputs[2] if len(q.inputs) > 2 else None
+    if zp is not None and zp.const_value is not None:
+        return zp.const_value.dtype
+    if zp is not None and zp.dtype is not None:
+        return zp.dtype
+    attr = q.attributes.get("output_dtype")
+    return ir.DataType(attr.as_int()) if attr is not None and attr.as_int() else ir.DataType.UINT8
