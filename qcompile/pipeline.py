@@ -36,8 +36,8 @@ from qcompile.validate import compare, verdict
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
-DEFAULT_SAMPLES = 256
 HELD_OUT = 64  # samples held out of the calibration data when no --eval is given
+SYNTH_SAMPLES = 64  # synthesized calibration samples when no data is given
 
 
 @dataclass
@@ -207,12 +207,14 @@ def compile(
 
     calib_ds = _as_dataset(calib, inputs)
     synthesized = calib_ds is None
+    eval_ds = _as_dataset(eval, inputs)
     if synthesized:
-        n = (samples or 32) + HELD_OUT
+        n = samples or SYNTH_SAMPLES
         log.warning("no calibration data given: synthesizing %d random inputs from the model's input types; "
                     "ranges (and the validation verdict) will not reflect real data", n)
         calib_ds = ArrayDataset(synthesize(inputs, n, seed), inputs)
-    eval_ds = _as_dataset(eval, inputs)
+        if eval_ds is None:
+            eval_ds = ArrayDataset(synthesize(inputs, HELD_OUT, seed + 1), inputs)
     if eval_ds is None:
         held = min(HELD_OUT, len(calib_ds) // 4)
         if held == 0 and validate:
@@ -273,7 +275,7 @@ def compile(
         report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
         report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread"}
         v = verdict(report["outputs"], tgt.min_sqnr_db if min_sqnr is None else min_sqnr)
-        v["worst_layers"] = sorted(layers, key=lambda r: min(r.get("activation_sqnr_db") or np.inf, r.get("weight_sqnr_db") or np.inf))[:5]
+        v["worst_layers"] = sorted(layers, key=_worst)[:5]
         report["verdict"] = v
     report["passes"] = stages.entries
     report["compile_seconds"] = round(time.perf_counter() - t0, 3)

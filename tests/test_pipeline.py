@@ -222,12 +222,13 @@ def test_opset_too_new_is_a_readable_error():
 @pytest.mark.parametrize("calib", ["none", "dict"])
 def test_held_out_split_of_in_memory_calibration(calib):
     # Without eval, a quarter of the calibration samples (at most 64) is held out for validation and
-    # never calibrated on; without calib, 32 + 64 inputs are synthesized from the input types.
+    # never calibrated on; without calib, `samples` calibration inputs and a separate set of 64
+    # held-out inputs are synthesized from the input types.
     proto = tiny_models.mlp()
     data = None if calib == "none" else {"x": tiny_models.inputs_for(proto, 128, seed=1)["x"]}
     r = qcompile.compile(proto, "int8", calib=data, samples=32 if calib == "none" else None)
     held, used = r.report["validation"]["samples"], r.report["calibration"]["samples"]
-    assert (held, used) == ((24, 32) if calib == "none" else (32, 96))
+    assert (held, used) == ((64, 32) if calib == "none" else (32, 96))
     assert r.report["calibration"]["synthesized"] is (calib == "none")
     assert r.report["outputs"]["logits"]["samples"] == held
 
