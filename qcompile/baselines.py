@@ -423,13 +423,17 @@ def build_isolated(name: str, float_path: PathLike, calib: PathLike, out_path: P
     """
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
-    args = {"name": name, "float_path": str(float_path), "calib": str(calib), "out_path": str(out_path),
+    # absolute paths: the child runs in a scratch directory, because onnxruntime's quantizer
+    # drops temporary files (external data, shape-inference models) into its working directory
+    args = {"name": name, "float_path": str(Path(float_path).resolve()), "calib": str(Path(calib).resolve()),
+            "out_path": str(Path(out_path).resolve()),
             "preprocess": preprocess, "batch_size": batch_size, "calib_stride": calib_stride, "check": check}
     t0 = time.perf_counter()
     failed = {"config": name, "path": None, "stage": "build", "peak_rss_bytes": None}
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
-                              timeout=timeout)
+        with tempfile.TemporaryDirectory(prefix="qcompile-ort-") as scratch:
+            proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
+                                  timeout=timeout, cwd=scratch)
     except subprocess.TimeoutExpired:
         return {**failed, "error": f"failed to build: timed out after {timeout:g} s",
                 "seconds": round(time.perf_counter() - t0, 3)}
