@@ -26,6 +26,7 @@ from qcompile.backends.onnxruntime.session import make_session
 from qcompile.calibrate import choose_clip, collect, fake_quant, qparams_from_clip, stream_values
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
+from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
@@ -135,6 +136,20 @@ def apply_smoothing(model: ir.Model, plan: QuantPlan) -> QuantPlan:
     p = SmoothQuantPass(plan, {k: np.asarray(v, dtype=np.float32) for k, v in plan.smoothing.items()})
     p(model)
     return p.new_plan
+
+
+def correct_biases(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> ir.passes.PassResult:
+    """Per-channel means of the correctable layers' inputs on the calibration data, then BiasCorrectionPass."""
+    targets = correctable(model.graph, plan)
+    if not targets:
+        return ir.passes.PassResult(model, modified=False)
+    ops = {n.name: n.op_type for n in model.graph}
+    axes = {}
+    for node, value in targets.items():
+        axes[value] = 1 if ops[node] == "Conv" else -1
+    names = sorted(axes)
+    means = channel_means(stream_values(model, names, data.batches(batch_size)), names, axes)
+    return BiasCorrectionPass(plan, means)(model)
 
 
 def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, float]:
@@ -250,6 +265,8 @@ def compile(
         plan.smoothing = stages.run("smoothing-search", smoothing_scales, m, plan, calib_ds, batch_size)
     work = stages.run("SmoothQuantPass", apply_smoothing, m, plan) if plan.smoothing else plan
     work = stages.run("calibrate", calibrate_plan, m, work, calib_ds, batch_size, progress, caps)
+    if tgt.bias_correction:
+        stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size)
     plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
     act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, work, eval_ds, batch_size) if validate else {}
 

@@ -44,6 +44,7 @@ class Target:
     quantize_conv_output: bool = False  # Q after Conv(+Relu) so onnxruntime builds QLinearConv
     quantize_bias: bool = False  # int32 bias with scale s_x*s_w for Conv/Gemm
     smooth: bool = False  # SmoothQuant with a per-layer alpha search before calibration
+    bias_correction: bool = False  # add dW E[x] to the biases (passes/bias_correction.py)
 
     def formats(self):
         out = [parse_format(self.weights.format)]
@@ -72,6 +73,7 @@ TARGETS: dict[str, Target] = {
             quantize_conv_output=True,
             quantize_bias=True,
             smooth=True,
+            bias_correction=True,
         ),
         Target(
             "a16w8",
@@ -81,14 +83,17 @@ TARGETS: dict[str, Target] = {
             min_sqnr_db=20.0,
             quantize_conv_output=True,
             quantize_bias=True,
+            bias_correction=True,
         ),
-        Target("w8", "weight-only int8, per output channel", WeightPolicy("int8"), None, min_sqnr_db=20.0),
+        Target("w8", "weight-only int8, per output channel", WeightPolicy("int8"), None, min_sqnr_db=20.0,
+               bias_correction=True),
         Target(
             "w4",
             "weight-only int4, blocks of 32 along the reduction axis (MatMulNBits)",
             WeightPolicy("int4", granularity="block", method="mse"),
             None,
             min_sqnr_db=10.0,
+            bias_correction=True,
         ),
         Target(
             "fp8",
@@ -96,6 +101,7 @@ TARGETS: dict[str, Target] = {
             WeightPolicy("e4m3fn"),
             ActivationPolicy("e4m3fn", symmetric=True, method="mse"),
             min_sqnr_db=15.0,
+            bias_correction=True,
         ),
         Target(
             "fp8-e5m2",
@@ -103,6 +109,7 @@ TARGETS: dict[str, Target] = {
             WeightPolicy("e5m2"),
             ActivationPolicy("e5m2", symmetric=True, method="mse"),
             min_sqnr_db=10.0,
+            bias_correction=True,
         ),
     ]
 }

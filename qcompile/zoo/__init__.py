@@ -1,6 +1,9 @@
 """Real pretrained models exported to ONNX, built once and cached on disk.
 
 ``get_model("minilm")`` returns the path of a verified ONNX file, building it on first use.
+``get_data("minilm", "calib", 256)`` returns an .npz of real samples for it (disjoint "calib" and
+"eval" splits: sentences from :mod:`qcompile.zoo.text`, photos and digits from
+:mod:`qcompile.zoo.images`), written once into the same cache.
 Builders live in submodules and import torch/transformers lazily, so importing this package is
 cheap and works without the optional ``zoo`` extra.
 
@@ -20,7 +23,8 @@ from pathlib import Path
 
 from qcompile.errors import QCompileError
 
-__all__ = ["MODELS", "ZooBuildError", "cache_root", "get_model", "require", "strip_stack_traces"]
+__all__ = ["DATA", "MODELS", "ZooBuildError", "cache_root", "get_data", "get_model", "require",
+           "strip_stack_traces"]
 
 INSTALL_HINT = "pip install torch==2.13.0 && pip install -e .[zoo]"
 
@@ -65,6 +69,28 @@ def strip_stack_traces(model) -> None:
 
 MODELS: dict[str, Callable[[Path], dict]] = {
     "minilm": _lazy("minilm"),
+    "efficientnet-lite0": _lazy("efficientnet"),
+}
+
+
+def _text_data(path: Path, split: str, n: int) -> Path:
+    from qcompile.zoo import text
+
+    return text.write_npz(path, split, n)
+
+
+def _image_data(path: Path, split: str, n: int) -> Path:
+    from qcompile.zoo import images
+
+    return images.write_npz(path, split, n)
+
+
+# Real data for a zoo model: ``writer(path, split, n) -> path`` writes ``n`` samples of ``split``
+# ("calib" or "eval", disjoint) as an .npz keyed by the model's graph input names (first axis =
+# samples). Modules adding a model to MODELS add its writer here.
+DATA: dict[str, Callable[[Path, str, int], Path]] = {
+    "minilm": _text_data,
+    "efficientnet-lite0": _image_data,
 }
 
 
@@ -114,6 +140,36 @@ def get_model(name: str, cache_dir: Path | None = None) -> Path:
             info = MODELS[name](tmp)
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared
             (cache_dir / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def get_data(model: str, split: str, n: int, cache_dir: Path | None = None) -> Path:
+    """Path of an .npz of ``n`` real ``split`` samples for zoo model ``model``, written on first use.
+
+    The writer is ``DATA[model]`` (seed 0); the file is cached as ``<cache_dir>/<model>.<split>.<n>.npz``
+    (default ``cache_dir``: :func:`cache_root`), written to a temporary file and renamed atomically
+    under the same kind of lock as :func:`get_model`. Unknown models raise KeyError listing the
+    known ones; the writer raises ValueError for an unknown split or too large an ``n``.
+    """
+    if model not in DATA:
+        raise KeyError(f"no data for zoo model {model!r}; known: {', '.join(sorted(DATA))}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = cache_dir / f"{model}.{split}.{int(n)}.npz"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / f".{model}.{split}.{int(n)}.data.lock"):
+        if target.is_file():
+            return target
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{model}.{split}-", suffix=".npz.tmp", dir=cache_dir)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            DATA[model](tmp, split, int(n))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
