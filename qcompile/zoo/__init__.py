@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,8 @@ def strip_stack_traces(model) -> None:
 MODELS: dict[str, Callable[[Path], dict]] = {
     "minilm": _lazy("minilm"),
     "efficientnet-lite0": _lazy("efficientnet"),
+    "llama-tiny": _lazy("llama"),  # random init: decoder-shaped graphs and speed, never quality claims
+    "gemv-chain": _lazy("gemv"),  # 12 x [1x4096].[4096x4096]: decode-speed measurements (external data)
 }
 
 
@@ -88,9 +91,23 @@ def _image_data(path: Path, split: str, n: int) -> Path:
 # Real data for a zoo model: ``writer(path, split, n) -> path`` writes ``n`` samples of ``split``
 # ("calib" or "eval", disjoint) as an .npz keyed by the model's graph input names (first axis =
 # samples). Modules adding a model to MODELS add its writer here.
+def _token_data(path: Path, split: str, n: int) -> Path:
+    from qcompile.zoo import llama
+
+    return llama.write_npz(path, split, n)
+
+
+def _vector_data(path: Path, split: str, n: int) -> Path:
+    from qcompile.zoo import gemv
+
+    return gemv.write_npz(path, split, n, seed=0)
+
+
 DATA: dict[str, Callable[[Path, str, int], Path]] = {
     "minilm": _text_data,
     "efficientnet-lite0": _image_data,
+    "llama-tiny": _token_data,  # random token ids: speed and exactness only
+    "gemv-chain": _vector_data,
 }
 
 
@@ -133,16 +150,21 @@ def get_model(name: str, cache_dir: Path | None = None) -> Path:
     with _locked(cache_dir / f".{name}.lock"):
         if target.is_file():  # built by another process while we waited
             return target
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}-", suffix=".onnx.tmp", dir=cache_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # Build under the final file name in a private folder, so external data files the builder
+        # writes next to the model (<name>.onnx.data) get their final names; move them first and
+        # the model last, so a cached <name>.onnx always has its data.
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=cache_dir))
         try:
+            tmp = work / target.name
             info = MODELS[name](tmp)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared
+            for f in sorted(work.iterdir()):
+                os.chmod(f, 0o644)  # the cache is meant to be shared
+                if f != tmp:
+                    os.replace(f, cache_dir / f.name)
             (cache_dir / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, target)
         finally:
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
     return target
 
 

@@ -124,3 +124,22 @@ def test_full_chain(tmp_path):
     want = gemv.reference(x)
     assert y.shape == (1, 4096)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_get_model_caches_external_data_under_final_names(tmp_path, monkeypatch):
+    """get_model builds in a private folder: the weights land as <name>.onnx.data next to <name>.onnx."""
+    import functools
+
+    import onnxruntime as ort
+
+    import qcompile.zoo as zoo
+    from qcompile.zoo import gemv as gemv_mod
+
+    monkeypatch.setitem(zoo.MODELS, "gemv-tiny", functools.partial(gemv_mod.build, layers=3, dim=256))
+    path = zoo.get_model("gemv-tiny", cache_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".gemv-tiny.lock"))
+    assert names == ["gemv-tiny.json", "gemv-tiny.onnx", "gemv-tiny.onnx.data"], names
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    x = np.ones((1, 256), np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, gemv_mod.reference(x, 3, 256), rtol=1e-4, atol=1e-4 * np.abs(y).max())
