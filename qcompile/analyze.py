@@ -129,11 +129,11 @@ def _last_quantizable(graph: ir.Graph, candidates: list[ir.Node]) -> ir.Node | N
     return None
 
 
-def candidate_nodes(graph: ir.Graph, options: PlanOptions) -> list[ir.Node]:
-    """Quantizable nodes of the main graph, in graph order, honouring exclusions."""
+def candidate_nodes(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] = QUANTIZABLE_OPS) -> list[ir.Node]:
+    """Quantizable nodes (of op types `ops`) of the main graph, in graph order, honouring exclusions."""
     out = []
     for node in graph:
-        if node.domain != "" or node.op_type not in QUANTIZABLE_OPS:
+        if node.domain != "" or node.op_type not in ops:
             continue
         if _excluded(node, options):
             log.debug("skip %s: excluded by options", node.name)
@@ -183,7 +183,7 @@ def _conv_output(node: ir.Node) -> ir.Value | None:
 def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOptions()) -> QuantPlan:
     """The default plan of `target` for `model` (activation clips are filled by calibration)."""
     plan = QuantPlan(target.name)
-    for node in candidate_nodes(model.graph, options):
+    for node in candidate_nodes(model.graph, options, target.ops):
         np_ = NodePlan(node.op_type)
         for i, v in enumerate(node.inputs[:2]):
             if not is_float(v):

@@ -109,7 +109,8 @@ def test_format_ordering(compiled):
         s = {t: compiled(name, t)[1].report["outputs"] for t in ("fp8", "fp8-e5m2", "w8", "w4")}
         s = {t: next(iter(v.values()))["sqnr_db"] for t, v in s.items()}
         assert s["fp8"] > s["fp8-e5m2"] + 3, (name, s)
-        assert s["w8"] > s["w4"] + 6, (name, s)
+        if name != "cnn":  # w4 leaves the CNN's convolutions in float
+            assert s["w8"] > s["w4"] + 6, (name, s)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "attention"])
