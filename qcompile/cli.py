@@ -286,5 +286,73 @@ def formats_cmd(as_json):
         click.echo(f"{r['name']:<14}{r['kind']:<7}{r['bits']:>6g}  {mx:>12}  {mn:>12}  {'yes' if r['native'] else 'no':<4} {r['detail']}")
 
 
+def _names(value: str | None, known, what: str) -> tuple[str, ...] | None:
+    """A comma list checked against `known` (a usage error, exit 2, names the known ones)."""
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown {what} {', '.join(unknown) or repr(value)}; known: {', '.join(known)}")
+    return names
+
+
+@main.command("bench")
+@click.option("--models", help="Comma list of zoo models [default: every zoo model with data; --quick: minilm]")
+@click.option("--targets", help="Comma list of qcompile targets [default: int8,fp8,w4; --quick: int8]")
+@click.option("--baselines", "baselines_", default="all", show_default=True,
+              help="onnxruntime configurations: all (those matching the targets), none, or a comma list")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="[default: 256; --quick: 32]")
+@click.option("--eval-samples", type=click.IntRange(min=1), help="[default: 256; --quick: 32]")
+@click.option("--runs", type=click.IntRange(min=1), help="Alternating timed runs per shape [default: 30; --quick: 5]")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="The batched shape")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-out"), show_default=True)
+@click.option("--quick", is_flag=True, help="Smallest settings that still exercise everything (CI)")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON instead of the markdown table")
+@click.option("-v", "--verbose", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+def bench_cmd(models, targets, baselines_, calib_samples, eval_samples, runs, batch, out, quick, as_json, verbose, quiet):
+    """qcompile vs onnxruntime's quantizer on zoo models: quality, size, latency, compile time and memory.
+
+    Prints a markdown table (or --json); writes OUT/bench.json (every raw figure) and OUT/bench.png.
+    Exits 1 when a model cannot be set up or a qcompile compile fails (the table is still written).
+    """
+    from qcompile import baselines, zoo
+    from qcompile.bench import QUICK, Settings
+
+    _setup_logging(verbose, quiet)
+    with_data = [m for m in zoo.MODELS if m in getattr(zoo, "DATA", {"minilm": None})]
+    base = {**dataclasses.asdict(Settings()), "models": tuple(with_data)}
+    if quick:
+        base.update(QUICK)
+    given = {"models": _names(models, list(zoo.MODELS), "model"), "targets": _names(targets, list(TARGETS), "target"),
+             "calib_samples": calib_samples, "eval_samples": eval_samples, "runs": runs}
+    if baselines_ != "all" or not quick:
+        given["baselines"] = () if baselines_ == "none" else None if baselines_ == "all" else \
+            _names(baselines_, list(baselines.BASELINES), "baseline")
+    base.update({k: v for k, v in given.items() if v is not None or k == "baselines"})
+    settings = Settings(**{**base, "batch": batch, "out": out, "quick": quick})
+
+    def work():
+        from qcompile import bench
+
+        def progress(msg: str) -> None:
+            if not quiet:
+                click.echo(f"qcompile bench: {msg}", err=True)
+
+        results = bench.run(settings, progress)
+        click.echo(bench.dumps(results) if as_json else bench.markdown(results))
+        if not results.get("png"):
+            click.echo("qcompile bench: warning: no plot written (matplotlib missing?)", err=True)
+        progress(f"{results['seconds']} s; wrote {Path(results['settings']['out']) / 'bench.json'}"
+                 + (f" and {results['png']}" if results.get("png") else ""))
+        bad = bench.failed(results)
+        if bad:
+            click.echo(f"qcompile: error: {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), err=True)
+            sys.exit(1)
+
+    _run(work, verbose)
+
+
 if __name__ == "__main__":
     main()
