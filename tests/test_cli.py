@@ -270,3 +270,14 @@ def test_without_calibration_data_then_validate(work):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["outputs"]["logits"]["sqnr_db"] > 30
     assert low.returncode == 3 and "below 200" in _error_line(low.stderr)
+
+
+def test_zoo_commands(tmp_path):
+    """`qcompile zoo build` rejects unknown names (usage, exit 2); `qcompile zoo data` writes real samples."""
+    bad, data = qcompile_many(("zoo", "build", "no-such-model"),
+                              ("zoo", "data", "minilm", "--split", "eval", "-n", "4", "--cache", tmp_path), cwd=tmp_path)
+    assert bad.returncode == 2 and "known: minilm" in bad.stderr and bad.stdout == ""
+    assert data.returncode == 0, data.stderr
+    path = Path(data.stdout.strip())
+    with np.load(path) as z:
+        assert set(z.files) == {"input_ids", "attention_mask"} and z["input_ids"].shape[0] == 4
