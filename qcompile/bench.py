@@ -2,8 +2,8 @@
 
 For every model (from `qcompile.zoo`) the bench
 
-1. gets real calibration and held-out data (`zoo.get_data` when it exists; text for MiniLM
-   otherwise), the same `.npz` files for every configuration;
+1. gets real calibration and held-out data (`zoo.get_data`), the same `.npz` files for every
+   configuration;
 2. compiles each target with qcompile, each compile in its own process
    (`qcompile MODEL --target T --calib C --eval E -o OUT --no-validate --json`), and builds the
    onnxruntime baselines (`qcompile.baselines.build_isolated`, also one process each);
@@ -56,8 +56,6 @@ from qcompile import __version__, baselines, zoo
 log = logging.getLogger(__name__)
 
 SCHEMA = "qcompile.bench/1"
-# `zoo.get_data(model, split, n) -> npz Path` when the zoo provides it; a local fallback otherwise.
-_GET_DATA = getattr(zoo, "get_data", None)
 
 # Which qcompile targets each onnxruntime configuration compares with (the table's "target" column).
 BASELINE_FAMILY = {name: "fp8" if name == "ort-fp8" else "w4" if name == "ort-int4" else "int8"
@@ -74,7 +72,9 @@ TIMEOUT_S = 1800.0
 class Settings:
     """What to run. `baselines=None` means every configuration that fits the model and targets."""
 
-    models: tuple[str, ...] = ("minilm",)
+    # the pretrained models (llama-tiny has random weights and gemv-chain is for decode speed:
+    # both can be named explicitly, neither says anything about quality)
+    models: tuple[str, ...] = ("minilm", "efficientnet-lite0")
     targets: tuple[str, ...] = ("int8", "fp8", "w4")
     baselines: tuple[str, ...] | None = None
     calib_samples: int = 256
@@ -93,14 +93,8 @@ QUICK = {"models": ("minilm",), "targets": ("int8",), "baselines": ("ort-dynamic
 
 
 def get_data(model: str, split: str, n: int, out_dir: Path) -> Path:
-    """Real data for `model`: `zoo.get_data` if the zoo has it, else tokenized sentences for minilm."""
-    if _GET_DATA is not None:
-        return Path(_GET_DATA(model, split, n))
-    if model == "minilm":
-        from qcompile.zoo import text
-
-        return text.write_npz(out_dir / f"{model}-{split}-{n}.npz", split, n)
-    raise ValueError(f"no data for zoo model {model!r} (qcompile.zoo has no get_data)")
+    """Real data for `model` (`zoo.get_data`, cached next to the zoo models; `out_dir` unused)."""
+    return Path(zoo.get_data(model, split, n))
 
 
 def file_bytes(path: Path) -> int:

@@ -298,7 +298,7 @@ def _names(value: str | None, known, what: str) -> tuple[str, ...] | None:
 
 
 @main.command("bench")
-@click.option("--models", help="Comma list of zoo models [default: every zoo model with data; --quick: minilm]")
+@click.option("--models", help="Comma list of zoo models [default: minilm,efficientnet-lite0; --quick: minilm]")
 @click.option("--targets", help="Comma list of qcompile targets [default: int8,fp8,w4; --quick: int8]")
 @click.option("--baselines", "baselines_", default="all", show_default=True,
               help="onnxruntime configurations: all (those matching the targets), none, or a comma list")
@@ -321,8 +321,7 @@ def bench_cmd(models, targets, baselines_, calib_samples, eval_samples, runs, ba
     from qcompile.bench import QUICK, Settings
 
     _setup_logging(verbose, quiet)
-    with_data = [m for m in zoo.MODELS if m in getattr(zoo, "DATA", {"minilm": None})]
-    base = {**dataclasses.asdict(Settings()), "models": tuple(with_data)}
+    base = dataclasses.asdict(Settings())
     if quick:
         base.update(QUICK)
     given = {"models": _names(models, list(zoo.MODELS), "model"), "targets": _names(targets, list(TARGETS), "target"),
