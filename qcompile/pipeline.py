@@ -22,7 +22,6 @@ from qcompile import __version__
 from qcompile.analyze import PlanOptions, make_plan, tie_heads
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
-from qcompile.backends.onnxruntime.session import make_session
 from qcompile.calibrate import choose_clip, collect, fake_quant, qparams_from_clip, stream_values
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed

@@ -15,7 +15,7 @@ import onnx_ir as ir
 from qcompile import codec
 from qcompile.calibrate import fake_quant
 from qcompile.formats import FloatFormat, IntFormat
-from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantSpec
+from qcompile.plan import PerChannel, PerTensor, QuantSpec
 
 MSE_RATIOS = np.linspace(0.5, 1.0, 26)
 

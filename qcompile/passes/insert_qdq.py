@@ -28,7 +28,7 @@ from qcompile.analyze import tie_heads
 from qcompile.backends.onnxruntime.capabilities import Capabilities
 from qcompile.calibrate import qparams_from_clip
 from qcompile.errors import PreconditionError
-from qcompile.formats import FloatFormat, IntFormat
+from qcompile.formats import IntFormat
 from qcompile.plan import InputQuant, QuantPlan, QuantSpec
 from qcompile.weights import quantize_weight, to_ir_tensor
 

@@ -181,7 +181,10 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             x = values.get(value)
             if s is None or x is None:
                 continue
-            smoothed = self._fold_backward(graph, x, consumers, s) or self._insert_mul(graph, x, consumers, s, nodes)
+            # divide x by s: inside its producers when possible, else with a Mul (the plan's
+            # names are re-read from the graph below)
+            if self._fold_backward(graph, x, consumers, s) is None:
+                self._insert_mul(graph, x, consumers, s, nodes)
             for c in consumers:
                 node = nodes[c]
                 w = node.inputs[1]
