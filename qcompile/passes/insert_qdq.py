@@ -225,7 +225,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         arr = b.const_value.numpy().astype(np.float32)
         scale = (np.float32(act_scale) * np.broadcast_to(w_scale, arr.shape)).astype(np.float32)
         scale = np.where(scale == 0, np.float32(1), scale)
-        q = np.clip(np.rint(arr / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        q = np.rint(arr.astype(np.float64) / scale)
+        if not np.all(np.abs(q) <= 2**31 - 1):  # saturating would change the bias: keep it float
+            log.debug("bias of %s does not fit int32 at scale s_x*s_w; left in float", node.name)
+            return 0
+        q = q.astype(np.int32)
         codes = self._const(graph, ir.tensor(q, name=f"{b.name}_q"))
         sc = self._const(graph, ir.tensor(scale, name=f"{b.name}_scale"))
         dq = ir.node("DequantizeLinear", [codes, sc], {"axis": 0}, name=self._name(f"{b.name}_DequantizeLinear"))
