@@ -68,6 +68,47 @@ def strip_stack_traces(model) -> None:
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
 
 
+def export_token_model(module, args: tuple, path: Path, inputs, output: str, opset: int) -> None:
+    """torch.onnx.export (dynamo) of a [batch, sequence] token model, stack traces stripped, one file."""
+    import warnings
+
+    import torch
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # known-harmless exporter/pytree deprecation chatter
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=list(inputs), output_names=[output],
+            dynamic_shapes={k: {0: batch, 1: seq} for k in inputs}, verbose=False,
+        )
+    strip_stack_traces(program.model)
+    program.save(str(path), external_data=False)
+
+
+def check_interface(path: Path, want_in: list, want_out: list):
+    """onnx.checker (full), IR <= 13 and opset <= 26 (onnxruntime 1.31), and the exact interface.
+
+    want_in / want_out: [(name, onnx.TensorProto element type, [int dim or dim_param name])].
+    Returns the loaded ModelProto (without external data) and the figures every builder records.
+    """
+    import onnx
+
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if model.ir_version > 13 or opset > 26:
+        raise ZooBuildError(f"IR {model.ir_version} / opset {opset} too new for onnxruntime 1.31")
+
+    def sig(values):
+        return [(v.name, v.type.tensor_type.elem_type,
+                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+
+    if sig(model.graph.input) != want_in or sig(model.graph.output) != want_out:
+        raise ZooBuildError(f"unexpected interface {sig(model.graph.input)} -> {sig(model.graph.output)}")
+    return model, {"ir_version": model.ir_version, "opset": opset, "nodes": len(model.graph.node),
+                   "initializers": len(model.graph.initializer)}
+
+
 MODELS: dict[str, Callable[[Path], dict]] = {
     "minilm": _lazy("minilm"),
     "efficientnet-lite0": _lazy("efficientnet"),

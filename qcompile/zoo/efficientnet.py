@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcompile.zoo import ZooBuildError, require, strip_stack_traces
+from qcompile.zoo import ZooBuildError, check_interface, require, strip_stack_traces
 
 ARCH = "efficientnet-lite0"
 INPUT = "image"
@@ -123,26 +123,13 @@ def _check_structure(path: Path) -> dict:
     """onnx.checker plus the interface contract (names, dtypes, dynamic batch, versions)."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path), load_external_data=False)
-    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if model.ir_version > 13 or opset > 26:
-        raise ZooBuildError(f"IR {model.ir_version} / opset {opset} too new for onnxruntime 1.31")
-
-    def sig(values):
-        return [(v.name, v.type.tensor_type.elem_type,
-                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
-
     f32 = onnx.TensorProto.FLOAT
-    want_in = [(INPUT, f32, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])]
-    want_out = [(OUTPUT, f32, ["batch", NUM_CLASSES])]
-    if sig(model.graph.input) != want_in or sig(model.graph.output) != want_out:
-        raise ZooBuildError(f"unexpected interface {sig(model.graph.input)} -> {sig(model.graph.output)}")
+    model, info = check_interface(path, [(INPUT, f32, ["batch", 3, IMAGE_SIZE, IMAGE_SIZE])],
+                                  [(OUTPUT, f32, ["batch", NUM_CLASSES])])
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return {"ir_version": model.ir_version, "opset": opset, "nodes": len(model.graph.node),
-            "initializers": len(model.graph.initializer), "op_types": dict(sorted(ops.items()))}
+    return {**info, "op_types": dict(sorted(ops.items()))}
 
 
 def verify(path: Path) -> float:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from qcompile.zoo import ZooBuildError, require, strip_stack_traces
+from qcompile.zoo import ZooBuildError, check_interface, export_token_model, require
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -119,44 +118,20 @@ def export(path: Path, module=None) -> None:
 
     module = model() if module is None else module
     args = tuple(torch.from_numpy(v) for v in feeds(*TRACE_SHAPE, seed=SEED).values())
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # known-harmless exporter/pytree deprecation chatter
-        program = torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET,
-            input_names=list(INPUTS), output_names=[OUTPUT],
-            dynamic_shapes={k: {0: batch, 1: seq} for k in INPUTS}, verbose=False,
-        )
-    strip_stack_traces(program.model)
-    program.save(str(path), external_data=False)
+    export_token_model(module, args, path, INPUTS, OUTPUT, OPSET)
 
 
 def _check_structure(path: Path) -> dict:
     """onnx.checker plus the interface contract (names, dtypes, dynamic axes, versions)."""
     import onnx
 
-    onnx.checker.check_model(str(path), full_check=True)
-    m = onnx.load(str(path), load_external_data=False)
-    opset = next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
-    if m.ir_version > 13 or opset > 26:
-        raise ZooBuildError(f"IR {m.ir_version} / opset {opset} too new for onnxruntime 1.31")
-
-    def sig(values):
-        return [(v.name, v.type.tensor_type.elem_type,
-                 [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-                for v in values]
-
     i64, f32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
-    want_in = [(name, i64, ["batch", "sequence"]) for name in INPUTS]
-    want_out = [(OUTPUT, f32, ["batch", "sequence", VOCAB])]
-    if sig(m.graph.input) != want_in or sig(m.graph.output) != want_out:
-        raise ZooBuildError(f"unexpected interface {sig(m.graph.input)} -> {sig(m.graph.output)}")
-    ops = {n.op_type for n in m.graph.node}
-    missing = {"MatMul", "Softmax"} - ops
+    m, info = check_interface(path, [(name, i64, ["batch", "sequence"]) for name in INPUTS],
+                              [(OUTPUT, f32, ["batch", "sequence", VOCAB])])
+    missing = {"MatMul", "Softmax"} - {n.op_type for n in m.graph.node}
     if missing:
         raise ZooBuildError(f"expected eager attention ops, missing {sorted(missing)}")
-    return {"ir_version": m.ir_version, "opset": opset, "nodes": len(m.graph.node),
-            "initializers": len(m.graph.initializer)}
+    return info
 
 
 def verify(path: Path, module=None) -> float:
