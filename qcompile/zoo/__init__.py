@@ -174,66 +174,60 @@ def _locked(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def get_model(name: str, cache_dir: Path | None = None) -> Path:
-    """Path of the ONNX file of zoo model ``name``, building and verifying it on first use.
+def _cached(target: Path, build: Callable[[Path], None]) -> Path:
+    """``target``, made once by ``build(tmp)`` and shared by every later call and process.
 
-    The model is exported to a temporary file in ``cache_dir`` (default: :func:`cache_root`),
-    verified by its builder, then renamed atomically to ``<cache_dir>/<name>.onnx``; later calls
-    return that path without rebuilding. Unknown names raise KeyError listing the known ones.
+    Under an inter-process lock, ``build`` writes ``tmp`` (named like ``target``) in a private
+    folder next to it, so files it writes beside ``tmp`` (external data, ``<name>.onnx.data``) get
+    their final names; those move into place first and ``target`` last, atomically, so a cached
+    ``target`` is always complete. A failed build leaves nothing behind.
     """
-    if name not in MODELS:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(MODELS))}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = cache_dir / f"{name}.onnx"
     if target.is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f".{name}.lock"):
-        if target.is_file():  # built by another process while we waited
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / f".{target.stem}.lock"):
+        if target.is_file():  # made by another process while we waited
             return target
-        # Build under the final file name in a private folder, so external data files the builder
-        # writes next to the model (<name>.onnx.data) get their final names; move them first and
-        # the model last, so a cached <name>.onnx always has its data.
-        work = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=".tmp", dir=cache_dir))
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent))
         try:
             tmp = work / target.name
-            info = MODELS[name](tmp)
+            build(tmp)
             for f in sorted(work.iterdir()):
                 os.chmod(f, 0o644)  # the cache is meant to be shared
                 if f != tmp:
-                    os.replace(f, cache_dir / f.name)
-            (cache_dir / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+                    os.replace(f, target.parent / f.name)
             os.replace(tmp, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return target
 
 
+def get_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Path of the ONNX file of zoo model ``name``, built and verified on first use.
+
+    Cached as ``<cache_dir>/<name>.onnx`` (default ``cache_dir``: :func:`cache_root`) with its build
+    figures in ``<name>.json``; later calls return the path without rebuilding (see `_cached`).
+    Unknown names raise KeyError listing the known ones.
+    """
+    if name not in MODELS:
+        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(sorted(MODELS))}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
+
+    def build(tmp: Path) -> None:
+        info = MODELS[name](tmp)
+        (cache_dir / f"{name}.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    return _cached(cache_dir / f"{name}.onnx", build)
+
+
 def get_data(model: str, split: str, n: int, cache_dir: Path | None = None) -> Path:
     """Path of an .npz of ``n`` real ``split`` samples for zoo model ``model``, written on first use.
 
     The writer is ``DATA[model]`` (seed 0); the file is cached as ``<cache_dir>/<model>.<split>.<n>.npz``
-    (default ``cache_dir``: :func:`cache_root`), written to a temporary file and renamed atomically
-    under the same kind of lock as :func:`get_model`. Unknown models raise KeyError listing the
-    known ones; the writer raises ValueError for an unknown split or too large an ``n``.
+    (default ``cache_dir``: :func:`cache_root`) like the models (`_cached`). Unknown models raise
+    KeyError listing the known ones; the writer raises ValueError for an unknown split or too large an ``n``.
     """
     if model not in DATA:
         raise KeyError(f"no data for zoo model {model!r}; known: {', '.join(sorted(DATA))}")
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = cache_dir / f"{model}.{split}.{int(n)}.npz"
-    if target.is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(cache_dir / f".{model}.{split}.{int(n)}.data.lock"):
-        if target.is_file():
-            return target
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{model}.{split}-", suffix=".npz.tmp", dir=cache_dir)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            DATA[model](tmp, split, int(n))
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return target
+    return _cached(cache_dir / f"{model}.{split}.{int(n)}.npz", lambda tmp: DATA[model](tmp, split, int(n)))

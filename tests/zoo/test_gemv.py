@@ -137,7 +137,7 @@ def test_get_model_caches_external_data_under_final_names(tmp_path, monkeypatch)
 
     monkeypatch.setitem(zoo.MODELS, "gemv-tiny", functools.partial(gemv_mod.build, layers=3, dim=256))
     path = zoo.get_model("gemv-tiny", cache_dir=tmp_path)
-    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".gemv-tiny.lock"))
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock"))
     assert names == ["gemv-tiny.json", "gemv-tiny.onnx", "gemv-tiny.onnx.data"], names
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     x = np.ones((1, 256), np.float32)
