@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from qcompile import __version__, baselines, zoo
+from qcompile.report import to_json
 
 log = logging.getLogger(__name__)
 
@@ -390,21 +391,8 @@ def _float_latency(rows: list[dict]) -> dict:
 
 
 def dumps(results: dict) -> str:
-    """JSON with non-finite floats as strings ("inf", "-inf", null for NaN)."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, Path):
-            return str(x)
-        if hasattr(x, "item"):
-            return clean(x.item())
-        return x
-
-    return json.dumps(clean(results), indent=1)
+    """The raw results as JSON (`qcompile.report.to_json`)."""
+    return to_json(results)
 
 
 def failed(results: dict) -> list[str]:

@@ -7,9 +7,7 @@ stderr.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
 import traceback
@@ -62,25 +60,10 @@ def _run(fn, verbose: bool):
         sys.exit(1)
 
 
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(type(o).__name__)
-
-
 def _dump(report: dict) -> str:
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
+    from qcompile.report import to_json
 
-    return json.dumps(clean(report), indent=1, default=_json_default)
+    return to_json(report)
 
 
 @click.group(cls=_DefaultToCompile, context_settings={"help_option_names": ["-h", "--help"]})
