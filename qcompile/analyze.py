@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from qcompile.formats import BlockFormat, parse_format
 from qcompile.plan import InputQuant, NodePlan, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
 from qcompile.targets import Target
 
@@ -157,6 +158,9 @@ def _weight_spec(node: ir.Node, index: int, target: Target) -> QuantSpec | None:
         log.debug("skip weight %d of %s: no channel axis", index, node.name)
         return None
     channel, reduce = axes
+    fmt = parse_format(pol.format)
+    if isinstance(fmt, BlockFormat):  # intrinsic blocks along the reduction axis, for every op
+        return QuantSpec(pol.format, PerBlock(reduce, fmt.block_size), True, "minmax")
     if pol.granularity == "block" and node.op_type in ("MatMul", "Gemm"):
         k = node.inputs[index].shape[reduce]
         if isinstance(k, int) and k >= pol.block_size:
@@ -166,8 +170,19 @@ def _weight_spec(node: ir.Node, index: int, target: Target) -> QuantSpec | None:
     return QuantSpec(pol.format, PerChannel(channel), True, pol.method)
 
 
-def _activation_spec(target: Target) -> QuantSpec:
+def _activation_spec(target: Target, node: ir.Node | None = None, index: int = 0) -> QuantSpec:
+    """Per tensor; a block format is blocked along the reduction axis of the consumer (`node` input
+    `index`): K of a MatMul/Gemm operand (-1 of MatMul's A, -2 of its B), the channel axis 1 of a Conv input."""
     pol = target.activations
+    fmt = parse_format(pol.format)
+    if isinstance(fmt, BlockFormat) and node is not None:
+        if node.op_type == "MatMul":
+            axis = -1 if index == 0 else -2
+        elif node.op_type == "Gemm":
+            axis = weight_axes(node, index)[1]
+        else:
+            axis = 1
+        return QuantSpec(pol.format, PerBlock(axis, fmt.block_size), True, "minmax")
     return QuantSpec(pol.format, PerTensor(), pol.symmetric, pol.method)
 
 
@@ -193,7 +208,7 @@ def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOption
                 if spec is not None:
                     np_.inputs[i] = InputQuant(v.name, "weight", spec)
             elif target.activations is not None:
-                np_.inputs[i] = InputQuant(v.name, "activation", _activation_spec(target))
+                np_.inputs[i] = InputQuant(v.name, "activation", _activation_spec(target, node, i))
         if not np_.inputs:
             continue
         acts = [q for q in np_.inputs.values() if q.role == "activation"]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qcompile import codec
-from qcompile.formats import FloatFormat, IntFormat, parse_format
+from qcompile.formats import BlockFormat, FloatFormat, IntFormat, parse_format
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,27 @@ def fake_quant(x: np.ndarray, scale, zero_point, fmt: IntFormat | FloatFormat) -
         return codec.round_to_grid(x / scale, fmt).astype(np.float64) * scale
     q = np.clip(np.round(x / scale) + zero_point, fmt.qmin, fmt.qmax)
     return (q - zero_point) * scale
+
+
+def simulate(x: np.ndarray, spec) -> np.ndarray:
+    """The float32 values the compiled model computes for activation `x` quantized with `spec`
+    (bit-exact with the emitted QuantizeLinear/DequantizeLinear, Cast lowering or qcompile op).
+
+    Scalar formats: Q/DQ with the calibrated per-tensor scale. Block formats: per block along
+    the spec's axis at run time (`codec.fake_quant`); NVFP4's tensor scale comes from the
+    calibrated amax (static), its block scales from the data.
+    """
+    fmt = spec.fmt
+    x = np.asarray(x, dtype=np.float32)
+    if isinstance(fmt, BlockFormat):
+        st = None
+        if fmt.tensor_scale is not None:
+            st = codec.tensor_scale_from_amax(max(abs(spec.clip[0]), abs(spec.clip[1])), fmt)
+        return codec.fake_quant(x, fmt, spec.granularity.axis, st)
+    s, zp = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, spec.symmetric)
+    if isinstance(fmt, FloatFormat):
+        return codec.round_to_grid(x / np.float32(s), fmt) * np.float32(s)
+    return codec.dequantize_int(codec.quantize_int(x, np.float32(s), np.int64(zp), fmt), np.float32(s), np.int64(zp))
 
 
 def _weighted_centers(h: Histogram) -> tuple[np.ndarray, np.ndarray]:

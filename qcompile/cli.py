@@ -81,7 +81,8 @@ def main() -> None:
 
 @main.command("compile")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--target", "-t", required=True, type=click.Choice(list(TARGETS)), help="What to compile for.")
+@click.option("--target", "-t", required=True, callback=lambda ctx, p, v: _target(v),
+              help=f"What to compile for: {', '.join(TARGETS)}, or w:FORMAT[/BLOCK][,a:FORMAT] (e.g. w:e3m4,a:e4m3).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL.<target>.onnx")
 @click.option("--calib", type=click.Path(path_type=Path), help=".npz (arrays keyed by input name) or a directory of them")
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Held-out data (default: part of --calib)")
@@ -94,13 +95,18 @@ def main() -> None:
 @click.option("--exclude-node", multiple=True, help="Keep nodes whose name matches this glob in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="Keep this op type in float (repeatable)")
 @click.option("--keep-last", is_flag=True, help="Keep the final classifier layer in float")
+@click.option("--lowering", type=click.Choice(["auto", "function", "integer"]), default="auto", show_default=True,
+              help="Weights onnxruntime has no kernel for: qcompile function ops (function), exact MatMulNBits "
+                   "digit planes (integer), or integer where it is at most two planes (auto)")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, method, plan_in, save_plan,
-                exclude_node, exclude_op, keep_last, no_validate, min_sqnr, as_json, verbose, quiet):
+                exclude_node, exclude_op, keep_last, lowering, accuracy_level, no_validate, min_sqnr, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -109,12 +115,11 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, 
         from qcompile.errors import InputError, ValidationFailed
         from qcompile.pipeline import compile as compile_model
         from qcompile.pipeline import save_model
-        from qcompile.targets import get_target
-
-        out = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{target}.onnx")
+        tgt = target
+        tag = tgt.name.replace(":", "").replace(",", "-").replace("/", "g")
+        out = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.{tag}.onnx")
         if model.exists() and out.exists() and out.resolve() == model.resolve():
             raise InputError("output path is the input model; choose another -o")
-        tgt = get_target(target)
         if method and tgt.activations is not None:
             tgt = dataclasses.replace(tgt, activations=dataclasses.replace(tgt.activations, method=method))
         options = PlanOptions(tuple(exclude_node), tuple(exclude_op), keep_last)
@@ -122,7 +127,8 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, 
             try:
                 result = compile_model(model, tgt, calib=calib, eval=eval_, plan=plan_in, samples=samples, seed=seed,
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
-                                       batch_size=batch_size, progress=progress.advance)
+                                       batch_size=batch_size, progress=progress.advance, lowering=lowering,
+                                       accuracy_level=accuracy_level)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None
@@ -267,6 +273,16 @@ def formats_cmd(as_json):
         mx = f"{r['max']:.6g}" if r["max"] is not None else "-"
         mn = f"{r['min_normal']:.6g}" if r["min_normal"] is not None else "-"
         click.echo(f"{r['name']:<14}{r['kind']:<7}{r['bits']:>6g}  {mx:>12}  {mn:>12}  {'yes' if r['native'] else 'no':<4} {r['detail']}")
+
+
+def _target(name: str):
+    """The Target for a --target value (a usage error, exit 2, on an unknown one)."""
+    from qcompile.targets import get_target
+
+    try:
+        return get_target(name)
+    except KeyError as e:
+        raise click.BadParameter(str(e).strip('"')) from None
 
 
 def _names(value: str | None, known, what: str) -> tuple[str, ...] | None:

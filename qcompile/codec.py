@@ -289,21 +289,24 @@ def _mx_scale(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     return np.where(finite, np.ldexp(1.0, shared), np.nan)
 
 
-def _tensor_scale(x: np.ndarray, fmt: BlockFormat) -> float:
-    """NVFP4 per-tensor scale s_t = amax / (scale.max * element.max) (448 * 6), in float32.
-
-    amax is over the finite values; s_t = 1 when it would be 0 (an all-zero tensor).
-    """
-    amax = np.max(np.abs(x), where=np.isfinite(x), initial=0.0).astype(np.float32)
-    s = amax / np.float32(fmt.scale.max * fmt.element.max)
+def tensor_scale_from_amax(amax: float, fmt: BlockFormat) -> float:
+    """NVFP4 per-tensor scale s_t = amax / (scale.max * element.max) (448 * 6), in float32; 1 for amax 0."""
+    s = np.float32(amax) / np.float32(fmt.scale.max * fmt.element.max)
     s = round_to_grid(s, fmt.tensor_scale)
     return float(s) if s > 0 else 1.0
 
 
-def quantize_block(x: np.ndarray, fmt: BlockFormat, axis: int = -1) -> BlockQuantized:
+def _tensor_scale(x: np.ndarray, fmt: BlockFormat) -> float:
+    """`tensor_scale_from_amax` of the tensor's largest finite magnitude."""
+    return tensor_scale_from_amax(np.max(np.abs(x), where=np.isfinite(x), initial=0.0), fmt)
+
+
+def quantize_block(x: np.ndarray, fmt: BlockFormat, axis: int = -1, tensor_scale: float | None = None) -> BlockQuantized:
     """Quantize `x` to `fmt` with blocks of `fmt.block_size` consecutive elements along `axis`.
 
     The blocked axis is zero-padded to a whole number of blocks; the padding is not stored.
+    `tensor_scale` fixes s_t (a calibrated, static per-tensor scale for activations) instead of
+    taking it from this tensor's amax.
 
     Power-of-two scale (E8M0, OCP MX v1.0 section 6.3): X = 2**(floor(log2 amax_block) -
     emax_elem) clamped to [2**-127, 2**127] (see `_mx_scale` for zero and non-finite blocks),
@@ -323,7 +326,10 @@ def quantize_block(x: np.ndarray, fmt: BlockFormat, axis: int = -1) -> BlockQuan
         scale = _mx_scale(amax, fmt)
         v = x.astype(np.float64) / expand_param(scale, x.shape, ax, bs)
     else:
-        tensor_scale = None if fmt.tensor_scale is None else _tensor_scale(x, fmt)
+        if fmt.tensor_scale is None:
+            tensor_scale = None
+        elif tensor_scale is None:
+            tensor_scale = _tensor_scale(x, fmt)
         st = np.float32(1.0 if tensor_scale is None else tensor_scale)
         sb = round_to_grid(amax / np.float32(fmt.element.max) / st, fmt.scale)
         scale = np.where(np.isfinite(amax), sb, np.nan)
@@ -351,6 +357,6 @@ def dequantize_block(q: BlockQuantized, fmt: BlockFormat) -> np.ndarray:
     return decode(q.elements, fmt.element) * full
 
 
-def fake_quant(x: np.ndarray, fmt: BlockFormat, axis: int = -1) -> np.ndarray:
+def fake_quant(x: np.ndarray, fmt: BlockFormat, axis: int = -1, tensor_scale: float | None = None) -> np.ndarray:
     """dequantize_block(quantize_block(x)): x rounded to what `fmt` can store, as float32."""
-    return dequantize_block(quantize_block(x, fmt, axis), fmt)
+    return dequantize_block(quantize_block(x, fmt, axis, tensor_scale), fmt)

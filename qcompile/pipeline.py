@@ -21,8 +21,9 @@ from google.protobuf.message import DecodeError
 from qcompile import __version__
 from qcompile.analyze import PlanOptions, make_plan, tie_heads
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
+from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
-from qcompile.calibrate import choose_clip, collect, fake_quant, qparams_from_clip, stream_values
+from qcompile.calibrate import choose_clip, collect, simulate, stream_values
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
@@ -78,9 +79,11 @@ def _as_dataset(data, inputs: list[InputInfo]) -> Dataset | None:
 
 
 def _required_opset(formats: list, blocked: bool, caps: Capabilities) -> int:
-    """The lowest default-domain opset whose Q/DQ covers `formats` (blocked Q/DQ needs 21)."""
-    need = [13] + [caps.min_opset(f.onnx_dtype) for f in formats if caps.qdq_native(getattr(f, "onnx_dtype", None))]
-    return max(need + ([21] if blocked else []))
+    """The lowest default-domain opset whose Q/DQ covers `formats` (blocked Q/DQ needs 21, and so
+    do the qcompile function ops that formats without a native Q/DQ use)."""
+    native = [caps.min_opset(f.onnx_dtype) for f in formats if caps.qdq_native(getattr(f, "onnx_dtype", None))]
+    lacking = len(native) < len(formats)
+    return max([13] + native + ([21] if blocked or lacking else []))
 
 
 class Stages:
@@ -102,12 +105,12 @@ def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: 
                    caps: Capabilities = CAPABILITIES) -> QuantPlan:
     """Fill the clip of every activation spec without one, from histograms of the value itself or,
     when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads."""
-    specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None}
+    specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None and not s.dynamic}
     if not specs:
         return plan
     by_name = {o.name: o for n in model.graph for o in n.outputs} | {v.name: v for v in model.graph.inputs}
     heads = {
-        v: [h.name for h in tie_heads(by_name[v])[1]] if s.fmt.onnx_dtype in caps.shape_op_qdq_drop else [v]
+        v: [h.name for h in tie_heads(by_name[v])[1]] if getattr(s.fmt, "onnx_dtype", None) in caps.shape_op_qdq_drop else [v]
         for v, s in specs.items()
     }
     hists = collect(model, sorted({h for hs in heads.values() for h in hs}), data.batches(batch_size), progress)
@@ -157,13 +160,11 @@ def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size:
     if not specs:
         return {}
     acc = {v: [0.0, 0.0] for v in specs}
-    params = {v: qparams_from_clip(*s.clip, s.fmt, s.symmetric) for v, s in specs.items()}
     for _, values in stream_values(model, list(specs), data.batches(batch_size)):
         for v, x in values.items():
-            x = x.astype(np.float64)
-            s, zp = params[v]
-            acc[v][0] += float(np.sum(x**2))
-            acc[v][1] += float(np.sum((x - fake_quant(x.astype(np.float32), s, zp, specs[v].fmt)) ** 2))
+            x64 = x.astype(np.float64)
+            acc[v][0] += float(np.sum(x64**2))
+            acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
     return {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3)) for v, (sig, n) in acc.items()}
 
 
@@ -204,8 +205,16 @@ def compile(
     batch_size: int = 8,
     caps: Capabilities = CAPABILITIES,
     progress: Callable | None = None,
+    lowering: str = "auto",
+    accuracy_level: int = 0,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
+
+    lowering: how weights in formats onnxruntime lacks (and integer weights) are emitted:
+    "function" (packed codes + a qcompile.Dequantize* function op), "integer" (exact MatMulNBits
+    digit planes wherever possible), "auto" (integer when it is at most two planes).
+    accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
+    simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
 
     calib / eval: an `.npz` path, a directory of them, a {input: array} dict, or a Dataset.
     Without calib, inputs are synthesized (and a warning is logged); without eval, the last
@@ -272,10 +281,12 @@ def compile(
     insert = InsertQDQPass(work, caps)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
+    nb = LowerToMatMulNBitsPass(insert.stored, lowering, accuracy_level)
+    stages.run(repr(nb), nb, m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)
 
-    layers = _layer_table(work, insert, act_sqnr)
+    layers = _layer_table(work, insert, act_sqnr, nb.lowered)
     report = {
         "schema": REPORT_SCHEMA,
         "qcompile": __version__,
@@ -313,7 +324,7 @@ def _worst(row: dict) -> float:
     return min(vals) if vals else float("inf")
 
 
-def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float]) -> list[dict]:
+def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float], lowered: list[str]) -> list[dict]:
     rows = []
     recs = {}
     for r in insert.records:
@@ -323,7 +334,8 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
         r = recs.get(name)
         if r is not None:
             row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
-                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes))
+                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes),
+                       emission="com.microsoft.MatMulNBits" if name in lowered else r.emission)
         acts = [q for q in node.inputs.values() if q.role == "activation"]
         if acts:
             row["activation_format"] = acts[0].spec.format

@@ -90,6 +90,12 @@ class QuantSpec:
     def fmt(self):
         return parse_format(self.format)
 
+    @property
+    def dynamic(self) -> bool:
+        """Scales computed at run time from the data (an OCP MX activation): nothing to calibrate."""
+        fmt = self.fmt
+        return getattr(fmt, "kind", "") == "block" and fmt.tensor_scale is None
+
     def to_json(self) -> dict:
         d = {
             "format": self.format,

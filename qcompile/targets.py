@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qcompile.formats import IntFormat, parse_format
+from qcompile.formats import BlockFormat, IntFormat, parse_format
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class WeightPolicy:
     """How constant weights are quantized.
 
     granularity: "tensor", "channel" (output channel) or "block" (along the reduction axis).
-    method:      minmax (absmax) or mse (per-channel/per-block MSE-optimal clipping).
+                 A block format (MX, NVFP4) is always blocked, with its own block size.
+    method:      minmax (absmax) or mse (per-channel/per-block MSE-optimal clipping; scalar formats).
     """
 
     format: str
@@ -27,7 +28,8 @@ class WeightPolicy:
 
 @dataclass(frozen=True)
 class ActivationPolicy:
-    """How activations (per tensor, calibrated) are quantized."""
+    """How activations are quantized: per tensor with a calibrated range (scalar formats), or
+    dynamically per block along the reduction axis (MX; NVFP4 with a calibrated tensor scale)."""
 
     format: str
     symmetric: bool = False
@@ -108,6 +110,37 @@ TARGETS: dict[str, Target] = {
             bias_correction=True,
         ),
         Target(
+            "w4a8",
+            "int4 weights in blocks of 32 (MatMulNBits) with FP8 E4M3 per-tensor activations",
+            WeightPolicy("int4", granularity="block", method="mse"),
+            ActivationPolicy("e4m3fn", symmetric=True, method="mse"),
+            min_sqnr_db=8.0,
+            ops=("MatMul", "Gemm"),  # as w4: 4-bit conv kernels break CNNs
+        ),
+        Target("int3", "weight-only int3 MatMul/Gemm weights, blocks of 32 (MSE scales)",
+               WeightPolicy("int3", granularity="block", method="mse"), None, min_sqnr_db=5.0, ops=("MatMul", "Gemm")),
+        Target("int2", "weight-only int2 MatMul/Gemm weights, blocks of 16 (MSE scales)",
+               WeightPolicy("int2", granularity="block", block_size=16, method="mse"), None, min_sqnr_db=0.0,
+               ops=("MatMul", "Gemm")),
+        Target("fp4", "weight-only FP4 E2M1 weights, blocks of 32 along the reduction axis with float32 scales",
+               WeightPolicy("e2m1", granularity="block", method="mse"), None, min_sqnr_db=8.0, ops=("MatMul", "Gemm")),
+        Target("fp6", "weight-only FP6 E2M3 weights, blocks of 32 with float32 scales",
+               WeightPolicy("e2m3", granularity="block", method="mse"), None, min_sqnr_db=12.0),
+        Target("fp6-e3m2", "weight-only FP6 E3M2 weights, blocks of 32 with float32 scales",
+               WeightPolicy("e3m2", granularity="block", method="mse"), None, min_sqnr_db=12.0),
+        # OCP MX and NVFP4 simulate hardware whose GEMMs take both operands in the format: weights
+        # and activations, activations scaled per block at run time (`w:mxfp4` is weight-only).
+        Target("mxfp8", "OCP MXFP8 (E4M3 elements, E8M0 scale per 32) weights and activations",
+               WeightPolicy("mxfp8_e4m3"), ActivationPolicy("mxfp8_e4m3", True, "minmax"), min_sqnr_db=15.0),
+        Target("mxfp6", "OCP MXFP6 (E2M3 elements, E8M0 scale per 32) weights and activations",
+               WeightPolicy("mxfp6_e2m3"), ActivationPolicy("mxfp6_e2m3", True, "minmax"), min_sqnr_db=12.0),
+        Target("mxfp4", "OCP MXFP4 (E2M1 elements, E8M0 scale per 32) weights and activations",
+               WeightPolicy("mxfp4"), ActivationPolicy("mxfp4", True, "minmax"), min_sqnr_db=5.0),
+        Target("mxint8", "OCP MXINT8 (int8 elements, E8M0 scale per 32) weights and activations",
+               WeightPolicy("mxint8"), ActivationPolicy("mxint8", True, "minmax"), min_sqnr_db=15.0),
+        Target("nvfp4", "NVIDIA NVFP4 (E2M1, E4M3 scale per 16, fp32 tensor scale) weights and activations",
+               WeightPolicy("nvfp4"), ActivationPolicy("nvfp4", True, "minmax"), min_sqnr_db=5.0),
+        Target(
             "fp8-e5m2",
             "FP8 E5M2 weights (per channel) and activations (per tensor)",
             WeightPolicy("e5m2"),
@@ -119,8 +152,52 @@ TARGETS: dict[str, Target] = {
 }
 
 
+# Output-SQNR gate of a composed target by its narrowest format's bits (see the tolerance note above).
+_GATE_BY_BITS = {2: 0.0, 3: 4.0, 4: 5.0, 5: 8.0, 6: 10.0, 7: 12.0}
+
+
+def _bits(fmt) -> int:
+    return (fmt.element if isinstance(fmt, BlockFormat) else fmt).bits
+
+
+def compose(spec: str) -> Target:
+    """A target from `w:FORMAT[/BLOCK][,a:FORMAT]` (e.g. `w:e3m4,a:e4m3`, `w:int4/128`, `w:mxfp4`).
+
+    Weights: a block format keeps its own blocks; a scalar format is per output channel, or in
+    blocks of BLOCK along the reduction axis, with MSE-searched scales below 8 bits. Activations:
+    a scalar format is per tensor, symmetric for float formats, calibrated with format-aware MSE;
+    a block format is dynamic per block. Without `a:` the target is weight-only.
+    """
+    parts = {}
+    for item in spec.split(","):
+        key, sep, val = item.strip().partition(":")
+        if not sep or key not in ("w", "a") or key in parts or not val:
+            raise KeyError(f"target {spec!r}: expected w:FORMAT[/BLOCK][,a:FORMAT]")
+        parts[key] = val.strip()
+    if "w" not in parts:
+        raise KeyError(f"target {spec!r}: the weight format (w:FORMAT) is required")
+    wname, _, block = parts["w"].partition("/")
+    wfmt = parse_format(wname)
+    if block and (not block.isdigit() or int(block) < 1 or isinstance(wfmt, BlockFormat)):
+        raise KeyError(f"target {spec!r}: /BLOCK must be a positive integer, for a scalar weight format")
+    weights = WeightPolicy(wname, "block" if block else "channel", int(block or 32),
+                           "mse" if _bits(wfmt) < 8 and not isinstance(wfmt, BlockFormat) else "minmax")
+    acts = None
+    if "a" in parts:
+        afmt = parse_format(parts["a"])
+        if isinstance(afmt, BlockFormat):
+            acts = ActivationPolicy(parts["a"], True, "minmax")
+        else:
+            acts = ActivationPolicy(parts["a"], symmetric=not isinstance(afmt, IntFormat) or afmt.bits < 8, method="mse")
+    narrow = min(_bits(f) for f in [wfmt] + ([parse_format(parts["a"])] if acts else []))
+    return Target(spec, f"composed: weights {parts['w']}" + (f", activations {parts['a']}" if acts else " (weight-only)"),
+                  weights, acts, min_sqnr_db=_GATE_BY_BITS.get(narrow, 15.0))
+
+
 def get_target(name: str) -> Target:
-    try:
+    """A named target, or a composed one (`compose`) for names of the form w:...[,a:...]."""
+    if name in TARGETS:
         return TARGETS[name]
-    except KeyError:
-        raise KeyError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+    if name.startswith("w:"):
+        return compose(name)
+    raise KeyError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}, or w:FORMAT[/BLOCK][,a:FORMAT]")

@@ -1,5 +1,9 @@
 """Offline weight quantization: scales per tensor, channel or block, then codes.
 
+`quantize` is the entry point for every format and returns the stored form (`storage.PackedTensor`).
+Block formats (OCP MX, NVFP4) follow their specification's scale rule (`codec.quantize_block`);
+scalar formats (INT, FP8/FP6/FP4, any ExMy) use the rule below.
+
 Symmetric only (zero point 0): s = clip / qmax for INT formats, clip / max for float formats,
 where clip is the absolute maximum of each group (tensor, channel, or block of `size` along the
 reduction axis) times a ratio r. method="minmax" takes r = 1; method="mse" searches r on a grid
@@ -12,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import codec
+from qcompile import codec, storage
 from qcompile.calibrate import fake_quant
-from qcompile.formats import FloatFormat, IntFormat
-from qcompile.plan import PerChannel, PerTensor, QuantSpec
+from qcompile.formats import BlockFormat, FloatFormat, IntFormat
+from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantSpec
 
-MSE_RATIOS = np.linspace(0.5, 1.0, 26)
+MSE_RATIOS = np.linspace(0.2, 1.0, 41)  # clip ratios tried (step 0.02; 2- and 3-bit grids want < 0.5)
 
 
 @dataclass
@@ -105,9 +109,23 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         codes = codec.round_to_grid(w / full, fmt).astype(fmt.storage_dtype)
         zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
     else:
-        codes = codec.round_to_grid(w / full, fmt).astype(fmt.ml_dtype)
+        codes = codec.round_to_grid(w / full, fmt)
+        codes = codes.astype(fmt.ml_dtype) if fmt.ml_dtype is not None else codes
         zp = None
     return QuantizedWeight(codes, scale, zp, axis, block)
+
+
+def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:
+    """Quantize a float weight with `spec`, any format, into its stored form."""
+    fmt = spec.fmt
+    w = np.asarray(w, dtype=np.float32)
+    if isinstance(fmt, BlockFormat):
+        g = spec.granularity
+        if not isinstance(g, PerBlock) or g.size != fmt.block_size:
+            raise ValueError(f"{spec.format} weights are blocked by {fmt.block_size} along the reduction axis, not {g}")
+        return storage.from_block(codec.quantize_block(w, fmt, g.axis), fmt)
+    qw = quantize_weight(w, spec)
+    return storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
 
 
 def to_ir_tensor(a: np.ndarray, fmt, name: str) -> ir.Tensor:

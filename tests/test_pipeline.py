@@ -30,11 +30,23 @@ FLOORS = {
     "int8": 35.0,      # the issue's int8 floor: 8-bit activations and per-channel weights [34.2 (38.4 without
                        # SmoothQuant) / 41.7 / 40.6]
     "a16w8": 40.0,     # int16 activations add ~no noise; int8 per-channel weights alone ~42+ dB [42.2 / 43.7 / 48.4]
-    "w8": 36.0,        # weight-only int8; on the CNN's Gemm onnxruntime picks MatMulNBits, whose default
-                       # accuracy level quantizes the activation to int8 per block (-5 dB) [42.4 / 38.7 / 46.2]
-    "w4": 15.0,        # 4-bit weights (blocks of 32; per channel for Conv): ~6 dB per bit under w8 [18.7 / 16.5 / 24.8]
+    "w8": 36.0,        # weight-only int8 per channel, run exactly (MatMulNBits planes at accuracy level 0;
+                       # Conv decoded to float) [43.1 / 54.9 / 49.1]
+    "w4": 15.0,        # 4-bit weights (blocks of 32; MatMul/Gemm only): ~6 dB per bit under w8 [19.5 / 40.2 / 24.8]
     "fp8": 25.0,       # the issue's fp8 floor: E4M3 has 3 mantissa bits (~31 dB per tensor) [25.8 / 25.7 / 31.0]
     "fp8-e5m2": 18.0,  # E5M2: one mantissa bit fewer than E4M3, ~6 dB less [20.6 / 19.4 / 24.9]
+    # formats onnxruntime lacks (issue 4); MatMul/Gemm weights run as exact MatMulNBits planes
+    "w4a8": 14.0,      # w4's weights plus E4M3 activations (~-1..-2 dB) [18.4 / 16.7 / 24.2]
+    "int3": 10.0,      # one bit under w4: ~-6 dB [12.9 / 19.9 / 19.1]
+    "int2": 3.0,       # four levels per block of 16: barely above noise without fine-tuning [5.5 / 5.5 / 13.2]
+    "fp4": 15.0,       # E2M1 blocks of 32 with float32 MSE scales: about w4 [18.8 / 20.9 / 24.3]
+    "fp6": 26.0,       # E2M3 weight-only: ~3 bits of mantissa relative to the block max [29.7 / 29.7 / 36.4]
+    "fp6-e3m2": 19.0,  # one mantissa bit fewer than E2M3 [25.7 / 21.8 / 30.3]
+    "mxfp8": 19.0,     # weights and activations E4M3 with power-of-two block scales [24.6 / 22.1 / 29.2]
+    "mxfp6": 20.0,     # E2M3 elements, weights and activations [25.1 / 23.2 / 30.0]
+    "mxfp4": 10.0,     # 4-bit weights and activations: the noise of both adds up [12.4 / 12.5 / 18.0]
+    "mxint8": 30.0,    # int8 elements with per-32 power-of-two scales, weights and activations [36.7 / 33.8 / 41.2]
+    "nvfp4": 13.0,     # E2M1 with E4M3 scales per 16: finer scales than mxfp4, ~+3 dB [15.5 / 16.7 / 19.6]
 }
 TARGETS = list(FLOORS)
 

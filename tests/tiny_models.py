@@ -75,6 +75,34 @@ def cnn(seed=0) -> onnx.ModelProto:
     )
 
 
+def convnet(seed=0) -> onnx.ModelProto:
+    """x[N,3,12,12] -> Conv(+bias) -> Relu -> MaxPool -> Conv(+bias, 40 in-channels) -> Relu -> GlobalAveragePool
+    -> Flatten -> Gemm. No BatchNorm, so the compiled weights are the initializers (for exact simulation)."""
+    rng = np.random.default_rng(seed)
+    c1, c2 = 40, 24
+    inits = [
+        _init("k1", rng.standard_normal((c1, 3, 3, 3)) / np.sqrt(27)), _init("kb1", 0.1 * rng.standard_normal(c1)),
+        _init("k2", rng.standard_normal((c2, c1, 3, 3)) / np.sqrt(9 * c1)), _init("kb2", 0.1 * rng.standard_normal(c2)),
+        _init("fc_w", rng.standard_normal((c2, 10)) / np.sqrt(c2)), _init("fc_b", rng.standard_normal(10) * 0.1),
+    ]
+    nodes = [
+        h.make_node("Conv", ["x", "k1", "kb1"], ["y1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["y1"], ["r1"], name="relu1"),
+        h.make_node("MaxPool", ["r1"], ["p1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        h.make_node("Conv", ["p1", "k2", "kb2"], ["y2"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["y2"], ["r2"], name="relu2"),
+        h.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        h.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        h.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 12, 12])],
+        [h.make_tensor_value_info("logits", T.FLOAT, ["N", 10])],
+        inits,
+    )
+
+
 def attention(seed=0, seq=16, d=32, heads=2) -> onnx.ModelProto:
     """One pre-norm self-attention block with residual: x[N,S,D] -> LN -> QKV -> softmax(QK^T/sqrt(dh))V -> proj + x."""
     rng = np.random.default_rng(seed)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.plan import QuantPlan
-from qcompile.weights import quantize_weight
+from qcompile.weights import quantize
 
 log = logging.getLogger(__name__)
 DONE = "qcompile.bias_corrected"
@@ -78,7 +78,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
                 continue
             w = node.inputs[1].const_value.numpy().astype(np.float64)
             spec = self.plan.nodes[name].inputs[1].spec
-            dw = w - quantize_weight(w.astype(np.float32), spec).dequantize().astype(np.float64)
+            dw = w - quantize(w.astype(np.float32), spec).dequantize().astype(np.float64)
             shift = _output_shift(node, dw, mean)
             if shift is None or not np.any(shift):
                 continue

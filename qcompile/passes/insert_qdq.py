@@ -4,7 +4,15 @@ Before:  y = MatMul(x, W)                      z = Conv(a, K, b) -> Relu -> r
 After:   y = MatMul(DQ(Q(x, sx, zx)), DQ(Wq, sw, axis=1))
          r = Relu(Conv(DQ(Q(a)), DQ(Kq, sk, axis=0), DQ(bq:int32, sa*sk, axis=0)));  r' = DQ(Q(r))
 
-- Weights are quantized offline (`qcompile.weights`) and stored as codes of the format's ONNX type.
+- Weights are quantized offline (`qcompile.weights`) and stored as codes of the format's ONNX type
+  with a standard DequantizeLinear when onnxruntime has that type and a use for it (FP8; INT when
+  the node's activation is INT-quantized too, for the integer QDQ fusions); otherwise packed at
+  their bit width behind a `qcompile.Dequantize*` function op (`qcompile.functions`), which the
+  MatMulNBits lowering may replace, e.g. for E2M1 / OCP MX:
+      W  ->  qcompile.DequantizeMX(packed_codes:uint8, scale_codes:uint8 E8M0) -> MatMul
+  Every weight's stored form is kept in `stored` (DQ output name -> PackedTensor) for the lowering.
+- An activation in a format onnxruntime has no QuantizeLinear for (FP6, FP4, any ExMy, MX, NVFP4)
+  gets a `qcompile.FakeQuant*` op instead of the Q/DQ pair, with the same arithmetic.
 - An activation gets one Q/DQ pair per (value, spec); only the plan's consumers read the DQ output,
   other consumers (a residual Add, a LayerNorm) keep the float value, except for a node *output*
   the plan quantizes (after Conv(+Relu)), where every consumer reads it so onnxruntime can fuse
@@ -24,13 +32,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import codec, functions, storage
 from qcompile.analyze import tie_heads
 from qcompile.backends.onnxruntime.capabilities import Capabilities
 from qcompile.calibrate import qparams_from_clip
 from qcompile.errors import PreconditionError
-from qcompile.formats import IntFormat
+from qcompile.formats import BlockFormat, FloatFormat, IntFormat
 from qcompile.plan import InputQuant, QuantPlan, QuantSpec
-from qcompile.weights import quantize_weight, to_ir_tensor
+from qcompile.weights import quantize, quantize_weight, to_ir_tensor
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,7 @@ class LayerRecord:
     weight_sqnr_db: float
     float_bytes: int
     quant_bytes: float
+    emission: str = "DequantizeLinear"  # the op that decodes the stored weight
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -64,6 +74,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.plan = plan
         self.caps = caps
         self.records: list[LayerRecord] = []
+        self.stored: dict[str, storage.PackedTensor] = {}
         self._names: set[str] = set()
 
     def __repr__(self) -> str:
@@ -74,16 +85,27 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for name, node in self.plan.nodes.items():
             quants = list(node.inputs.values()) + ([node.output] if node.output else [])
             for q in quants:
-                fmt = q.spec.fmt
-                dtype = getattr(fmt, "onnx_dtype", None)
-                if not self.caps.qdq_native(dtype):
-                    raise PreconditionError(f"{q.spec.format} has no native Q/DQ in onnxruntime (node {name})")
-                if opset < self.caps.min_opset(dtype):
-                    raise PreconditionError(
-                        f"{q.spec.format} Q/DQ needs opset >= {self.caps.min_opset(dtype)}, model has {opset}"
-                    )
-                if q.role == "activation" and q.spec.clip is None:
+                if self._native(q.spec):
+                    dtype = q.spec.fmt.onnx_dtype
+                    if opset < self.caps.min_opset(dtype):
+                        raise PreconditionError(
+                            f"{q.spec.format} Q/DQ needs opset >= {self.caps.min_opset(dtype)}, model has {opset}"
+                        )
+                elif q.role == "activation" and not _function_activation(q.spec):
+                    raise PreconditionError(f"{q.spec.format} activations of {name}: only symmetric (zero point 0) "
+                                            "quantization is available for formats without a native Q/DQ")
+                else:
+                    op = functions.op_type(q.spec.fmt, q.role)
+                    if opset < functions.OP_MIN_OPSET[op]:
+                        raise PreconditionError(f"{q.spec.format} needs opset >= {functions.OP_MIN_OPSET[op]} "
+                                                f"(qcompile.{op}), model has {opset}")
+                if q.role == "activation" and q.spec.clip is None and not q.spec.dynamic:
                     raise PreconditionError(f"activation {q.value!r} of {name} has no calibrated range")
+
+    def _native(self, spec: QuantSpec) -> bool:
+        """onnxruntime has QuantizeLinear/DequantizeLinear for this (scalar) format."""
+        fmt = spec.fmt
+        return not isinstance(fmt, BlockFormat) and not getattr(fmt, "frac_bits", 0) and self.caps.qdq_native(fmt.onnx_dtype)
 
     # --- naming -------------------------------------------------------------------------------
     def _name(self, base: str) -> str:
@@ -116,6 +138,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 log.warning("plan names node %r, which is not in the graph; skipped", name)
                 continue
             act_scale, w_scale = None, None
+            int_acts = any(q.role == "activation" and self._native(q.spec) and isinstance(q.spec.fmt, IntFormat)
+                           for q in nplan.inputs.values())
             for i, q in sorted(nplan.inputs.items()):
                 v = node.inputs[i]
                 if v is None or v.name != q.value:
@@ -124,12 +148,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     log.warning("plan input %d of %s is %r, graph has %r; skipped", i, name, q.value, v and v.name)
                     continue
                 if q.role == "weight":
-                    dq, w_scale = self._weight(graph, node, i, q, weight_cache)
+                    dq, w_scale = self._weight(graph, node, i, q, weight_cache, int_acts)
                     node.replace_input_with(i, dq)
                 else:
                     dq, s, _ = self._activation(graph, v, q.spec, act_cache, consumer=node.name)
                     node.replace_input_with(i, dq)
-                    if q.spec.fmt.onnx_dtype in self.caps.shape_op_qdq_drop:
+                    if getattr(q.spec.fmt, "onnx_dtype", None) in self.caps.shape_op_qdq_drop:
                         self._tie(graph, v, q.spec, act_cache)
                     act_scale = s if i == 0 or act_scale is None else act_scale
                 changed += 1
@@ -140,16 +164,33 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if changed:
             graph.sort()
             _drop_unused_initializers(graph)
+            functions.attach(model)
         return ir.passes.PassResult(model, modified=changed > 0)
 
-    def _weight(self, graph, node, i, q: InputQuant, cache) -> tuple[ir.Value, np.ndarray]:
+    def _weight(self, graph, node, i, q: InputQuant, cache, int_acts: bool) -> tuple[ir.Value, np.ndarray | None]:
         w = node.inputs[i]
-        key = (w.name, q.spec)
+        native = self._native(q.spec) and (int_acts or not isinstance(q.spec.fmt, IntFormat))
+        key = (w.name, q.spec, native)
         if key in cache:
             return cache[key]
-        fmt = q.spec.fmt
         arr = w.const_value.numpy()
-        qw = quantize_weight(arr, q.spec)
+        if native:
+            out, scale, t = self._native_weight(graph, w, q.spec)
+        else:
+            t = quantize(arr, q.spec)
+            out, scale = functions.dequantize(graph, t, self._name(w.name)), None
+        self.stored[out.name] = t
+        self.records.append(
+            LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, t.dequantize()), arr.nbytes, t.nbytes,
+                        _op_name(out.producer()))
+        )
+        cache[key] = (out, scale)
+        return cache[key]
+
+    def _native_weight(self, graph, w: ir.Value, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor]:
+        """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of a weight."""
+        fmt = spec.fmt
+        qw = quantize_weight(w.const_value.numpy(), spec)
         codes = self._const(graph, to_ir_tensor(qw.codes, fmt, f"{w.name}_q"))
         scale = self._const(graph, ir.tensor(qw.scale, name=f"{w.name}_scale"))
         ins = [codes, scale]
@@ -165,14 +206,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = w.shape
         graph.append(dq)
-        self.records.append(
-            LayerRecord(
-                node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, qw.dequantize()), arr.nbytes,
-                arr.size * fmt.bits / 8 + qw.scale.nbytes,
-            )
-        )
-        cache[key] = (dq.outputs[0], qw.scale)
-        return cache[key]
+        return dq.outputs[0], qw.scale, storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
 
     def _activation(self, graph, v: ir.Value, spec: QuantSpec, cache, consumer: str | None = None) -> tuple[ir.Value, float, float]:
         """Q/DQ of v with spec; one pair per quantized consumer (onnxruntime fuses a MatMul only when
@@ -181,6 +215,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key in cache:
             return cache[key]
         fmt = spec.fmt
+        if not self._native(spec):
+            cache[key] = (self._function_activation(graph, v, spec), None, 0.0)
+            return cache[key]
         s, zp = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, spec.symmetric)
         scale = self._const(graph, ir.tensor(np.array(s, dtype=np.float32), name=f"{v.name}_scale"))
         zero = self._const(graph, to_ir_tensor(np.array(zp, dtype=np.float32), fmt, f"{v.name}_zp"))
@@ -195,6 +232,17 @@ class InsertQDQPass(ir.passes.InPlacePass):
         graph.extend([q, dq])
         cache[key] = (dq.outputs[0], s, zp)
         return cache[key]
+
+    def _function_activation(self, graph, v: ir.Value, spec: QuantSpec) -> ir.Value:
+        """A qcompile.FakeQuant* op: per-tensor scale from the clip, or run-time block scales (with
+        NVFP4's static tensor scale from the calibrated amax)."""
+        fmt, name = spec.fmt, self._name(f"{v.name}_fq")
+        amax = max(abs(spec.clip[0]), abs(spec.clip[1])) if spec.clip is not None else 0.0
+        if isinstance(fmt, BlockFormat):
+            st = codec.tensor_scale_from_amax(amax, fmt) if fmt.tensor_scale is not None else None
+            return functions.fake_quant(graph, v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
+        s, _ = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, True)
+        return functions.fake_quant(graph, v, fmt, name, scale=s)
 
     def _tie(self, graph, v: ir.Value, spec: QuantSpec, cache) -> None:
         """Quantize the data inputs of the shape ops above `v` with v's scale (see module doc)."""
@@ -243,7 +291,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
 def _is_dq(v: ir.Value | None) -> bool:
     p = v.producer() if v is not None else None
-    return p is not None and p.op_type == "DequantizeLinear"
+    return p is not None and (p.op_type == "DequantizeLinear" or p.domain == functions.DOMAIN)
+
+
+def _op_name(node: ir.Node) -> str:
+    return node.op_type if node.domain == "" else f"{node.domain}.{node.op_type}"
+
+
+def _function_activation(spec: QuantSpec) -> bool:
+    """A qcompile.FakeQuant* op can express it: block formats, symmetric scalar formats with a zero."""
+    fmt = spec.fmt
+    if isinstance(fmt, BlockFormat):
+        return True
+    if isinstance(fmt, FloatFormat):
+        return fmt.signed and fmt.has_zero
+    return spec.symmetric
 
 
 def _gran(spec: QuantSpec) -> str:

@@ -111,7 +111,7 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
     the whole calibration set.
     """
     from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
-    from qcompile.weights import quantize_weight
+    from qcompile.weights import quantize
 
     nodes = {n.name: n for n in graph}
     out = {}
@@ -138,7 +138,7 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
             for w, ref, node, spec in zip(ws, refs, consumers, wspecs):
                 gemm_t = nodes[node].op_type == "Gemm" and _trans_b(nodes[node])
                 ws_ = w * s[:, None]
-                q = quantize_weight(ws_.T if gemm_t else ws_, spec).dequantize()
+                q = quantize(ws_.T if gemm_t else ws_, spec).dequantize()
                 err += float(np.sum((ref - xq @ (q.T if gemm_t else q)) ** 2))
             return err
 

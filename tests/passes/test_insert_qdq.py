@@ -211,7 +211,8 @@ def test_shared_weight_is_quantized_once():
     dq1 = _producer(helpers.node_by_name(model, "mm1").inputs[1])
     assert dq1 is _producer(helpers.node_by_name(model, "mm2").inputs[1]), "one DQ, one set of codes"
     assert "w" not in model.graph.initializers
-    codes = [v for v in model.graph.initializers.values() if v.const_value.dtype == D.INT8 and tuple(v.shape) == (16, 8)]
+    # weight-only int8: packed codes behind qcompile.DequantizeMinifloat (for the MatMulNBits lowering)
+    codes = [v for v in model.graph.initializers.values() if v.const_value.dtype == D.UINT8 and tuple(v.shape) == (16 * 8,)]
     assert codes == [dq1.inputs[0]]
 
 
@@ -260,9 +261,30 @@ def test_opset_too_old_is_refused():
     assert "int4 Q/DQ needs opset >= 21, model has 13" in _refused(model, plan)
 
 
-def test_format_without_native_qdq_is_refused():
+def test_format_without_native_qdq_becomes_a_function_op():
+    """E2M1 has no onnxruntime Q/DQ: the weight is stored packed behind qcompile.DequantizeFP4."""
     model = ir.from_proto(_shared_weight_model(False))
-    assert "e2m1 has no native Q/DQ in onnxruntime (node mm1)" in _refused(model, _weight_plan(["mm1"], "e2m1"))
+    p = InsertQDQPass(_weight_plan(["mm1"], "e2m1"), CAPABILITIES)
+    helpers.assert_pass_contract(p, model, expect_modified=True)
+    dq = helpers.node_by_name(model, "mm1").inputs[1].producer()
+    assert (dq.domain, dq.op_type) == ("qcompile", "DequantizeFP4")
+    assert dq.inputs[0].const_value.dtype == ir.DataType.UINT8 and dq.inputs[0].const_value.size == 16 * 8 // 2
+    assert p.records[0].emission == "qcompile.DequantizeFP4"
+
+
+def test_function_ops_need_their_opset():
+    """FakeQuantMX reads ReduceMax's axes from an input (opset 18)."""
+    model = ir.from_proto(_shared_weight_model(False))
+    model.opset_imports[""] = 17
+    plan = QuantPlan("x", {"mm1": NodePlan("MatMul", {0: InputQuant("x", "activation", QuantSpec("mxfp4", PerBlock(-1, 32)))})})
+    assert "mxfp4 needs opset >= 18 (qcompile.FakeQuantMX), model has 17" in _refused(model, plan)
+
+
+def test_asymmetric_activation_without_native_qdq_is_refused():
+    model = ir.from_proto(_shared_weight_model(False))
+    spec = QuantSpec("int5", PerTensor(), False, clip=(-1.0, 2.0))
+    plan = QuantPlan("x", {"mm1": NodePlan("MatMul", {0: InputQuant("x", "activation", spec)})})
+    assert "only symmetric (zero point 0)" in _refused(model, plan)
 
 
 def test_uncalibrated_activation_is_refused():

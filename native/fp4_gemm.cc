@@ -1,0 +1,255 @@
+// Fused FP4 (E2M1) dequantize + GEMM kernels; see fp4_gemm.h for the math and the layout.
+//
+// AVX2 path (built with -mavx2 -mfma): 64 weights (32 bytes of one column) per step.
+//   1. nibbles: lo = byte & 15 (even k), hi = byte >> 4 (odd k).
+//   2. Every E2M1 value is a float32 whose low 16 bits are zero, so two vpshufb lookups give its
+//      bytes 2 and 3; vpunpck{l,h}bw interleaves them into the 16-bit high halves, and
+//      `word << 16` / `word & 0xffff0000` turn each 32-bit lane pair into two float32 vectors.
+//      Eight float vectors per step, no int->float conversion and no per-lane sign handling.
+//   3. The weights come out in a fixed permutation of k, so x is permuted once per row to match
+//      (kPerm); each vector is FMA'd with x into one of two block partials (bytes 0-7/16-23 and
+//      8-15/24-31 of the step), which are then FMA'd with their per-lane block scales.
+// M >= kTileRows decodes a tile of columns once (scaled, in kPerm order) and reuses it across rows.
+// The scalar path (no AVX2/FMA) computes the same sums block by block in natural order.
+#include "fp4_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QCN_AVX2 1
+#endif
+
+namespace qcn {
+namespace {
+
+constexpr float kE2M1[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+float decode_e4m3fn(uint8_t c) {
+  if ((c & 0x7F) == 0x7F) return NAN;
+  const int e = (c >> 3) & 15, m = c & 7;
+  const float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
+  return (c & 0x80) ? -v : v;
+}
+
+float decode_e8m0(uint8_t c) { return c == 255 ? NAN : std::ldexp(1.0f, static_cast<int>(c) - 127); }
+
+[[maybe_unused]] void matmul_scalar(const float* x, int64_t m, const Fp4Weight& w, float* y) {
+  const int64_t kp = padded_k(w.k, w.block_size), nb = kp / w.block_size;
+  for (int64_t n = 0; n < w.n; ++n) {
+    const uint8_t* q = w.codes + n * (kp / 2);
+    const uint8_t* s = w.scales + n * nb;
+    for (int64_t r = 0; r < m; ++r) {
+      const float* xr = x + r * w.k;
+      float acc = 0.0f;
+      for (int64_t b = 0; b * w.block_size < w.k; ++b) {
+        const int64_t k1 = std::min(w.k, (b + 1) * w.block_size);
+        float part = 0.0f;
+        for (int64_t k = b * w.block_size; k < k1; ++k) {
+          const uint8_t byte = q[k >> 1];
+          part += xr[k] * kE2M1[(k & 1) ? byte >> 4 : byte & 15];
+        }
+        acc += part * w.scale_lut[s[b]];
+      }
+      y[r * w.n + n] = acc;
+    }
+  }
+}
+
+#ifdef QCN_AVX2
+
+constexpr int64_t kStep = 64;     // weights per step (32 code bytes)
+constexpr int64_t kTileRows = 4;  // from this many rows on, decode column tiles once
+constexpr int64_t kTileCols = 8;
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in the (contiguous) code stream
+
+// kPerm[i]: which k (within a step) the i-th decoded float is. Vector v = nib*4 + up*2 + par,
+// lane L = 4h + j holds byte b = 16h + 8up + 2j + par, nibble nib -> k = 2b + nib.
+struct Perm {
+  int idx[kStep];
+  Perm() {
+    for (int v = 0; v < 8; ++v)
+      for (int lane = 0; lane < 8; ++lane) {
+        const int nib = v >> 2, up = (v >> 1) & 1, par = v & 1, h = lane >> 2, j = lane & 3;
+        idx[v * 8 + lane] = 2 * (16 * h + 8 * up + 2 * j + par) + nib;
+      }
+  }
+};
+const Perm kPerm;
+
+void permute_x(const float* x, int64_t k, int64_t kp, float* xp) {
+  for (int64_t base = 0; base < kp; base += kStep)
+    for (int i = 0; i < kStep; ++i) {
+      const int64_t src = base + kPerm.idx[i];
+      xp[base + i] = src < k ? x[src] : 0.0f;
+    }
+}
+
+struct Decoder {
+  __m256i byte2, byte3, low_nibble, high_half;
+  Decoder() {
+    alignas(32) uint8_t b2[32], b3[32];
+    for (int i = 0; i < 32; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, &kE2M1[i & 15], 4);
+      b2[i] = static_cast<uint8_t>(bits >> 16);
+      b3[i] = static_cast<uint8_t>(bits >> 24);
+    }
+    byte2 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b2));
+    byte3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(b3));
+    low_nibble = _mm256_set1_epi8(15);
+    high_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  }
+
+  // The 64 weights at q as 8 float vectors in kPerm order (unscaled E2M1 values).
+  inline void decode(const uint8_t* q, __m256 f[8]) const {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    const __m256i nibbles[2] = {_mm256_and_si256(v, low_nibble),
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibble)};
+    for (int nib = 0; nib < 2; ++nib) {
+      const __m256i lo = _mm256_shuffle_epi8(byte2, nibbles[nib]);
+      const __m256i hi = _mm256_shuffle_epi8(byte3, nibbles[nib]);
+      const __m256i words[2] = {_mm256_unpacklo_epi8(lo, hi), _mm256_unpackhi_epi8(lo, hi)};
+      for (int up = 0; up < 2; ++up) {
+        f[nib * 4 + up * 2] = _mm256_castsi256_ps(_mm256_slli_epi32(words[up], 16));
+        f[nib * 4 + up * 2 + 1] = _mm256_castsi256_ps(_mm256_and_si256(words[up], high_half));
+      }
+    }
+  }
+};
+
+inline __m256 two_scales(float low, float high) { return _mm256_set_m128(_mm_set1_ps(high), _mm_set1_ps(low)); }
+
+// Scale vectors of a step: s0 for the "up = 0" vectors (bytes 0-7 | 16-23), s1 for "up = 1"
+// (bytes 8-15 | 24-31). BS is 16, 32, or 0 for any block size >= 64.
+template <int BS>
+inline void step_scales(const float* lut, const uint8_t* s, int64_t step, int64_t bs, __m256& s0, __m256& s1) {
+  if (BS == 16) {
+    const uint8_t* c = s + 4 * step;
+    s0 = two_scales(lut[c[0]], lut[c[2]]);
+    s1 = two_scales(lut[c[1]], lut[c[3]]);
+  } else if (BS == 32) {
+    s0 = s1 = two_scales(lut[s[2 * step]], lut[s[2 * step + 1]]);
+  } else {
+    s0 = s1 = _mm256_set1_ps(lut[s[step * kStep / bs]]);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+
+// Block partials of one step: p0 over the up = 0 vectors, p1 over the up = 1 vectors.
+inline void step_partials(const __m256 f[8], const float* xs, __m256& p0, __m256& p1) {
+  p0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(xs));
+  p1 = _mm256_mul_ps(f[2], _mm256_loadu_ps(xs + 16));
+  p0 = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(xs + 8), p0);
+  p1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xs + 24), p1);
+  p0 = _mm256_fmadd_ps(f[4], _mm256_loadu_ps(xs + 32), p0);
+  p1 = _mm256_fmadd_ps(f[6], _mm256_loadu_ps(xs + 48), p1);
+  p0 = _mm256_fmadd_ps(f[5], _mm256_loadu_ps(xs + 40), p0);
+  p1 = _mm256_fmadd_ps(f[7], _mm256_loadu_ps(xs + 56), p1);
+}
+
+template <int BS>
+float dot_column(const Decoder& d, const float* xp, const uint8_t* q, const uint8_t* s, const float* lut,
+                 int64_t steps, int64_t bs) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (int64_t st = 0; st < steps; ++st) {
+    __m256 f[8], p0, p1, s0, s1;
+    if ((st & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(q + st * (kStep / 2) + kPrefetch), _MM_HINT_T0);
+    d.decode(q + st * (kStep / 2), f);
+    step_partials(f, xp + st * kStep, p0, p1);
+    step_scales<BS>(lut, s, st, bs, s0, s1);
+    acc0 = _mm256_fmadd_ps(p0, s0, acc0);
+    acc1 = _mm256_fmadd_ps(p1, s1, acc1);
+  }
+  return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+// The column's weights times their block scales, as float32 in kPerm order.
+template <int BS>
+void decode_column(const Decoder& d, const uint8_t* q, const uint8_t* s, const float* lut, int64_t steps,
+                   int64_t bs, float* out) {
+  for (int64_t st = 0; st < steps; ++st) {
+    __m256 f[8], s0, s1;
+    d.decode(q + st * (kStep / 2), f);
+    step_scales<BS>(lut, s, st, bs, s0, s1);
+    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(out + st * kStep + v * 8, _mm256_mul_ps(f[v], (v >> 1) & 1 ? s1 : s0));
+  }
+}
+
+float dot(const float* a, const float* b, int64_t len) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < len; i += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
+  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+template <int BS>
+void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
+  static const Decoder d;
+  const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
+  std::vector<float> xp(static_cast<size_t>(m * kp));
+  for (int64_t r = 0; r < m; ++r) permute_x(x + r * w.k, w.k, kp, xp.data() + r * kp);
+  if (m < kTileRows) {
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = 0; n < w.n; ++n)
+        y[r * w.n + n] = dot_column<BS>(d, xp.data() + r * kp, w.codes + n * (kp / 2), w.scales + n * nb,
+                                        w.scale_lut, steps, w.block_size);
+    return;
+  }
+  std::vector<float> tile(static_cast<size_t>(kTileCols * kp));
+  for (int64_t n0 = 0; n0 < w.n; n0 += kTileCols) {
+    const int64_t cols = std::min(kTileCols, w.n - n0);
+    for (int64_t c = 0; c < cols; ++c)
+      decode_column<BS>(d, w.codes + (n0 + c) * (kp / 2), w.scales + (n0 + c) * nb, w.scale_lut, steps,
+                        w.block_size, tile.data() + c * kp);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < cols; ++c) y[r * w.n + n0 + c] = dot(xp.data() + r * kp, tile.data() + c * kp, kp);
+  }
+}
+
+#endif  // QCN_AVX2
+
+}  // namespace
+
+int64_t padded_k(int64_t k, int64_t block_size) {
+  const int64_t unit = std::max<int64_t>(64, block_size);
+  return (k + unit - 1) / unit * unit;
+}
+
+void build_scale_lut(ScaleType type, float tensor_scale, float* lut) {
+  for (int c = 0; c < 256; ++c) {
+    const uint8_t code = static_cast<uint8_t>(c);
+    lut[c] = type == ScaleType::kE8M0 ? decode_e8m0(code) : decode_e4m3fn(code) * tensor_scale;
+  }
+}
+
+void matmul_fp4(const float* x, int64_t m, const Fp4Weight& w, float* y) {
+#ifdef QCN_AVX2
+  if (w.block_size == 16) return matmul_avx2<16>(x, m, w, y);
+  if (w.block_size == 32) return matmul_avx2<32>(x, m, w, y);
+  return matmul_avx2<0>(x, m, w, y);
+#else
+  matmul_scalar(x, m, w, y);
+#endif
+}
+
+const char* isa_name() {
+#ifdef QCN_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace qcn

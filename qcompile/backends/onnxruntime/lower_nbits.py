@@ -1,0 +1,129 @@
+"""Lower quantized MatMul/Gemm weights onto onnxruntime's 4-bit MatMulNBits kernels, exactly.
+
+Before:  y = MatMul(x, qcompile.DequantizeMX(packed, e8m0))      (or DequantizeLinear(int4, s, block),
+         y = Gemm(x, DQ(W), b)                                    any format with an integer grid)
+After:   y = MatMulNBits(x, B_0, s_0) + ... + MatMulNBits(x, B_P-1, s_P-1)  (+ b)
+
+where the element values are small integers v times a power of two u (E2M1: v = 2e in [-12, 12])
+written in base-16 digit planes v = sum_j d_j 16**j, B_j the 4-bit digits of plane j and
+s_j = scale * u * 16**j (`nbits.py`). B_j and s_j are computed *in the graph* from the packed codes
+and the stored scales, so the file keeps its packed size; onnxruntime constant-folds them at
+ENABLE_BASIC and above and prepacks them for its kernel. With accuracy_level 0 the kernel
+computes in float: the output equals x @ dequantize(W) up to float summation order. Level 4
+quantizes x to int8 per block inside the kernel: ~4x faster at batch 1, ~5e-3 relative error.
+
+Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
+activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites; "integer" rewrites every layer
+`nbits.unsupported` accepts; "auto" also requires at most AUTO_MAX_PLANES planes (each plane is a
+GEMV of its own: three planes cost more than the float MatMul they replace at accuracy level 0).
+"""
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from qcompile import functions
+from qcompile.backends.onnxruntime import nbits
+from qcompile.storage import PackedTensor
+
+log = logging.getLogger(__name__)
+LOWERINGS = ("auto", "function", "integer")
+AUTO_MAX_PLANES = 2
+
+
+class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
+    def __init__(self, stored: dict[str, PackedTensor], lowering: str = "auto", accuracy_level: int = 0) -> None:
+        super().__init__()
+        if lowering not in LOWERINGS:
+            raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+        self.stored = stored
+        self.lowering = lowering
+        self.accuracy_level = accuracy_level
+        self.lowered: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"LowerToMatMulNBitsPass({self.lowering}, accuracy_level={self.accuracy_level})"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.lowering == "function":
+            return ir.passes.PassResult(model, modified=False)
+        graph = model.graph
+        for node in list(graph):
+            t = self._lowerable(node)
+            if t is not None:
+                self._lower(graph, node, t)
+        if self.lowered:
+            model.opset_imports.setdefault(nbits.DOMAIN, 1)
+            graph.sort()
+            _drop_dead(graph)
+            functions.attach(model)
+        return ir.passes.PassResult(model, modified=bool(self.lowered))
+
+    def _lowerable(self, node: ir.Node) -> PackedTensor | None:
+        """The weight's stored form in [K, N] orientation, if this layer is lowered."""
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            return None
+        w = node.inputs[1]
+        t = self.stored.get(w.name) if w is not None else None
+        if t is None or (node.op_type == "Gemm" and not _plain_gemm(node)):
+            return None
+        x = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if x is not None and x.op_type == "DequantizeLinear":
+            return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
+        if node.op_type == "Gemm" and _attr(node, "transB"):
+            t = t.transposed()
+        reason = nbits.unsupported(node, t)
+        if reason is None and self.lowering == "auto" and nbits.plane_count(t) > AUTO_MAX_PLANES:
+            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {AUTO_MAX_PLANES})"
+        if reason is not None:
+            log.debug("%s stays %s: %s", node.name, self.lowering, reason)
+            return None
+        return t
+
+    def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
+        name = f"{node.name or node.outputs[0].name}_nbits"
+        codes = functions.unpack(graph, functions.packed_codes(graph, t, name), t.element.bits, t.shape, name)
+        _, scales = functions.scale_values(graph, t, name)
+        y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], codes, scales, t, self.accuracy_level, name)
+        if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            add = ir.node("Add", [y, node.inputs[2]], name=f"{name}_bias")
+            add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
+            graph.append(add)
+            y = add.outputs[0]
+        out = node.outputs[0]
+        out_name = out.name
+        out.replace_all_uses_with(y, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name = None
+        y.name = out_name
+        self.lowered.append(node.name)
+
+
+def _attr(node: ir.Node, name: str, default=0):
+    a = node.attributes.get(name)
+    return a.value if a is not None else default
+
+
+def _plain_gemm(node: ir.Node) -> bool:
+    """Gemm that is x @ W (+ b): no transA, alpha = beta = 1, bias absent or a vector."""
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    vector_bias = b is None or (b.shape is not None and len(b.shape) == 1)
+    return not _attr(node, "transA") and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0 and vector_bias
+
+
+def _drop_dead(graph: ir.Graph) -> None:
+    """Remove the dequantizers nobody reads any more (and their decode chains), then unused initializers."""
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph)):
+            ours = n.op_type == "DequantizeLinear" or n.domain == functions.DOMAIN
+            if ours and all(not o.uses() and not o.is_graph_output() for o in n.outputs):
+                graph.remove(n, safe=True)
+                changed = True
+    for name, v in list(graph.initializers.items()):
+        if not v.uses() and not v.is_graph_output():
+            del graph.initializers[name]
+
+

@@ -1,0 +1,297 @@
+"""Optional native onnxruntime custom-op library: fused "dequantize packed FP4 + MatMul".
+
+Nothing here is needed to import qcompile or to run models that only use standard ops. `build()`
+compiles the C++ sources under the repo's `native/` directory into a shared library (cached), and
+`session_options()` registers it on an onnxruntime SessionOptions; a model using the op loads only
+in such a session.
+
+Op `MatMulFp4`, domain `qcompile.native` (version 1):
+
+    Y = MatMulFp4(X, W, S[, T])      attributes K, N, block_size, scale_type ("e8m0" | "e4m3")
+    Y[..., n] = sum_k X[..., k] * e2m1(code[k, n]) * scale(k // block_size, n)     (float32 accumulation)
+
+    scale = 2**(c - 127) for E8M0 codes c (255 = NaN: OCP MX), or float32(e4m3fn(c) * T) for
+    E4M3 codes (NVFP4; T = 1 when absent) -- exactly `PackedTensor.dequantize()`.
+
+Storage (column-major, "one row of bytes per output"), Kp = K rounded up to a multiple of
+max(64, block_size), padding codes 0 and padding scales 1.0:
+    W uint8 [N, Kp / 2]           byte j of row n = code[2j, n] | code[2j + 1, n] << 4
+    S uint8 [N, Kp / block_size]  scale code of block b of column n
+    T float32 [1]                 NVFP4 tensor scale (optional input)
+so an MXFP4 4096x4096 layer stores 8 MiB of codes + 0.5 MiB of scales (4.25 bits per weight).
+
+The C API headers come from the npm package `HEADERS_PACKAGE@HEADERS_VERSION` (onnxruntime C API
+version `ORT_API_VERSION`, which onnxruntime 1.29+ serves), fetched once with `npm pack` and
+checked against its pinned sha512; `$QCOMPILE_ORT_INCLUDE` may point at a directory holding
+`onnxruntime_c_api.h` instead. The library does not link against libonnxruntime: it uses the
+OrtApi handed to `RegisterCustomOps`.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.formats import BlockFormat
+from qcompile.storage import PackedTensor
+
+DOMAIN = "qcompile.native"
+VERSION = 1
+OP = "MatMulFp4"
+
+HEADERS_PACKAGE = "com.github.asus4.onnxruntime"  # ONNX Runtime plugin for Unity: ships the C/C++ headers
+HEADERS_VERSION = "0.4.9"
+HEADERS_INTEGRITY = "sha512-BkzxduSZ9IkeDP6Q8lz2TFU2ie7hSSvS7ZIfzMooExoq0CNzJnuuGaUJ7IsojBgqO4ouD1jXah8OYyJbCN29Fg=="
+HEADERS_PREFIX = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-simulator/onnxruntime.framework/Headers/"
+ORT_API_VERSION = 29
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
+SOURCES = ("custom_op.cc", "fp4_gemm.cc")
+HEADERS = ("fp4_gemm.h",)
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
+ISA_FLAGS = {"avx2": ("-mavx2", "-mfma"), "scalar": ()}
+
+_SCALE_TYPES = {"e8m0": ("e8m0", 127), "e4m3fn": ("e4m3", 0x38)}  # scale format -> (attribute, code of 1.0)
+
+
+class NativeUnavailable(RuntimeError):
+    """The native library cannot be built or loaded here; the message says why in one line."""
+
+
+# --- build ------------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """`cache_dir`, else $QCOMPILE_CACHE/native, else ~/.cache/qcompile/native."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("QCOMPILE_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "qcompile") / "native"
+
+
+def detect_isa() -> str:
+    """'avx2' when the CPU has AVX2 and FMA (or $QCOMPILE_NATIVE_ISA says so), else 'scalar'."""
+    forced = os.environ.get("QCOMPILE_NATIVE_ISA")
+    if forced:
+        return forced
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "scalar"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
+
+
+def _compiler() -> str:
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        raise NativeUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')} not found)")
+    return cxx
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else cxx
+
+
+def _flags(isa: str) -> list[str]:
+    if isa not in ISA_FLAGS:
+        raise NativeUnavailable(f"unknown ISA {isa!r} (expected one of {sorted(ISA_FLAGS)})")
+    return [*BASE_FLAGS, *ISA_FLAGS[isa]]
+
+
+def _build_key(cxx: str, isa: str) -> str:
+    """Hash of the sources, the header package, the compiler and the flags."""
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        path = SOURCE_DIR / name
+        if not path.is_file():
+            raise NativeUnavailable(f"native sources not found ({path}): needs a source checkout")
+        h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(f"{HEADERS_PACKAGE}@{HEADERS_VERSION}\0{_compiler_version(cxx)}\0{' '.join(_flags(isa))}".encode())
+    return h.hexdigest()[:16]
+
+
+def _library_file(root: Path, cxx: str, isa: str) -> Path:
+    return root / f"qcompile_native-{isa}-{_build_key(cxx, isa)}.so"
+
+
+def _npm_pack(dest: Path) -> Path:
+    """Fetch the pinned header package tarball into `dest` with npm; verify its sha512."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise NativeUnavailable("npm not found (needed once to fetch the onnxruntime C API headers)")
+    spec = f"{HEADERS_PACKAGE}@{HEADERS_VERSION}"
+    try:
+        out = subprocess.run([npm, "pack", spec, "--json", "--pack-destination", str(dest)], capture_output=True,
+                             text=True, timeout=900)
+    except subprocess.TimeoutExpired as e:
+        raise NativeUnavailable(f"npm pack {spec} timed out") from e
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise NativeUnavailable(f"npm pack {spec} failed: {tail}")
+    tgz = dest / json.loads(out.stdout)[0]["filename"]
+    digest = "sha512-" + base64.b64encode(hashlib.sha512(tgz.read_bytes()).digest()).decode()
+    if digest != HEADERS_INTEGRITY:
+        raise NativeUnavailable(f"{spec}: tarball sha512 does not match the pinned integrity")
+    return tgz
+
+
+def _extract_headers(tgz: Path, dest: Path) -> None:
+    with tarfile.open(tgz, "r:gz") as tar:
+        for member in tar:
+            name = member.name
+            if member.isfile() and name.startswith(HEADERS_PREFIX) and name.endswith(".h"):
+                data = tar.extractfile(member)
+                (dest / name[len(HEADERS_PREFIX):]).write_bytes(data.read())
+
+
+def headers_dir(cache_dir: Path | None = None) -> Path:
+    """A directory holding onnxruntime_c_api.h: $QCOMPILE_ORT_INCLUDE, or the pinned npm package's
+    headers (fetched into the cache on first use, atomically)."""
+    env = os.environ.get("QCOMPILE_ORT_INCLUDE")
+    if env:
+        if not (Path(env) / "onnxruntime_c_api.h").is_file():
+            raise NativeUnavailable(f"$QCOMPILE_ORT_INCLUDE={env} has no onnxruntime_c_api.h")
+        return Path(env)
+    root = cache_root(cache_dir) / "headers"
+    target = root / f"{HEADERS_PACKAGE}-{HEADERS_VERSION}"
+    if (target / "onnxruntime_c_api.h").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        staged = Path(tmp) / "include"
+        staged.mkdir()
+        _extract_headers(_npm_pack(Path(tmp)), staged)
+        if not (staged / "onnxruntime_c_api.h").is_file():
+            raise NativeUnavailable(f"{HEADERS_PACKAGE}@{HEADERS_VERSION} has no onnxruntime_c_api.h")
+        try:
+            staged.rename(target)
+        except OSError:  # another process got there first
+            if not (target / "onnxruntime_c_api.h").is_file():
+                raise
+    return target
+
+
+def build(cache_dir: Path | None = None, force: bool = False, isa: str | None = None) -> Path:
+    """Compile the library once (cached by source/header/compiler/flags hash) and return its path.
+
+    `isa` is 'avx2' or 'scalar' (default `detect_isa()`). Raises NativeUnavailable with the reason.
+    """
+    isa = isa or detect_isa()
+    cxx = _compiler()
+    root = cache_root(cache_dir)
+    lib = _library_file(root, cxx, isa)
+    if lib.is_file() and not force:
+        return lib
+    include = headers_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=lib.stem + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        cmd = [cxx, *_flags(isa), "-I", str(include), *(str(SOURCE_DIR / s) for s in SOURCES), "-o", tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            errors = [line for line in out.stderr.splitlines() if "error" in line] or out.stderr.splitlines() or ["?"]
+            raise NativeUnavailable(f"compiling the native library failed: {errors[0]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def library_path(cache_dir: Path | None = None, isa: str | None = None) -> Path | None:
+    """The built library for the current sources/compiler/CPU, or None (never builds)."""
+    try:
+        lib = _library_file(cache_root(cache_dir), _compiler(), isa or detect_isa())
+    except NativeUnavailable:
+        return None
+    return lib if lib.is_file() else None
+
+
+def session_options(so=None, *, build_if_missing: bool = False, cache_dir: Path | None = None):
+    """`so` (or a new onnxruntime SessionOptions) with the native library registered if it is built.
+
+    With `build_if_missing`, builds it first (raising NativeUnavailable on failure); otherwise a
+    missing library leaves `so` unchanged.
+    """
+    import onnxruntime as ort
+
+    so = so if so is not None else ort.SessionOptions()
+    lib = build(cache_dir) if build_if_missing else library_path(cache_dir)
+    if lib is not None:
+        so.register_custom_ops_library(str(lib))
+    return so
+
+
+# --- graph emission -----------------------------------------------------------------------------
+
+
+def padded_k(k: int, block_size: int) -> int:
+    """K rounded up to a multiple of max(64, block_size): the kernel's step and block granularity."""
+    unit = max(64, block_size)
+    return -(-k // unit) * unit
+
+
+def _check_weight(t: PackedTensor) -> tuple[str, int]:
+    """(scale_type attribute, scale code of 1.0) for a supported weight; ValueError otherwise."""
+    fmt = t.fmt
+    if not isinstance(fmt, BlockFormat) or fmt.element.name != "e2m1" or fmt.scale.name not in _SCALE_TYPES:
+        raise ValueError(f"MatMulFp4 needs an E2M1 block format with E8M0 or E4M3 scales, got {fmt.name}")
+    if len(t.shape) != 2 or t.axis != 0:
+        raise ValueError(f"MatMulFp4 needs a 2-D [K, N] weight blocked along axis 0 (shape {t.shape}, axis {t.axis})")
+    bs = t.block_size
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"MatMulFp4 needs a power-of-two block size >= 16, got {bs}")
+    return _SCALE_TYPES[fmt.scale.name]
+
+
+def pack_codes(t: PackedTensor) -> np.ndarray:
+    """E2M1 codes [K, N] -> uint8 [N, Kp / 2], k-pairs per byte (low nibble = even k), zero padded."""
+    k, n = t.shape
+    codes = np.zeros((n, padded_k(k, t.block_size)), dtype=np.uint8)
+    codes[:, :k] = np.asarray(t.codes, dtype=np.uint8).T & 15
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def pack_scales(t: PackedTensor, one_code: int) -> np.ndarray:
+    """Scale codes [ceil(K / bs), N] -> uint8 [N, Kp / bs], padded with the code of 1.0."""
+    k, n = t.shape
+    scales = np.full((n, padded_k(k, t.block_size) // t.block_size), one_code, dtype=np.uint8)
+    stored = np.asarray(t.scale, dtype=np.uint8).reshape(-1, n).T
+    scales[:, : stored.shape[1]] = stored
+    return scales
+
+
+def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) -> ir.Value:
+    """Append `x @ t.dequantize()` as one MatMulFp4 node (registering its initializers); float32 [..., N]."""
+    from qcompile.functions import _Emitter
+
+    scale_type, one_code = _check_weight(t)
+    k, n = t.shape
+    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
+        raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
+    e = _Emitter(graph)
+    inputs = [x, e.initializer(f"{name}_fp4_codes", pack_codes(t)), e.initializer(f"{name}_fp4_scales", pack_scales(t, one_code))]
+    if t.tensor_scale is not None and scale_type == "e4m3":
+        inputs.append(e.initializer(f"{name}_fp4_tensor_scale", np.array([t.tensor_scale], dtype=np.float32)))
+    attrs = {"K": k, "N": n, "block_size": t.block_size, "scale_type": scale_type}
+    shape = [*x.shape[:-1], n] if x.shape is not None and len(x.shape) else None
+    graph.opset_imports.setdefault(DOMAIN, VERSION)
+    out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),
+                   type=ir.TensorType(ir.DataType.FLOAT))
+    graph.append(ir.node(OP, inputs, attrs, domain=DOMAIN, outputs=[out], name=out.name))
+    return out
