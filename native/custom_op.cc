@@ -14,6 +14,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,7 @@ namespace {
 const char* const kDomain = "qcompile.native";
 const char* const kOpName = "MatMulFp4";
 const OrtApi* g_api = nullptr;
+constexpr uint32_t kMinApiVersion = 16;
 
 struct Kernel {
   int64_t k, n, block_size;
@@ -100,6 +102,17 @@ OrtStatus* expect(const OrtValue* v, const char* what, ONNXTensorElementDataType
   return nullptr;
 }
 
+// Read-only data of an input whose type and shape were validated (GetTensorData needs API 23).
+const void* data(const OrtValue* v) {
+  void* p = nullptr;
+  OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(v), &p);
+  if (st != nullptr) {
+    g_api->ReleaseStatus(st);
+    throw std::runtime_error("MatMulFp4: cannot read an input tensor");
+  }
+  return p;
+}
+
 OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   const OrtValue *x = nullptr, *w = nullptr, *s = nullptr, *t = nullptr;
   size_t count = 0;
@@ -122,9 +135,7 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   float tensor_scale = 1.0f;
   if (t != nullptr) {
     QCN_RETURN_IF_ERROR(expect(t, "T", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {1}));
-    const void* p = nullptr;
-    QCN_RETURN_IF_ERROR(g_api->GetTensorData(t, &p));
-    tensor_scale = *static_cast<const float*>(p);
+    tensor_scale = *static_cast<const float*>(data(t));
   }
 
   int64_t m = 1;
@@ -135,11 +146,8 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, y_dims.data(), y_dims.size(), &y));
   if (m == 0) return nullptr;
 
-  const void *xd = nullptr, *wd = nullptr, *sd = nullptr;
+  const void *xd = data(x), *wd = data(w), *sd = data(s);
   void* yd = nullptr;
-  QCN_RETURN_IF_ERROR(g_api->GetTensorData(x, &xd));
-  QCN_RETURN_IF_ERROR(g_api->GetTensorData(w, &wd));
-  QCN_RETURN_IF_ERROR(g_api->GetTensorData(s, &sd));
   QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
 
   float lut[256];
@@ -243,8 +251,10 @@ Domains g_domains;
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) return nullptr;  // older runtime than the headers: nothing can be reported
+  // The newest API this runtime serves, down to 16 (CreateKernelV2/KernelComputeV2, onnxruntime 1.16).
+  const OrtApi* api = nullptr;
+  for (uint32_t v = ORT_API_VERSION; api == nullptr && v >= kMinApiVersion; --v) api = api_base->GetApi(v);
+  if (api == nullptr) return nullptr;  // runtime older than 1.16: no OrtApi to report an error with
   g_api = api;
   OrtCustomOpDomain* domain = nullptr;
   QCN_RETURN_IF_ERROR(api->CreateCustomOpDomain(kDomain, &domain));

@@ -95,9 +95,10 @@ def main() -> None:
 @click.option("--exclude-node", multiple=True, help="Keep nodes whose name matches this glob in float (repeatable)")
 @click.option("--exclude-op", multiple=True, help="Keep this op type in float (repeatable)")
 @click.option("--keep-last", is_flag=True, help="Keep the final classifier layer in float")
-@click.option("--lowering", type=click.Choice(["auto", "function", "integer"]), default="auto", show_default=True,
+@click.option("--lowering", type=click.Choice(["auto", "function", "integer", "native"]), default="auto", show_default=True,
               help="Weights onnxruntime has no kernel for: qcompile function ops (function), exact MatMulNBits "
-                   "digit planes (integer), or integer where it is at most two planes (auto)")
+                   "digit planes (integer), integer where it is at most two planes (auto), or the optional C++ "
+                   "FP4 kernel for MXFP4/NVFP4 (native: the model then needs qcompile.native's library)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")

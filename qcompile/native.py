@@ -246,7 +246,7 @@ def padded_k(k: int, block_size: int) -> int:
     return -(-k // unit) * unit
 
 
-def _check_weight(t: PackedTensor) -> tuple[str, int]:
+def check_weight(t: PackedTensor) -> tuple[str, int]:
     """(scale_type attribute, scale code of 1.0) for a supported weight; ValueError otherwise."""
     fmt = t.fmt
     if not isinstance(fmt, BlockFormat) or fmt.element.name != "e2m1" or fmt.scale.name not in _SCALE_TYPES:
@@ -280,7 +280,7 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) ->
     """Append `x @ t.dequantize()` as one MatMulFp4 node (registering its initializers); float32 [..., N]."""
     from qcompile.functions import _Emitter
 
-    scale_type, one_code = _check_weight(t)
+    scale_type, one_code = check_weight(t)
     k, n = t.shape
     if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
         raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")

@@ -212,7 +212,9 @@ def compile(
 
     lowering: how weights in formats onnxruntime lacks (and integer weights) are emitted:
     "function" (packed codes + a qcompile.Dequantize* function op), "integer" (exact MatMulNBits
-    digit planes wherever possible), "auto" (integer when it is at most two planes).
+    digit planes wherever possible), "auto" (integer when it is at most two planes), "native"
+    (MXFP4/NVFP4 MatMuls as the fused C++ op of `qcompile.native`, built on demand; the compiled
+    model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
     simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
 
@@ -223,6 +225,13 @@ def compile(
     """
     t0 = time.perf_counter()
     tgt = get_target(target) if isinstance(target, str) else target
+    if lowering == "native":
+        from qcompile import native
+
+        try:
+            native.build()
+        except native.NativeUnavailable as e:
+            raise QCompileError(f"--lowering native: the native library is unavailable: {e}") from None
     stages = Stages()
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     m = stages.run("load", load_model, model)

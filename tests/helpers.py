@@ -41,13 +41,19 @@ def to_proto(model) -> onnx.ModelProto:
     return onnx.load(str(model))
 
 
-def session(model, level: str = "all", optimized_path: str | os.PathLike | None = None) -> ort.InferenceSession:
-    """A 1-thread CPU session at `level` (disable/basic/extended/all) on a proto, ir.Model or path."""
+def session_options(level: str = "all") -> ort.SessionOptions:
+    """Stock onnxruntime options: 1 thread at `level` (no custom-op library registered)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    return so
+
+
+def session(model, level: str = "all", optimized_path: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """A 1-thread CPU session at `level` (disable/basic/extended/all) on a proto, ir.Model or path."""
+    so = session_options(level)
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     if isinstance(model, (str, os.PathLike)):

@@ -96,6 +96,9 @@ BAD_INPUTS = {
     "nothing to quantize": (["relu_add.onnx", "-t", "int8", "--calib", "calib.npz"], 1, "nothing to quantize for target int8"),
     "output is the input": (["mlp.onnx", "-t", "w8", "--calib", "calib.npz", "-o", "mlp.onnx"], 1, "output path is the input model"),
     "bad calibration data": (["mlp.onnx", "-t", "w8", "--calib", "text.onnx"], 1, "not a readable .npz"),
+    "bad composed target": (["mlp.onnx", "-t", "w:e9m30"], 2, "format 'e9m30'"),
+    "composed target without w:": (["mlp.onnx", "-t", "w:int4,b:int8"], 2, "expected w:FORMAT[/BLOCK][,a:FORMAT]"),
+    "bad lowering": (["mlp.onnx", "-t", "mxfp4", "--lowering", "fast"], 2, "'fast' is not one of"),
 }
 
 
@@ -236,6 +239,27 @@ def test_save_plan_edit_and_replay(work, target, edit):
         assert ta[1] == tb[1], "the weight is unchanged"
     feeds = tiny_models.inputs_for(tiny_models.mlp(), 16, seed=3)
     assert np.isfinite(helpers.run(work / "b.onnx", feeds)[0]).all()
+
+
+def test_composed_target_and_lowering(work):
+    """`w:FORMAT,a:FORMAT` picks any two formats; --lowering chooses how weights onnxruntime lacks run."""
+    r, rf, ri = qcompile_many(
+        ["mlp.onnx", "-t", "w:e3m4,a:e4m3", "--calib", "calib.npz", "--eval", "eval.npz", "--json", "-o", "c.onnx"],
+        ["mlp.onnx", "-t", "mxfp4", "--calib", "calib.npz", "--lowering", "function", "-o", "f.onnx"],
+        ["mlp.onnx", "-t", "mxfp4", "--calib", "calib.npz", "--lowering", "integer", "--accuracy-level", "4", "-o", "i.onnx"],
+        cwd=work)
+    for x in (r, rf, ri):
+        assert x.returncode == 0, x.stderr
+    report = json.loads(r.stdout)
+    assert report["target"] == "w:e3m4,a:e4m3" and {row["weight_format"] for row in report["layers"]} == {"e3m4"}
+    assert {row["activation_format"] for row in report["layers"]} == {"e4m3"}
+    ops = helpers.op_counts(onnx.load(work / "c.onnx"))
+    assert ops["DequantizeMinifloat"] == 2, "E3M4 (max 30) has no onnxruntime type: decoded by a qcompile op"
+    assert ops["Cast"] >= 4, "E4M3FN activations: the Div/Cast/Cast/Mul lowering"
+    f, i = onnx.load(work / "f.onnx"), onnx.load(work / "i.onnx")
+    assert helpers.op_counts(f)["DequantizeMX"] == 2 and helpers.op_counts(f)["MatMulNBits"] == 0
+    levels = [a.i for n in i.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
+    assert levels == [4] * 4, "two layers x two digit planes, at the requested accuracy level"
 
 
 # --- other subcommands -----------------------------------------------------------------------------

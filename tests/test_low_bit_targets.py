@@ -130,3 +130,26 @@ def test_report_lists_bytes_and_emission_per_layer(compiled):
     assert fc1["quant_bytes"] == 64 * 128 // 2 + 64 * 128 // 32 and fc1["float_bytes"] == 64 * 128 * 4
     _, result, _ = compiled("mlp", "mxfp4", "function")
     assert {r["emission"] for r in result.report["layers"]} == {"qcompile.DequantizeMX"}
+
+
+@pytest.mark.parametrize("model", list(FORWARD))
+@pytest.mark.parametrize("target", ["mxfp4", "nvfp4"])
+def test_native_lowering_equals_simulation(compiled, target, model):
+    """--lowering native: MXFP4/NVFP4 MatMul/Gemm weights run in the optional fused C++ kernel
+    (qcompile.native, built on demand), still equal to the simulation; a stock session refuses it."""
+    import onnxruntime as ort
+
+    from qcompile import native
+
+    proto, result, ev = compiled(model, target, "native")
+    out = ir.to_proto(result.model)
+    assert helpers.op_counts(out)["MatMulFp4"] >= 1
+    params = {i.name: nh.to_array(i).astype(np.float32) for i in proto.graph.initializer}
+    x = next(iter(ev.values()))
+    ref = FORWARD[model](result.plan, params, x)
+    for level in ("disable", "all"):
+        so = native.session_options(helpers.session_options(level))
+        y = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))) <= 1e-5
+    with pytest.raises(Exception, match="MatMulFp4"):
+        helpers.session(out)

@@ -12,6 +12,10 @@ ENABLE_BASIC and above and prepacks them for its kernel. With accuracy_level 0 t
 computes in float: the output equals x @ dequantize(W) up to float summation order. Level 4
 quantizes x to int8 per block inside the kernel: ~4x faster at batch 1, ~5e-3 relative error.
 
+Lowering "native" (opt-in) instead emits one fused `qcompile.native.MatMulFp4` (decode packed
+E2M1 + GEMM, `qcompile.native`, C++) for MXFP4 / NVFP4 weights and MatMulNBits planes for the
+rest; such a model needs the library registered in its session (`qcompile.native.session_options`).
+
 Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
 activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites; "integer" rewrites every layer
 `nbits.unsupported` accepts; "auto" also requires at most AUTO_MAX_PLANES planes (each plane is a
@@ -23,12 +27,12 @@ import logging
 
 import onnx_ir as ir
 
-from qcompile import functions
+from qcompile import functions, native
 from qcompile.backends.onnxruntime import nbits
 from qcompile.storage import PackedTensor
 
 log = logging.getLogger(__name__)
-LOWERINGS = ("auto", "function", "integer")
+LOWERINGS = ("auto", "function", "integer", "native")
 AUTO_MAX_PLANES = 2
 
 
@@ -55,6 +59,8 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
                 self._lower(graph, node, t)
         if self.lowered:
             model.opset_imports.setdefault(nbits.DOMAIN, 1)
+            if any(n.domain == native.DOMAIN for n in graph):
+                model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             graph.sort()
             _drop_dead(graph)
             functions.attach(model)
@@ -73,6 +79,8 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
             return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
         if node.op_type == "Gemm" and _attr(node, "transB"):
             t = t.transposed()
+        if self.lowering == "native" and _native_fp4(t):
+            return t
         reason = nbits.unsupported(node, t)
         if reason is None and self.lowering == "auto" and nbits.plane_count(t) > AUTO_MAX_PLANES:
             reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {AUTO_MAX_PLANES})"
@@ -83,9 +91,12 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
 
     def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
-        codes = functions.unpack(graph, functions.packed_codes(graph, t, name), t.element.bits, t.shape, name)
-        _, scales = functions.scale_values(graph, t, name)
-        y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], codes, scales, t, self.accuracy_level, name)
+        if self.lowering == "native" and _native_fp4(t):
+            y = native.emit_matmul_fp4(graph, node.inputs[0], t, name)
+        else:
+            codes = functions.unpack(graph, functions.packed_codes(graph, t, name), t.element.bits, t.shape, name)
+            _, scales = functions.scale_values(graph, t, name)
+            y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], codes, scales, t, self.accuracy_level, name)
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             add = ir.node("Add", [y, node.inputs[2]], name=f"{name}_bias")
             add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
@@ -98,6 +109,15 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         out.name = None
         y.name = out_name
         self.lowered.append(node.name)
+
+
+def _native_fp4(t: PackedTensor) -> bool:
+    """MatMulFp4 takes this weight (E2M1 blocks with E8M0 / E4M3 scales along K of a 2-D weight)."""
+    try:
+        native.check_weight(t)
+    except ValueError:
+        return False
+    return True
 
 
 def _attr(node: ir.Node, name: str, default=0):

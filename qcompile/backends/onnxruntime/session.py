@@ -26,7 +26,9 @@ def session_options(level: str = "all", threads: int = 1, optimized_path: str | 
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = optimized_path
-    return so
+    from qcompile import native
+
+    return native.session_options(so)  # the optional qcompile.native ops, when their library is built
 
 
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, level: str = "all", threads: int = 1,
