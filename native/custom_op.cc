@@ -1,12 +1,15 @@
 // onnxruntime custom-op library: domain "qcompile.native", op MatMulFp4 (version 1).
 //
-//   Y = MatMulFp4(X, W, S[, T])   Y[..., N] = X[..., K] @ dequantize(W, S, T)
-//     X float  [..., K]
-//     W uint8  [N, Kp / 2]          E2M1 codes, two k per byte (low nibble = even k)
-//     S uint8  [N, Kp / block_size] block scale codes (E8M0 or E4M3FN)
-//     T float  [1] (optional)        tensor scale, multiplied into E4M3 scales in float32
-//   attributes: K, N, block_size (power of two >= 16), scale_type ("e8m0" | "e4m3")
-//   Kp = padded_k(K, block_size); see fp4_gemm.h.
+//   Y = MatMulFp4(X, W, S[, T][, A_T])   Y[..., N] = fq(X[..., K]) @ dequantize(W, S, T)
+//     X   float  [..., K]
+//     W   uint8  [N, Kp / 2]          E2M1 codes, two k per byte (low nibble = even k)
+//     S   uint8  [N, Kp / block_size] block scale codes (E8M0 or E4M3FN)
+//     T   float  [1] (optional)        weight tensor scale, multiplied into E4M3 scales in float32
+//     A_T float  [] or [1] (optional)  activation tensor scale s_t; required iff act = "nvfp4"
+//   attributes: K, N, block_size (power of two >= 16), scale_type ("e8m0" | "e4m3"),
+//               act ("none" (default) | "mxfp4" | "nvfp4"): fq = identity, or the activation
+//               fake-quantization of fp4_gemm.h (blocks of 32 / 16 along K).
+//   Kp = padded_k(K, block_size); see fp4_gemm.h. T may be an empty input when A_T is given.
 //
 // Only the C API is used, through the OrtApi handed to RegisterCustomOps: the library does not
 // link against libonnxruntime. Attribute errors fail kernel creation (session load); input
@@ -31,6 +34,7 @@ constexpr uint32_t kMinApiVersion = 16;
 struct Kernel {
   int64_t k, n, block_size;
   qcn::ScaleType scale_type;
+  qcn::ActQuant act;
 };
 
 OrtStatus* fail(const std::string& msg) { return g_api->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str()); }
@@ -66,6 +70,21 @@ OrtStatus* read_attributes(const OrtKernelInfo* info, Kernel& kern) {
     kern.scale_type = qcn::ScaleType::kE4M3;
   } else {
     return fail("MatMulFp4: scale_type must be 'e8m0' or 'e4m3', got '" + scale_type + "'");
+  }
+  // act is optional: a missing attribute (any lookup error) means "none".
+  std::string act = "none";
+  if (OrtStatus* st = string_attr(info, "act", act)) {
+    g_api->ReleaseStatus(st);
+    act = "none";
+  }
+  if (act == "none") {
+    kern.act = qcn::ActQuant::kNone;
+  } else if (act == "mxfp4") {
+    kern.act = qcn::ActQuant::kMxfp4;
+  } else if (act == "nvfp4") {
+    kern.act = qcn::ActQuant::kNvfp4;
+  } else {
+    return fail("MatMulFp4: act must be 'none', 'mxfp4' or 'nvfp4', got '" + act + "'");
   }
   return nullptr;
 }
@@ -114,14 +133,18 @@ const void* data(const OrtValue* v) {
 }
 
 OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
-  const OrtValue *x = nullptr, *w = nullptr, *s = nullptr, *t = nullptr;
+  const OrtValue *x = nullptr, *w = nullptr, *s = nullptr, *t = nullptr, *at = nullptr;
   size_t count = 0;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(ctx, &count));
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &w));
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 2, &s));
-  if (count > 3) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 3, &t));
+  if (count > 3) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 3, &t));  // null when empty-named
+  if (count > 4) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 4, &at));
   if (x == nullptr || w == nullptr || s == nullptr) return fail("MatMulFp4: X, W and S are required");
+  if ((at != nullptr) != (kern.act == qcn::ActQuant::kNvfp4))
+    return fail(kern.act == qcn::ActQuant::kNvfp4 ? "MatMulFp4: act 'nvfp4' needs the activation tensor scale A_T"
+                                                   : "MatMulFp4: A_T is only used with act 'nvfp4'");
 
   ONNXTensorElementDataType x_type;
   std::vector<int64_t> x_dims;
@@ -136,6 +159,15 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   if (t != nullptr) {
     QCN_RETURN_IF_ERROR(expect(t, "T", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {1}));
     tensor_scale = *static_cast<const float*>(data(t));
+  }
+  float act_scale = 1.0f;
+  if (at != nullptr) {
+    ONNXTensorElementDataType at_type;
+    std::vector<int64_t> at_dims;
+    QCN_RETURN_IF_ERROR(describe(at, at_type, at_dims));
+    if (at_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || at_dims.size() > 1 || (at_dims.size() == 1 && at_dims[0] != 1))
+      return fail("MatMulFp4: A_T must be a float scalar or [1], got " + dims_str(at_dims));
+    act_scale = *static_cast<const float*>(data(at));
   }
 
   int64_t m = 1;
@@ -154,7 +186,14 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   qcn::build_scale_lut(kern.scale_type, tensor_scale, lut);
   const qcn::Fp4Weight weight{static_cast<const uint8_t*>(wd), static_cast<const uint8_t*>(sd), kern.k, kern.n,
                               kern.block_size, lut};
-  qcn::matmul_fp4(static_cast<const float*>(xd), m, weight, static_cast<float*>(yd));
+  const float* xf = static_cast<const float*>(xd);
+  if (kern.act != qcn::ActQuant::kNone) {
+    std::vector<float> xq(static_cast<size_t>(m * kern.k));
+    qcn::fake_quant_act(xf, m, kern.k, kern.act, act_scale, xq.data());
+    qcn::matmul_fp4(xq.data(), m, weight, static_cast<float*>(yd));
+    return nullptr;
+  }
+  qcn::matmul_fp4(xf, m, weight, static_cast<float*>(yd));
   return nullptr;
 }
 
@@ -185,7 +224,7 @@ OrtStatusPtr ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* ctx) {
 void ORT_API_CALL kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 5; }
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
 
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t index) {
@@ -197,7 +236,7 @@ ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
 }
 
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t index) {
-  return index == 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) {
@@ -267,3 +306,13 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
 }
 
 extern "C" __attribute__((visibility("default"))) const char* QcompileNativeIsa() { return qcn::isa_name(); }
+
+// The activation fake-quantization alone (for tests, through ctypes): act 0 none, 1 mxfp4, 2 nvfp4.
+// Returns 0, or -1 for an unknown act / negative sizes.
+extern "C" __attribute__((visibility("default"))) int QcompileNativeFakeQuantAct(const float* x, int64_t m, int64_t k,
+                                                                                int act, float tensor_scale,
+                                                                                float* out) {
+  if (act < 0 || act > 2 || m < 0 || k < 0) return -1;
+  qcn::fake_quant_act(x, m, k, static_cast<qcn::ActQuant>(act), tensor_scale, out);
+  return 0;
+}

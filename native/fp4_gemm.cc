@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -34,6 +35,55 @@ float decode_e4m3fn(uint8_t c) {
   const int e = (c >> 3) & 15, m = c & 7;
   const float v = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.0f + m / 8.0f, e - 7);
   return (c & 0x80) ? -v : v;
+}
+
+// Round-half-even onto the E2M1 grid {0, 0.5, 1, 1.5, 2, 3, 4, 6}, saturating to +-6, sign kept;
+// NaN -> +0 (E2M1 has no NaN), as codec.round_to_grid. Every product/quotient here is exact.
+inline float round_e2m1(float v) {
+  if (std::isnan(v)) return 0.0f;
+  const float a = std::min(std::fabs(v), 6.0f);
+  float q;
+  if (a < 2.0f) {
+    q = std::nearbyint(a * 2.0f) * 0.5f;
+  } else if (a < 4.0f) {
+    q = std::nearbyint(a);
+  } else {
+    q = std::nearbyint(a * 0.5f) * 2.0f;
+  }
+  return std::copysign(q, v);
+}
+
+// Round-half-even onto E4M3FN (subnormal step 2**-9), saturating to +-448, NaN kept.
+inline float round_e4m3fn(float r) {
+  if (std::isnan(r)) return r;
+  const float a = std::min(std::fabs(r), 448.0f);
+  const int e = a < 0x1p-6f ? -6 : std::ilogb(a);
+  const float step = std::ldexp(1.0f, e - 3);
+  return std::copysign(std::nearbyint(a / step) * step, r);
+}
+
+// max |x[i]| over a block; false when the block holds NaN or +-inf.
+inline bool block_amax(const float* x, int64_t len, float& amax) {
+  float m = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < len; ++i) {
+    const float a = std::fabs(x[i]);
+    if (!(a <= std::numeric_limits<float>::max())) finite = false;
+    else if (a > m) m = a;
+  }
+  amax = m;
+  return finite;
+}
+
+// The divisor/multiplier of a block with max |x| = amax: X (mxfp4) or d = float32(s_b * s_t) (nvfp4).
+inline float block_scale(ActQuant act, float amax, bool finite, float tensor_scale) {
+  if (!finite) return NAN;
+  if (act == ActQuant::kMxfp4) {
+    const int e = amax > 0.0f ? std::ilogb(amax) - 2 : -127;  // emax(E2M1) = 2
+    return std::ldexp(1.0f, std::min(127, std::max(-127, e)));
+  }
+  const float ratio = amax / 6.0f / tensor_scale;
+  return round_e4m3fn(ratio) * tensor_scale;
 }
 
 float decode_e8m0(uint8_t c) { return c == 255 ? NAN : std::ldexp(1.0f, static_cast<int>(c) - 127); }
@@ -218,6 +268,46 @@ void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
   }
 }
 
+// One whole activation block (bs = 16 or 32) of fake_quant_act. x / X for MX is x * (1 / X): X is a
+// power of two whose reciprocal is exact, so both are the same correctly rounded quotient.
+void fake_quant_block_avx2(ActQuant act, const float* x, int64_t bs, float tensor_scale, float* out) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF);
+  __m256 amax = _mm256_setzero_ps();
+  __m256i nonfinite = _mm256_setzero_si256();
+  for (int64_t i = 0; i < bs; i += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), abs_mask);
+    nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpgt_epi32(_mm256_castps_si256(a), max_finite));
+    amax = _mm256_max_ps(amax, a);
+  }
+  const bool finite = _mm256_testz_si256(nonfinite, nonfinite);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float d = block_scale(act, _mm_cvtss_f32(m4), finite, tensor_scale);
+  if (act == ActQuant::kNvfp4 && d == 0.0f) {
+    for (int64_t i = 0; i < bs; i += 8) _mm256_storeu_ps(out + i, _mm256_setzero_ps());
+    return;
+  }
+  const bool mx = act == ActQuant::kMxfp4;
+  const __m256 dv = _mm256_set1_ps(d), inv = _mm256_set1_ps(1.0f / d);
+  const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), six = _mm256_set1_ps(6.0f);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
+  for (int64_t i = 0; i < bs; i += 8) {
+    const __m256 v = mx ? _mm256_mul_ps(_mm256_loadu_ps(x + i), inv) : _mm256_div_ps(_mm256_loadu_ps(x + i), dv);
+    // |v| saturated to 6 (min_ps returns 6 for NaN; such a block has d = NaN and stays NaN).
+    const __m256 a = _mm256_min_ps(_mm256_and_ps(v, abs_mask), six);
+    const __m256 ge2 = _mm256_cmp_ps(a, two, _CMP_GE_OQ), ge4 = _mm256_cmp_ps(a, four, _CMP_GE_OQ);
+    // grid step 0.5 below 2, 1 in [2, 4), 2 from 4 on: q = rint(a / step) * step, exact.
+    const __m256 step = _mm256_blendv_ps(_mm256_blendv_ps(half, one, ge2), two, ge4);
+    const __m256 rstep = _mm256_blendv_ps(_mm256_blendv_ps(two, one, ge2), half, ge4);
+    __m256 q = _mm256_round_ps(_mm256_mul_ps(a, rstep), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_or_ps(_mm256_mul_ps(q, step), _mm256_and_ps(v, sign_mask));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(q, dv));
+  }
+}
+
 #endif  // QCN_AVX2
 
 }  // namespace
@@ -231,6 +321,41 @@ void build_scale_lut(ScaleType type, float tensor_scale, float* lut) {
   for (int c = 0; c < 256; ++c) {
     const uint8_t code = static_cast<uint8_t>(c);
     lut[c] = type == ScaleType::kE8M0 ? decode_e8m0(code) : decode_e4m3fn(code) * tensor_scale;
+  }
+}
+
+int64_t act_block_size(ActQuant act) {
+  return act == ActQuant::kMxfp4 ? 32 : act == ActQuant::kNvfp4 ? 16 : 0;
+}
+
+void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out) {
+  if (act == ActQuant::kNone) {
+    std::memcpy(out, x, static_cast<size_t>(m * k) * sizeof(float));
+    return;
+  }
+  const int64_t bs = act_block_size(act);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    float* yr = out + r * k;
+    for (int64_t k0 = 0; k0 < k; k0 += bs) {
+      const int64_t len = std::min(bs, k - k0);  // the zero padding changes no amax
+      const float* xb = xr + k0;
+      float* yb = yr + k0;
+#ifdef QCN_AVX2
+      if (len == bs) {  // whole block: 16 or 32 floats, vectorized (same values as the scalar code)
+        fake_quant_block_avx2(act, xb, bs, tensor_scale, yb);
+        continue;
+      }
+#endif
+      float amax;
+      const bool finite = block_amax(xb, len, amax);
+      const float d = block_scale(act, amax, finite, tensor_scale);
+      if (act == ActQuant::kNvfp4 && d == 0.0f) {
+        for (int64_t i = 0; i < len; ++i) yb[i] = 0.0f;
+        continue;
+      }
+      for (int64_t i = 0; i < len; ++i) yb[i] = round_e2m1(xb[i] / d) * d;
+    }
   }
 }
 

@@ -7,6 +7,15 @@
 // Layout (Kp = padded_k(K, block_size), a multiple of 64 and of block_size; padding codes are 0):
 //   codes  uint8 [N, Kp / 2]           byte j of row n = code[n, 2j] | code[n, 2j + 1] << 4
 //   scales uint8 [N, Kp / block_size]  scale code of block b of column n
+//
+// Optional activation fake-quantization (fake_quant_act), per row of x and per block of
+// act_block_size(act) consecutive k (the last block zero-padded), bit-exact with
+// qcompile.codec.fake_quant(x, FORMATS["mxfp4" | "nvfp4"], axis=-1, tensor_scale):
+//   mxfp4: X = 2**clamp(floor(log2 amax) - 2, -127, 127) (zero block: 2**-127; a block holding
+//          NaN/inf: NaN), out = e2m1(x / X) * X.
+//   nvfp4: s_b = e4m3fn((amax / 6) / s_t) (float32 ops, RNE, saturating to 448; NaN for a
+//          non-finite block), d = float32(s_b * s_t), out = e2m1(x / d) * d, 0 where d == 0.
+//   e2m1() is round-half-even onto {0, 0.5, 1, 1.5, 2, 3, 4, 6}, saturating to +-6, sign kept.
 #pragma once
 
 #include <cstddef>
@@ -15,6 +24,7 @@
 namespace qcn {
 
 enum class ScaleType { kE8M0, kE4M3 };
+enum class ActQuant { kNone, kMxfp4, kNvfp4 };
 
 struct Fp4Weight {
   const uint8_t* codes;
@@ -33,6 +43,13 @@ void build_scale_lut(ScaleType type, float tensor_scale, float* lut);
 
 // y[M, N] = x[M, K] @ W. Thread-safe (no shared mutable state).
 void matmul_fp4(const float* x, int64_t m, const Fp4Weight& w, float* y);
+
+// Block length of an activation format: 32 (mxfp4), 16 (nvfp4), 0 (none).
+int64_t act_block_size(ActQuant act);
+
+// out[M, K] = x[M, K] fake-quantized per row (see above); tensor_scale is s_t (nvfp4 only).
+// act == kNone copies. out may not alias x.
+void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out);
 
 // "avx2" or "scalar": the code path this library was compiled with.
 const char* isa_name();

@@ -62,6 +62,21 @@ SCHEMA = "qcompile.bench/1"
 BASELINE_FAMILY = {name: "fp8" if name == "ort-fp8" else "w4" if name == "ort-int4" else "int8"
                    for name in baselines.BASELINES}
 TARGET_FAMILY = {"int8": "int8", "a16w8": "int8", "w8": "int8", "fp8": "fp8", "fp8-e5m2": "fp8", "w4": "w4"}
+LOW_BIT_FAMILY = "w4"  # every other target (FP6/FP4/MX/NVFP4/w4a8/int3/int2, w:...) sits beside ORT's int4
+
+
+def target_family(target: str) -> str:
+    return TARGET_FAMILY.get(split_target(target)[0], LOW_BIT_FAMILY)
+
+
+def split_target(spec: str) -> tuple[str, list[str]]:
+    """`TARGET[@OPT...]` -> (target, extra compile args): @N is --accuracy-level N, @auto /
+    @function / @integer / @native is --lowering (e.g. `w4@4`, `mxfp4@native`)."""
+    target, *opts = spec.split("@")
+    args = []
+    for o in opts:
+        args += ["--accuracy-level", o] if o.isdigit() else ["--lowering", o]
+    return target, args
 # Weight-only / dynamic configurations that only touch MatMul and Gemm.
 NEEDS_MATMUL = ("ort-dynamic", "ort-dynamic-pt", "ort-int4")
 MAX_CALIB_STRIDE = 32  # onnxruntime's histogram calibrators merge this many samples at a time
@@ -222,7 +237,8 @@ def compile_isolated(model: Path, target: str, calib: Path, eval_npz: Path, out:
     Returns {"path", "error", "seconds" (process wall time), "peak_rss_bytes" (the child's VmHWM),
     "report" (qcompile's own JSON report, without the per-layer table)}.
     """
-    args = [str(model), "--target", target, "--calib", str(calib), "--eval", str(eval_npz), "-o", str(out),
+    name, extra = split_target(target)
+    args = [str(model), "--target", name, *extra, "--calib", str(calib), "--eval", str(eval_npz), "-o", str(out),
             "--no-validate", "--json", "-q"]
     rec = {"path": None, "error": None, "peak_rss_bytes": None, "report": None}
     t0 = time.perf_counter()
@@ -284,7 +300,7 @@ def _new_row(model: str, tool: str, config: str, family: str) -> dict:
 
 def selected_baselines(settings: Settings, model_has_matmul: bool) -> tuple[list[str], dict[str, str]]:
     """(baselines to build, {skipped name: reason}) for one model."""
-    families = {TARGET_FAMILY.get(t, t) for t in settings.targets}
+    families = {target_family(t) for t in settings.targets}
     names = list(settings.baselines) if settings.baselines is not None else \
         [n for n in baselines.BASELINES if BASELINE_FAMILY[n] in families]
     skipped = {n: "the model has no MatMul/Gemm" for n in names if n in NEEDS_MATMUL and not model_has_matmul}
@@ -346,9 +362,9 @@ def run(settings: Settings, progress: Callable[[str], None] = log.info) -> dict:
         model_dir.mkdir(parents=True, exist_ok=True)
         rows = []
         for target in settings.targets:
-            row = _new_row(model, "qcompile", f"qcompile {target}", TARGET_FAMILY.get(target, target))
+            row = _new_row(model, "qcompile", f"qcompile {target}", target_family(target))
             progress(f"{model}: qcompile --target {target}")
-            rec = compile_isolated(float_path, target, calib, eval_npz, model_dir / f"qcompile-{target}.onnx")
+            rec = compile_isolated(float_path, target, calib, eval_npz, model_dir / f"qcompile-{re.sub(r'[^A-Za-z0-9_.-]', '_', target)}.onnx")
             row.update(path=rec["path"], error=rec["error"], stage="build" if rec["error"] else None,
                        compile={k: rec[k] for k in ("seconds", "peak_rss_bytes", "report")})
             rows.append(row)

@@ -286,6 +286,19 @@ def _target(name: str):
         raise click.BadParameter(str(e).strip('"')) from None
 
 
+def _bench_targets(value: str | None) -> tuple[str, ...] | None:
+    """Bench targets: `;`-separated when any contains a comma (w:..,a:..), else comma-separated;
+    each TARGET[@OPT...] with a known target (see bench.split_target)."""
+    if value is None:
+        return None
+    from qcompile.bench import split_target
+
+    names = tuple(n.strip() for n in value.split(";" if ";" in value else ",") if n.strip())
+    for n in names or (value,):
+        _target(split_target(n)[0])
+    return names
+
+
 def _names(value: str | None, known, what: str) -> tuple[str, ...] | None:
     """A comma list checked against `known` (a usage error, exit 2, names the known ones)."""
     if value is None:
@@ -299,7 +312,8 @@ def _names(value: str | None, known, what: str) -> tuple[str, ...] | None:
 
 @main.command("bench")
 @click.option("--models", help="Comma list of zoo models [default: minilm,efficientnet-lite0; --quick: minilm]")
-@click.option("--targets", help="Comma list of qcompile targets [default: int8,fp8,w4; --quick: int8]")
+@click.option("--targets", help="Comma list of qcompile targets [default: int8,fp8,w4; --quick: int8]; TARGET@4 / "
+              "TARGET@native set --accuracy-level / --lowering; use ';' between composed w:..,a:.. targets")
 @click.option("--baselines", "baselines_", default="all", show_default=True,
               help="onnxruntime configurations: all (those matching the targets), none, or a comma list")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="[default: 256; --quick: 32]")
@@ -324,7 +338,7 @@ def bench_cmd(models, targets, baselines_, calib_samples, eval_samples, runs, ba
     base = dataclasses.asdict(Settings())
     if quick:
         base.update(QUICK)
-    given = {"models": _names(models, list(zoo.MODELS), "model"), "targets": _names(targets, list(TARGETS), "target"),
+    given = {"models": _names(models, list(zoo.MODELS), "model"), "targets": _bench_targets(targets),
              "calib_samples": calib_samples, "eval_samples": eval_samples, "runs": runs}
     if baselines_ != "all" or not quick:
         given["baselines"] = () if baselines_ == "none" else None if baselines_ == "all" else \

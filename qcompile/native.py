@@ -7,17 +7,25 @@ in such a session.
 
 Op `MatMulFp4`, domain `qcompile.native` (version 1):
 
-    Y = MatMulFp4(X, W, S[, T])      attributes K, N, block_size, scale_type ("e8m0" | "e4m3")
-    Y[..., n] = sum_k X[..., k] * e2m1(code[k, n]) * scale(k // block_size, n)     (float32 accumulation)
+    Y = MatMulFp4(X, W, S[, T][, A_T])   attributes K, N, block_size, scale_type ("e8m0" | "e4m3"),
+                                         act ("none" (default) | "mxfp4" | "nvfp4")
+    Y[..., n] = sum_k fq(X)[..., k] * e2m1(code[k, n]) * scale(k // block_size, n)   (float32 accumulation)
 
     scale = 2**(c - 127) for E8M0 codes c (255 = NaN: OCP MX), or float32(e4m3fn(c) * T) for
     E4M3 codes (NVFP4; T = 1 when absent) -- exactly `PackedTensor.dequantize()`.
+
+    fq = identity for act "none"; otherwise the run-time activation quantize-dequantize of each
+    row of X in blocks along K, bit-exact with `codec.fake_quant(X, FORMATS[act], axis=-1,
+    tensor_scale=A_T)`: "mxfp4" = OCP MX E8M0 scales per 32 (no A_T), "nvfp4" = E4M3 scales per
+    16 under the static float32 activation tensor scale A_T (scalar or [1], required). T may be
+    an empty-named input when A_T is given without a weight tensor scale.
 
 Storage (column-major, "one row of bytes per output"), Kp = K rounded up to a multiple of
 max(64, block_size), padding codes 0 and padding scales 1.0:
     W uint8 [N, Kp / 2]           byte j of row n = code[2j, n] | code[2j + 1, n] << 4
     S uint8 [N, Kp / block_size]  scale code of block b of column n
-    T float32 [1]                 NVFP4 tensor scale (optional input)
+    T float32 [1]                 NVFP4 weight tensor scale (optional input)
+    A_T float32 [] or [1]         NVFP4 activation tensor scale (only with act "nvfp4")
 so an MXFP4 4096x4096 layer stores 8 MiB of codes + 0.5 MiB of scales (4.25 bits per weight).
 
 The C API headers come from the npm package `HEADERS_PACKAGE@HEADERS_VERSION` (onnxruntime C API
@@ -276,11 +284,44 @@ def pack_scales(t: PackedTensor, one_code: int) -> np.ndarray:
     return scales
 
 
-def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) -> ir.Value:
-    """Append `x @ t.dequantize()` as one MatMulFp4 node (registering its initializers); float32 [..., N]."""
+def act_attribute(fmt: BlockFormat | None) -> str:
+    """The `act` attribute for an activation format: "none" (None), "mxfp4" or "nvfp4"; ValueError otherwise.
+
+    Matches by numbers, not name: E2M1 elements with E8M0 scales per 32 and no tensor scale
+    (OCP MXFP4), or with E4M3FN scales per 16 and a float32 tensor scale (NVFP4).
+    """
+    if fmt is None:
+        return "none"
+    from qcompile.formats import FORMATS
+
+    for act in ("mxfp4", "nvfp4"):
+        ref = FORMATS[act]
+        if (isinstance(fmt, BlockFormat) and fmt.element.params == ref.element.params
+                and fmt.scale.params == ref.scale.params and fmt.block_size == ref.block_size
+                and (fmt.tensor_scale is None) == (ref.tensor_scale is None)
+                and (fmt.tensor_scale is None or fmt.tensor_scale.params == ref.tensor_scale.params)):
+            return act
+    raise ValueError(f"MatMulFp4 fuses only mxfp4 or nvfp4 activation quantization, got {getattr(fmt, 'name', fmt)}")
+
+
+def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, act: BlockFormat | None = None,
+                    act_tensor_scale: float | None = None) -> ir.Value:
+    """Append `fq(x) @ t.dequantize()` as one MatMulFp4 node (registering its initializers); float32 [..., N].
+
+    `act` None: fq is the identity (no activation quantization). `act` FORMATS["mxfp4"] or
+    FORMATS["nvfp4"] (or a format with the same numbers): fq = `codec.fake_quant(x, act, -1,
+    act_tensor_scale)` per row of x along K, done inside the op (attribute act="mxfp4"/"nvfp4").
+    NVFP4 needs the static `act_tensor_scale` (stored as a float32 scalar initializer, input
+    A_T); MXFP4 takes none. Inputs: x, codes, scales, [weight tensor scale or empty], [A_T].
+    """
     from qcompile.functions import _Emitter
 
     scale_type, one_code = check_weight(t)
+    act_name = act_attribute(act)
+    if act_name == "nvfp4" and act_tensor_scale is None:
+        raise ValueError(f"{name}: nvfp4 activation quantization needs a static act_tensor_scale")
+    if act_name != "nvfp4" and act_tensor_scale is not None:
+        raise ValueError(f"{name}: act_tensor_scale is only used with nvfp4 activations (act={act_name})")
     k, n = t.shape
     if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
         raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
@@ -288,7 +329,13 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) ->
     inputs = [x, e.initializer(f"{name}_fp4_codes", pack_codes(t)), e.initializer(f"{name}_fp4_scales", pack_scales(t, one_code))]
     if t.tensor_scale is not None and scale_type == "e4m3":
         inputs.append(e.initializer(f"{name}_fp4_tensor_scale", np.array([t.tensor_scale], dtype=np.float32)))
+    if act_name == "nvfp4":
+        if len(inputs) == 3:
+            inputs.append(None)  # no weight tensor scale: empty optional input
+        inputs.append(e.initializer(f"{name}_fp4_act_tensor_scale", np.array(act_tensor_scale, dtype=np.float32)))
     attrs = {"K": k, "N": n, "block_size": t.block_size, "scale_type": scale_type}
+    if act_name != "none":
+        attrs["act"] = act_name
     shape = [*x.shape[:-1], n] if x.shape is not None and len(x.shape) else None
     graph.opset_imports.setdefault(DOMAIN, VERSION)
     out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),

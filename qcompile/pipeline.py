@@ -5,6 +5,7 @@ maps the typed exceptions of `qcompile.errors` to exit codes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -176,9 +177,14 @@ def _emit(model: ir.Model, caps: Capabilities) -> None:
 
 
 def check_model(model: ir.Model) -> None:
+    """onnx.checker on the model; weights still in the input's external data file are found
+    relative to that file's directory (the checker resolves their locations against the cwd)."""
     proto = ir.to_proto(model)
+    bases = {str(v.const_value.base_dir) for v in model.graph.initializers.values()
+             if isinstance(v.const_value, ir.ExternalTensor)}
     try:
-        onnx.checker.check_model(proto, full_check=False)
+        with contextlib.chdir(bases.pop() if len(bases) == 1 else "."):
+            onnx.checker.check_model(proto, full_check=False)
     except onnx.checker.ValidationError as e:
         raise QCompileError(f"compiled model fails onnx.checker: {str(e).splitlines()[0]}") from None
 
@@ -307,6 +313,8 @@ def compile(
     }
     if validate:
         float_model = ir.from_proto(float_proto)
+        if source is not None:  # weights left in the input's external data file
+            ir.external_data.set_base_dir(float_model.graph, Path(source).resolve().parent)
         report["sizes"]["float_weight_bytes"] = model_bytes(float_model)
         report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
         report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread"}
@@ -358,7 +366,8 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
 def save_model(model: ir.Model, path: str | os.PathLike) -> int:
     """Write atomically (temp file in the same directory, then rename); returns the size in bytes.
 
-    Weights past 1.8 GB go to an external data file next to the model.
+    Weights past 1.8 GB go to an external data file next to the model. Weights still read from the
+    input's external data file (left float) are copied: the output never refers to the input's files.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -366,6 +375,7 @@ def save_model(model: ir.Model, path: str | os.PathLike) -> int:
         if model_bytes(model) > 1_800_000_000:
             ir.save(model, tmp, external_data=path.name + ".data")
         else:
+            ir.external_data.load_to_model(model)  # external tensors -> in memory, saved inline
             ir.save(model, tmp)
         os.replace(tmp, path)
     finally:

@@ -110,6 +110,14 @@ TARGETS: dict[str, Target] = {
             bias_correction=True,
         ),
         Target(
+            "fp8-e5m2",
+            "FP8 E5M2 weights (per channel) and activations (per tensor)",
+            WeightPolicy("e5m2"),
+            ActivationPolicy("e5m2", symmetric=True, method="mse"),
+            min_sqnr_db=10.0,
+            bias_correction=True,
+        ),
+        Target(
             "w4a8",
             "int4 weights in blocks of 32 (MatMulNBits) with FP8 E4M3 per-tensor activations",
             WeightPolicy("int4", granularity="block", method="mse"),
@@ -140,14 +148,6 @@ TARGETS: dict[str, Target] = {
                WeightPolicy("mxint8"), ActivationPolicy("mxint8", True, "minmax"), min_sqnr_db=15.0),
         Target("nvfp4", "NVIDIA NVFP4 (E2M1, E4M3 scale per 16, fp32 tensor scale) weights and activations",
                WeightPolicy("nvfp4"), ActivationPolicy("nvfp4", True, "minmax"), min_sqnr_db=5.0),
-        Target(
-            "fp8-e5m2",
-            "FP8 E5M2 weights (per channel) and activations (per tensor)",
-            WeightPolicy("e5m2"),
-            ActivationPolicy("e5m2", symmetric=True, method="mse"),
-            min_sqnr_db=10.0,
-            bias_correction=True,
-        ),
     ]
 }
 

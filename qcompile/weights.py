@@ -21,7 +21,8 @@ from qcompile.calibrate import fake_quant
 from qcompile.formats import BlockFormat, FloatFormat, IntFormat
 from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantSpec
 
-MSE_RATIOS = np.linspace(0.2, 1.0, 41)  # clip ratios tried (step 0.02; 2- and 3-bit grids want < 0.5)
+MSE_RATIOS = np.linspace(0.5, 1.0, 26)  # clip ratios tried (step 0.02)
+LOW_BIT_RATIOS = np.linspace(0.2, 1.0, 41)  # 2- and 3-bit grids often want a clip below 0.5
 
 
 @dataclass
@@ -98,7 +99,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     ratio = np.ones_like(amax)
     if spec.method == "mse":
         best = np.full(amax.shape, np.inf)
-        for r in MSE_RATIOS:
+        for r in LOW_BIT_RATIOS if fmt.bits <= 3 else MSE_RATIOS:
             e = _group_errors(w, amax, r, fmt, axis, block)
             better = e < best
             best = np.where(better, e, best)

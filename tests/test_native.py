@@ -3,10 +3,14 @@
 Checks against float64 numpy `x @ t.dequantize()` (max |diff| / max |ref| <= 1e-5) for OCP MXFP4
 (E8M0 scales per 32) and NVFP4 (E4M3 scales per 16 + tensor scale) at two optimization levels,
 clean ORT errors for bad attributes and shapes, and that a stock session cannot load the op.
+The fused activation quantization (act="mxfp4" / "nvfp4") is checked bit for bit against
+`codec.fake_quant` (directly through the library's exported C entry point, and through the op with
+an identity weight) and, with real weights, against float64 `fake_quant(x) @ t.dequantize()`.
 If the library cannot be built, the tests fail under CI (env CI set) and are skipped elsewhere.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import numpy as np
@@ -38,11 +42,14 @@ def weight(fmt_name: str, k: int, n: int, seed: int = 0) -> storage.PackedTensor
     return storage.from_block(codec.quantize_block(w, fmt, axis=0), fmt)
 
 
-def model(t: storage.PackedTensor, x_shape: list, attrs: dict | None = None, w_codes: np.ndarray | None = None):
-    """x -> MatMulFp4(t) -> y; `attrs` overrides node attributes, `w_codes` replaces the packed codes."""
+def model(t: storage.PackedTensor, x_shape: list, attrs: dict | None = None, w_codes: np.ndarray | None = None,
+          act: str | None = None, act_tensor_scale: float | None = None):
+    """x -> MatMulFp4(t) -> y; `attrs` overrides node attributes, `w_codes` replaces the packed codes,
+    `act` names the fused activation format (FORMATS key)."""
     x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
-    y = native.emit_matmul_fp4(graph, x, t, "w")
+    y = native.emit_matmul_fp4(graph, x, t, "w", act=None if act is None else FORMATS[act],
+                               act_tensor_scale=act_tensor_scale)
     node = y.producer()
     for key, value in (attrs or {}).items():
         node.attributes[key] = ir.Attr(key, ir.AttributeType.STRING if isinstance(value, str) else ir.AttributeType.INT,
@@ -143,3 +150,171 @@ def test_emit_rejects_unsupported_weights():
         native.emit_matmul_fp4(graph, x, weight("mxfp8_e4m3", 64, 4), "w")
     with pytest.raises(ValueError, match="axis 0"):
         native.emit_matmul_fp4(graph, x, weight("mxfp4", 4, 64).transposed(), "w")
+
+
+# --- fused activation quantization (act = "mxfp4" / "nvfp4") ------------------------------------
+
+ACT_CODES = {"none": 0, "mxfp4": 1, "nvfp4": 2}
+E2M1_TIES = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0])  # midpoints (and 7: saturates)
+TENSOR_SCALES = [1.0, 2.0**-4, 0.0123, 3.7e-5]  # exact-tie friendly powers of two, and arbitrary ones
+
+
+def act_inputs(fmt_name: str, rows: int, k: int, seed: int, tensor_scale: float = 1.0,
+               magnitudes=(-40, -30, -3, 0, 3, 30), specials: bool = False) -> np.ndarray:
+    """Rows of blocks of mixed kinds: exact E2M1 ties times the block scale (and their float32
+    neighbours), E4M3 block-scale ties (nvfp4), zero blocks, values at and next to powers of two,
+    random normals at several magnitudes; optionally a NaN/inf block per row. K may be ragged."""
+    rng = np.random.default_rng(seed)
+    bs = FORMATS[fmt_name].block_size
+    x = np.zeros((rows, -(-k // bs) * bs), np.float32)
+    st = np.float32(tensor_scale)
+    for r in range(rows):
+        for b in range(x.shape[1] // bs):
+            kind = (r + b) % 7
+            sign = rng.choice([-1.0, 1.0], bs)
+            if kind in (0, 1):  # ties of the element grid, exact (0) or one float32 ulp off (1)
+                if fmt_name == "mxfp4":
+                    d = np.float32(2.0 ** int(rng.integers(-125, 120)))
+                    top = 4.0 * d  # amax in [4, 8) * d gives X = d
+                else:
+                    sb = codec.round_to_grid(np.float32(2.0 ** rng.uniform(-8, 8)), FORMATS["e4m3fn"])
+                    d = np.float32(sb * st)
+                    top = np.float32(6.0) * d
+                v = (rng.choice(E2M1_TIES, bs) * d).astype(np.float32)
+                if kind == 1:
+                    v = np.nextafter(v, rng.choice([-np.inf, np.inf], bs).astype(np.float32))
+                v[rng.integers(bs)] = top
+                block = v * sign
+            elif kind == 2:  # zeros (with -0)
+                block = np.where(rng.random(bs) < 0.5, -0.0, 0.0)
+            elif kind == 3:  # at and next to powers of two (the MX exponent boundary)
+                p = np.float32(2.0) ** rng.integers(-140, 126, bs).astype(np.float32)
+                block = sign * np.nextafter(p, rng.choice([-np.inf, 0, np.inf], bs).astype(np.float32) * p)
+            elif kind == 4 and fmt_name == "nvfp4":  # block scale s_b exactly between two E4M3 values
+                mids = (1.0 + (2 * rng.integers(0, 8) + 1) / 16.0) * 2.0 ** rng.integers(-6, 8)
+                if rng.random() < 0.3:
+                    mids = (2 * rng.integers(0, 8) + 1) * 2.0**-10  # subnormal E4M3 ties
+                block = rng.standard_normal(bs) * (mids * 6 * st) / 4
+                block[rng.integers(bs)] = np.float32(np.float32(6.0 * mids) * st)
+                block = block * sign
+            else:  # random normal at a magnitude
+                block = rng.standard_normal(bs) * 10.0 ** float(rng.choice(magnitudes))
+            x[r, b * bs:(b + 1) * bs] = block
+        if specials and x.shape[1] >= 2 * bs:
+            x[r, bs + rng.integers(bs)] = [np.nan, np.inf, -np.inf][r % 3]
+    return np.ascontiguousarray(x[:, :k])
+
+
+def native_fake_quant(lib, x: np.ndarray, act: str, tensor_scale: float = 1.0) -> np.ndarray:
+    """The library's activation quantize-dequantize alone (exported C entry point)."""
+    fn = ctypes.CDLL(str(lib)).QcompileNativeFakeQuantAct
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    assert fn(x.ctypes.data, x.shape[0], x.shape[1], ACT_CODES[act], tensor_scale, out.ctypes.data) == 0
+    return out
+
+
+def reference_fq(x: np.ndarray, act: str, tensor_scale: float) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return codec.fake_quant(x, FORMATS[act], -1, tensor_scale if act == "nvfp4" else None)
+
+
+def assert_bits_equal(got: np.ndarray, ref: np.ndarray) -> None:
+    """Identical float32 bit patterns (signed zeros included), any NaN matching any NaN."""
+    same = (got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))
+    if not same.all():
+        i = tuple(np.argwhere(~same)[0])
+        raise AssertionError(f"{(~same).sum()} of {same.size} differ, first at {i}: got {got[i]!r}, want {ref[i]!r}")
+
+
+ACT_CASES = [("mxfp4", 1.0)] + [("nvfp4", s) for s in TENSOR_SCALES]
+
+
+@pytest.mark.parametrize("isa", ["native", "scalar"])
+@pytest.mark.parametrize("k", [256, 100, 7])
+@pytest.mark.parametrize("act,tensor_scale", ACT_CASES)
+def test_act_fake_quant_is_bit_exact(lib, act, tensor_scale, k, isa):
+    """The in-op activation quantize-dequantize equals codec.fake_quant bit for bit (incl. NaN/inf blocks)."""
+    library = lib if isa == "native" else native.build(isa="scalar")
+    x = act_inputs(act, 40, k, seed=k, tensor_scale=tensor_scale, specials=True)
+    assert_bits_equal(native_fake_quant(library, x, act, tensor_scale), reference_fq(x, act, tensor_scale))
+
+
+def test_act_fake_quant_random_bit_exact(lib):
+    """Random rows over the whole float32 range (subnormals to near-max), random tensor scales."""
+    rng = np.random.default_rng(11)
+    for trial in range(60):
+        k = int(rng.integers(1, 300))
+        x = (rng.standard_normal((3, k)) * 10.0 ** rng.uniform(-44, 38)).astype(np.float32)
+        for act in ("mxfp4", "nvfp4"):
+            st = float(np.float32(10.0 ** rng.uniform(-8, 3)))
+            assert_bits_equal(native_fake_quant(lib, x, act, st), reference_fq(x, act, st))
+
+
+def identity_weight(k: int) -> storage.PackedTensor:
+    """I [K, K] in MXFP4: each block holds one 1.0 (scale 2**-2, element 4) or zeros -- exact."""
+    t = storage.from_block(codec.quantize_block(np.eye(k, dtype=np.float32), FORMATS["mxfp4"], axis=0), FORMATS["mxfp4"])
+    assert np.array_equal(t.dequantize(), np.eye(k, dtype=np.float32))
+    return t
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("k", [128, 100])
+@pytest.mark.parametrize("act,tensor_scale", ACT_CASES)
+def test_act_identity_weight_bit_exact(lib, act, tensor_scale, k, rows):
+    """Through the op: with W = I, Y == fq(X) exactly (every other product is a zero)."""
+    x = act_inputs(act, rows, k, seed=rows + k, tensor_scale=tensor_scale, magnitudes=(-30, -3, 0, 3, 30))
+    x = np.where(np.abs(x) < 1e36, x, 0).astype(np.float32)  # keep 4 * fq(x) finite (unscaled E2M1 times x)
+    proto = model(identity_weight(k), ["M", k], act=act, act_tensor_scale=tensor_scale if act == "nvfp4" else None)
+    y = native_session(lib, proto).run(None, {"x": x})[0]
+    ref = reference_fq(x, act, tensor_scale)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 70])
+@pytest.mark.parametrize("k,n", [(256, 40), (200, 33)])
+@pytest.mark.parametrize("wfmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("act,tensor_scale", [("mxfp4", 1.0), ("nvfp4", 2.0**-4), ("nvfp4", 0.0123)])
+def test_act_matches_numpy(lib, act, tensor_scale, wfmt, k, n, rows):
+    """Y == float64 fake_quant(x) @ t.dequantize() within 1e-5 (mxfp4 weights: empty T before A_T)."""
+    t = weight(wfmt, k, n, seed=rows)
+    x = act_inputs(act, rows, k, seed=rows * k, tensor_scale=tensor_scale, magnitudes=(-3, 0, 1))
+    proto = model(t, ["M", k], act=act, act_tensor_scale=tensor_scale if act == "nvfp4" else None)
+    y = native_session(lib, proto).run(None, {"x": x})[0]
+    ref = reference_fq(x, act, tensor_scale).astype(np.float64) @ t.dequantize().astype(np.float64)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) <= 1e-5
+    assert rel_err(y, x.astype(np.float64) @ t.dequantize().astype(np.float64)) > 1e-3  # fq did happen
+
+
+def test_act_nvfp4_with_mxfp4_weight_uses_an_empty_t():
+    x = ir.Value(name="x", shape=ir.Shape([1, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21})
+    node = native.emit_matmul_fp4(graph, x, weight("mxfp4", 64, 4), "w", act=FORMATS["nvfp4"],
+                                  act_tensor_scale=0.5).producer()
+    assert node.inputs[3] is None and node.inputs[4].const_value.numpy() == np.float32(0.5)
+    assert node.attributes["act"].value == "nvfp4"
+    node = native.emit_matmul_fp4(graph, x, weight("nvfp4", 64, 4), "v", act=FORMATS["mxfp4"]).producer()
+    assert len(node.inputs) == 4 and node.attributes["act"].value == "mxfp4"
+    assert "act" not in native.emit_matmul_fp4(graph, x, weight("mxfp4", 64, 4), "u").producer().attributes
+
+
+def test_act_errors(lib):
+    t = weight("mxfp4", 64, 4)
+    with pytest.raises(ORT_ERRORS, match="MatMulFp4: act must be"):
+        native_session(lib, model(t, [1, 64], {"act": "int8"})).run(None, {"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(ORT_ERRORS, match="needs the activation tensor scale"):
+        native_session(lib, model(t, [1, 64], {"act": "nvfp4"}, act="mxfp4")).run(None, {"x": np.zeros((1, 64), np.float32)})
+    with pytest.raises(ORT_ERRORS, match="A_T is only used"):
+        proto = model(t, [1, 64], {"act": "mxfp4"}, act="nvfp4", act_tensor_scale=1.0)
+        native_session(lib, proto).run(None, {"x": np.zeros((1, 64), np.float32)})
+    x = ir.Value(name="x", shape=ir.Shape([1, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21})
+    with pytest.raises(ValueError, match="needs a static act_tensor_scale"):
+        native.emit_matmul_fp4(graph, x, t, "w", act=FORMATS["nvfp4"])
+    with pytest.raises(ValueError, match="only used with nvfp4"):
+        native.emit_matmul_fp4(graph, x, t, "w", act=FORMATS["mxfp4"], act_tensor_scale=1.0)
+    with pytest.raises(ValueError, match="fuses only mxfp4 or nvfp4"):
+        native.emit_matmul_fp4(graph, x, t, "w", act=FORMATS["mxfp8_e4m3"])

@@ -265,3 +265,19 @@ def test_plan_naming_unknown_nodes_is_an_input_error(tmp_path):
     plan["nodes"]["ghost"] = plan["nodes"].pop("fc1")
     with pytest.raises(InputError, match=r"plan names nodes not in the model: \['ghost'\]"):
         qcompile.compile(proto, "w8", calib=calib, eval=ev, plan=QuantPlan.from_json(plan))
+
+
+def test_model_with_external_data_compiles(tmp_path):
+    """Weights in an external data file stay on disk (memory-mapped) and still calibrate and validate."""
+    proto = tiny_models.mlp()
+    path = tmp_path / "ext.onnx"
+    ir.save(ir.from_proto(proto), path, external_data="ext.onnx.data")
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 64 * 128 * 4
+    calib, ev = _data(proto)
+    r = qcompile.compile(path, "w4a8", calib=calib, eval=ev)
+    assert r.passed and r.report["outputs"]["logits"]["sqnr_db"] > 14
+    out = tmp_path / "elsewhere" / "q.onnx"
+    out.parent.mkdir()
+    qcompile.save_model(r.model, out)  # the float biases are copied, not referred to in ext.onnx.data
+    assert sorted(p.name for p in out.parent.iterdir()) == ["q.onnx"]
+    np.testing.assert_allclose(helpers.run(out, ev)[0], helpers.run(r.model, ev)[0], rtol=1e-6)

@@ -33,14 +33,16 @@ def session_options(level: str = "all", threads: int = 1, optimized_path: str | 
 
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, level: str = "all", threads: int = 1,
                  optimized_path: str | None = None) -> ort.InferenceSession:
-    """A CPU session. In-memory models go through bytes, or a temp file with external data past 1.8 GB."""
+    """A CPU session. In-memory models go through bytes, or a temp file with external data past 1.8 GB
+    or when the model's weights live in an external data file."""
     so = session_options(level, threads, optimized_path)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), so, providers=providers)
     if isinstance(model, ir.Model):
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        if size > _PROTO_LIMIT:
+        consts = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+        external = any(isinstance(c, ir.ExternalTensor) for c in consts)  # bytes cannot refer to a data file
+        if external or sum(c.nbytes for c in consts) > _PROTO_LIMIT:
             with tempfile.TemporaryDirectory() as d:
                 path = Path(d) / "model.onnx"
                 ir.save(model, path, external_data="model.onnx.data")
