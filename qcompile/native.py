@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.formats import BlockFormat
+from qcompile.formats import FORMATS, BlockFormat
 from qcompile.storage import PackedTensor
 
 DOMAIN = "qcompile.native"
@@ -292,8 +292,6 @@ def act_attribute(fmt: BlockFormat | None) -> str:
     """
     if fmt is None:
         return "none"
-    from qcompile.formats import FORMATS
-
     for act in ("mxfp4", "nvfp4"):
         ref = FORMATS[act]
         if (isinstance(fmt, BlockFormat) and fmt.element.params == ref.element.params

@@ -75,6 +75,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.caps = caps
         self.records: list[LayerRecord] = []
         self.stored: dict[str, storage.PackedTensor] = {}
+        # FakeQuant output name -> (its input, block format, static tensor scale, axis): block-format
+        # activations a fused kernel may take over (lower_nbits, --lowering native)
+        self.block_activations: dict[str, tuple[ir.Value, BlockFormat, float | None, int]] = {}
         self._names: set[str] = set()
 
     def __repr__(self) -> str:
@@ -240,7 +243,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         amax = max(abs(spec.clip[0]), abs(spec.clip[1])) if spec.clip is not None else 0.0
         if isinstance(fmt, BlockFormat):
             st = codec.tensor_scale_from_amax(amax, fmt) if fmt.tensor_scale is not None else None
-            return functions.fake_quant(graph, v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
+            out = functions.fake_quant(graph, v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
+            self.block_activations[out.name] = (v, fmt, st, spec.granularity.axis)
+            return out
         s, _ = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, True)
         return functions.fake_quant(graph, v, fmt, name, scale=s)
 

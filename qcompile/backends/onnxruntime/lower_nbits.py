@@ -13,12 +13,17 @@ computes in float: the output equals x @ dequantize(W) up to float summation ord
 quantizes x to int8 per block inside the kernel: ~4x faster at batch 1, ~5e-3 relative error.
 
 Lowering "native" (opt-in) instead emits one fused `qcompile.native.MatMulFp4` (decode packed
-E2M1 + GEMM, `qcompile.native`, C++) for MXFP4 / NVFP4 weights and MatMulNBits planes for the
-rest; such a model needs the library registered in its session (`qcompile.native.session_options`).
+E2M1 + GEMM, `qcompile.native`, C++) for MXFP4 / NVFP4 weights, which also absorbs an MXFP4 /
+NVFP4 activation FakeQuant along K (its `act` attribute), and MatMulNBits planes for the rest:
+
+    y = MatMul(qcompile.FakeQuantMX(x), qcompile.DequantizeMX(packed, e8m0))
+      -> y = qcompile.native.MatMulFp4(x, codes, scales) <act="mxfp4">
+
+Such a model needs the library registered in its session (`qcompile.native.session_options`).
 
 Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
-activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites; "integer" rewrites every layer
-`nbits.unsupported` accepts; "auto" also requires at most AUTO_MAX_PLANES planes (each plane is a
+activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites;
+"integer" rewrites every layer `nbits.unsupported` accepts; "auto" also requires at most AUTO_MAX_PLANES planes (each plane is a
 GEMV of its own: three planes cost more than the float MatMul they replace at accuracy level 0).
 """
 from __future__ import annotations
@@ -37,8 +42,10 @@ AUTO_MAX_PLANES = 2
 
 
 class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
-    def __init__(self, stored: dict[str, PackedTensor], lowering: str = "auto", accuracy_level: int = 0) -> None:
+    def __init__(self, stored: dict[str, PackedTensor], lowering: str = "auto", accuracy_level: int = 0,
+                 block_activations: dict | None = None) -> None:
         super().__init__()
+        self.block_activations = block_activations or {}
         if lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
         self.stored = stored
@@ -92,7 +99,8 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
     def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
         if self.lowering == "native" and _native_fp4(t):
-            y = native.emit_matmul_fp4(graph, node.inputs[0], t, name)
+            x, act, act_scale = self._fused_activation(node.inputs[0])
+            y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
         else:
             codes = functions.unpack(graph, functions.packed_codes(graph, t, name), t.element.bits, t.shape, name)
             _, scales = functions.scale_values(graph, t, name)
@@ -109,6 +117,23 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         out.name = None
         y.name = out_name
         self.lowered.append(node.name)
+
+
+    def _fused_activation(self, x: ir.Value):
+        """(input, format, tensor scale) of an MXFP4/NVFP4 FakeQuant on the last axis feeding the
+        MatMul, which MatMulFp4 then quantizes itself (`act`); else (x, None, None)."""
+        entry = self.block_activations.get(x.name)
+        if entry is not None and x.producer() is not None and x.producer().domain == functions.DOMAIN:
+            src, fmt, st, axis = entry
+            rank = len(src.shape) if src.shape is not None else None
+            last = axis == -1 or (rank is not None and axis == rank - 1)
+            try:
+                act = native.act_attribute(fmt)
+            except ValueError:
+                act = "none"
+            if last and act != "none":
+                return src, fmt, st
+        return x, None, None
 
 
 def _native_fp4(t: PackedTensor) -> bool:
