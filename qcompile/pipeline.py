@@ -296,7 +296,7 @@ def compile(
     insert = InsertQDQPass(work, caps)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
-    nb = LowerToMatMulNBitsPass(insert.stored, lowering, accuracy_level, insert.block_activations)
+    nb = LowerToMatMulNBitsPass(insert.stored, lowering, accuracy_level, insert.block_activations, caps)
     stages.run(repr(nb), nb, m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)

@@ -40,6 +40,11 @@ class Capabilities:
     shape_op_qdq_drop: frozenset = frozenset({D.INT8, D.UINT8})
     # Blocked weight-only DQ(w) -> MatMul fuses into MatMulNBits for these types.
     matmulnbits_types: frozenset = frozenset({D.INT4, D.UINT4})
+    # MatMulNBits is fast only for bits=4 (4096^2 GEMV, 1 thread: 4-bit 1.3 ms at accuracy level 0,
+    # 0.3 ms at 4; bits=8 73 / 1.2 ms; bits=2 85 / 0.4 ms; float MatMul 3.0 ms), so the exact
+    # integer lowering writes 4-bit digit planes, one MatMulNBits each; "auto" takes a layer up to
+    # this many planes (two planes stream 2x the bytes; three are slower than float at level 0).
+    nbits_auto_max_planes: int = 2
 
     def qdq_native(self, dtype: ir.DataType | None, opset: int | None = None) -> bool:
         first = self.qdq_min_opset.get(dtype)

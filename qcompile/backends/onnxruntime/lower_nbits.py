@@ -23,8 +23,9 @@ Such a model needs the library registered in its session (`qcompile.native.sessi
 
 Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
 activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites;
-"integer" rewrites every layer `nbits.unsupported` accepts; "auto" also requires at most AUTO_MAX_PLANES planes (each plane is a
-GEMV of its own: three planes cost more than the float MatMul they replace at accuracy level 0).
+"integer" rewrites every layer `nbits.unsupported` accepts; "auto" also requires at most
+`caps.nbits_auto_max_planes` planes (each plane is a GEMV of its own: three planes cost more than
+the float MatMul they replace at accuracy level 0).
 """
 from __future__ import annotations
 
@@ -34,17 +35,18 @@ import onnx_ir as ir
 
 from qcompile import functions, native
 from qcompile.backends.onnxruntime import nbits
+from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.storage import PackedTensor
 
 log = logging.getLogger(__name__)
 LOWERINGS = ("auto", "function", "integer", "native")
-AUTO_MAX_PLANES = 2
 
 
 class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
     def __init__(self, stored: dict[str, PackedTensor], lowering: str = "auto", accuracy_level: int = 0,
-                 block_activations: dict | None = None) -> None:
+                 block_activations: dict | None = None, caps: Capabilities = CAPABILITIES) -> None:
         super().__init__()
+        self.caps = caps
         self.block_activations = block_activations or {}
         if lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
@@ -89,8 +91,9 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         if self.lowering == "native" and _native_fp4(t):
             return t
         reason = nbits.unsupported(node, t)
-        if reason is None and self.lowering == "auto" and nbits.plane_count(t) > AUTO_MAX_PLANES:
-            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {AUTO_MAX_PLANES})"
+        limit = self.caps.nbits_auto_max_planes
+        if reason is None and self.lowering == "auto" and nbits.plane_count(t) > limit:
+            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {limit})"
         if reason is not None:
             log.debug("%s stays %s: %s", node.name, self.lowering, reason)
             return None
