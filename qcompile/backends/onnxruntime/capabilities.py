@@ -42,9 +42,13 @@ class Capabilities:
     matmulnbits_types: frozenset = frozenset({D.INT4, D.UINT4})
     # MatMulNBits is fast only for bits=4 (4096^2 GEMV, 1 thread: 4-bit 1.3 ms at accuracy level 0,
     # 0.3 ms at 4; bits=8 73 / 1.2 ms; bits=2 85 / 0.4 ms; float MatMul 3.0 ms), so the exact
-    # integer lowering writes 4-bit digit planes, one MatMulNBits each; "auto" takes a layer up to
-    # this many planes (two planes stream 2x the bytes; three are slower than float at level 0).
-    nbits_auto_max_planes: int = 2
+    # integer lowering writes 4-bit digit planes, one MatMulNBits each. "auto" lowers a layer of at
+    # most `nbits_auto_max_planes` planes, or `nbits_auto_max_planes_gemv` when its activation is one
+    # row per sample (rank 2). Measured: one plane is as fast as float on MiniLM (28-128 rows per
+    # sample: 1.0-1.05x) and 2x faster on a GEMV; two planes are 1.2-1.5x faster than float on a
+    # GEMV but 1.8x slower on MiniLM, where the function path (folded to float) runs at 1.0x.
+    nbits_auto_max_planes: int = 1
+    nbits_auto_max_planes_gemv: int = 2
 
     def qdq_native(self, dtype: ir.DataType | None, opset: int | None = None) -> bool:
         first = self.qdq_min_opset.get(dtype)

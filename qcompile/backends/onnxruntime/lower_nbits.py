@@ -24,8 +24,9 @@ Such a model needs the library registered in its session (`qcompile.native.sessi
 Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
 activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites;
 "integer" rewrites every layer `nbits.unsupported` accepts; "auto" also requires at most
-`caps.nbits_auto_max_planes` planes (each plane is a GEMV of its own: three planes cost more than
-the float MatMul they replace at accuracy level 0).
+`caps.nbits_auto_max_planes` planes (1), or `caps.nbits_auto_max_planes_gemv` (2) when the
+activation has one row per sample ([batch, K]): each plane is a GEMM of its own, and with many rows
+(a transformer's tokens) two planes are slower than the float MatMul the function path folds to.
 """
 from __future__ import annotations
 
@@ -83,17 +84,18 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         t = self.stored.get(w.name) if w is not None else None
         if t is None or (node.op_type == "Gemm" and not _plain_gemm(node)):
             return None
-        x = node.inputs[0].producer() if node.inputs[0] is not None else None
-        if x is not None and x.op_type == "DequantizeLinear":
+        x = node.inputs[0]
+        if x is not None and x.producer() is not None and x.producer().op_type == "DequantizeLinear":
             return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
         if node.op_type == "Gemm" and _attr(node, "transB"):
             t = t.transposed()
         if self.lowering == "native" and _native_fp4(t):
             return t
         reason = nbits.unsupported(node, t)
-        limit = self.caps.nbits_auto_max_planes
+        gemv = x is not None and x.shape is not None and len(x.shape) == 2
+        limit = self.caps.nbits_auto_max_planes_gemv if gemv else self.caps.nbits_auto_max_planes
         if reason is None and self.lowering == "auto" and nbits.plane_count(t) > limit:
-            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {limit})"
+            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {limit} here)"
         if reason is not None:
             log.debug("%s stays %s: %s", node.name, self.lowering, reason)
             return None
