@@ -12,7 +12,7 @@ then `--runs` pairs whose order flips every pair); medians. speedup = median flo
 
 Roofline. At batch 1 a GEMV reads every weight byte once per run, so bytes / bandwidth bounds its
 time from below. bandwidth = the best of 5 single-threaded read streams over a 1 GiB float32 array
-(np.add.reduce; a lower bound on what the memory system delivers to one core). bytes = what the
+(a BLAS dot product of the array with itself, one thread: what one core can pull from memory). bytes = what the
 kernels read per run, from the model onnxruntime actually runs (its optimized graph: the float
 weights; MatMulNBits' folded 4-bit planes, scales and zero points; MatMulFp4's packed codes and
 scale bytes). % roofline = (bytes / bandwidth) / measured time.
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # the bandwidth probe below must use one core too
 
 import numpy as np  # noqa: E402
 
@@ -52,12 +53,12 @@ KERNEL_OPS = ("MatMul", "MatMulNBits", "MatMulFp4", "Gemm", "FusedMatMul")
 
 
 def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best single-threaded read bandwidth (GB/s) of np.add.reduce over a float32 array."""
+    """Best single-threaded read bandwidth (GB/s): a BLAS dot of a float32 array with itself."""
     a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
     best = np.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        np.add.reduce(a)
+        a.dot(a)
         best = min(best, time.perf_counter() - t0)
     return a.nbytes / best / 1e9
 
