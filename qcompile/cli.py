@@ -97,7 +97,7 @@ def main() -> None:
 @click.option("--keep-last", is_flag=True, help="Keep the final classifier layer in float")
 @click.option("--lowering", type=click.Choice(["auto", "function", "integer", "native"]), default="auto", show_default=True,
               help="Weights onnxruntime has no kernel for: qcompile function ops (function), exact MatMulNBits "
-                   "digit planes (integer), integer where it is at most two planes (auto), or the optional C++ "
+                   "digit planes (integer), integer where it is not slower than float (auto), or the optional C++ "
                    "FP4 kernel for MXFP4/NVFP4 (native: the model then needs qcompile.native's library)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")

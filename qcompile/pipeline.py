@@ -218,7 +218,8 @@ def compile(
 
     lowering: how weights in formats onnxruntime lacks (and integer weights) are emitted:
     "function" (packed codes + a qcompile.Dequantize* function op), "integer" (exact MatMulNBits
-    digit planes wherever possible), "auto" (integer when it is at most two planes), "native"
+    digit planes wherever possible), "auto" (integer for one plane, or two when the activation is
+    one row per sample; `Capabilities.nbits_auto_max_planes*`), "native"
     (MXFP4/NVFP4 MatMuls as the fused C++ op of `qcompile.native`, built on demand; the compiled
     model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
