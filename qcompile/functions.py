@@ -390,13 +390,19 @@ def function_protos() -> list[onnx.FunctionProto]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Emitter:
-    """Adds initializers and nodes to `graph` under names unused in it (scanned once per API call)."""
+class Emitter:
+    """Adds initializers and nodes to `graph` under names unused in it (value and node names).
+
+    The graph is scanned once, when the Emitter is made: a pass that emits many ops keeps one
+    Emitter and hands it to the functions below in place of the graph (they accept either), so
+    its own names and theirs come from one set and the graph is not rescanned per op.
+    """
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
         self.names = set(graph.initializers) | {v.name for v in graph.inputs} | {
-            o.name for n in ir.traversal.RecursiveGraphIterator(graph) for o in n.outputs}
+            o.name for n in ir.traversal.RecursiveGraphIterator(graph) for o in n.outputs} | {
+            n.name for n in ir.traversal.RecursiveGraphIterator(graph) if n.name}
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -456,6 +462,10 @@ def _is_nvfp4(fmt) -> bool:
             and fmt.scale.params == _E4M3FN.params and fmt.tensor_scale is not None)
 
 
+def _emitter(graph: ir.Graph | Emitter) -> Emitter:
+    return graph if isinstance(graph, Emitter) else Emitter(graph)
+
+
 def op_type(fmt, role: str) -> str:
     """The qcompile op that `dequantize` (role "weight") or `fake_quant` (role "activation") emits for fmt."""
     if role == "weight":
@@ -475,14 +485,14 @@ def op_type(fmt, role: str) -> str:
     raise NotImplementedError(f"{fmt.name}: no qcompile FakeQuant op for this format")
 
 
-def packed_codes(graph: ir.Graph, t: PackedTensor, name: str) -> ir.Value:
+def packed_codes(graph: ir.Graph | Emitter, t: PackedTensor, name: str) -> ir.Value:
     """Register the densely packed element codes as a 1-D uint8 initializer."""
-    return _Emitter(graph).packed(t, name)
+    return _emitter(graph).packed(t, name)
 
 
-def scale_values(graph: ir.Graph, t: PackedTensor, name: str) -> tuple[ir.Value, ir.Value]:
+def scale_values(graph: ir.Graph | Emitter, t: PackedTensor, name: str) -> tuple[ir.Value, ir.Value]:
     """(stored scale, float32 scale values shaped like t.scale): standard ops on initializers."""
-    e = _Emitter(graph)
+    e = _emitter(graph)
     stored, shape, f32 = e.stored_scale(t, name), t.scale.shape, ir.DataType.FLOAT
     if not isinstance(t.fmt, BlockFormat):
         return stored, stored
@@ -495,17 +505,17 @@ def scale_values(graph: ir.Graph, t: PackedTensor, name: str) -> tuple[ir.Value,
     return stored, e.node("Mul", [decoded, tensor_scale], {}, f"{name}_scale_values", f32, shape, "")
 
 
-def unpack(graph: ir.Graph, packed: ir.Value, bits: int, shape: tuple[int, ...], name: str) -> ir.Value:
+def unpack(graph: ir.Graph | Emitter, packed: ir.Value, bits: int, shape: tuple[int, ...], name: str) -> ir.Value:
     """qcompile.UnpackBits: uint8 codes of `shape` from a packed stream (bits <= 8)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"UnpackBits handles 1..8-bit codes, not {bits}")
     attrs = {"bits": bits, "shape": [int(d) for d in shape]}
-    return _Emitter(graph).node("UnpackBits", [packed], attrs, f"{name}_codes", ir.DataType.UINT8, shape)
+    return _emitter(graph).node("UnpackBits", [packed], attrs, f"{name}_codes", ir.DataType.UINT8, shape)
 
 
-def dequantize(graph: ir.Graph, t: PackedTensor, name: str) -> ir.Value:
+def dequantize(graph: ir.Graph | Emitter, t: PackedTensor, name: str) -> ir.Value:
     """Append the qcompile Dequantize* node of `t` (registering its initializers); float32 output."""
-    element, e = t.element, _Emitter(graph)
+    element, e = t.element, _emitter(graph)
     if element.bits > 8:
         raise NotImplementedError(f"{element.name}: qcompile ops decode codes of at most 8 bits")
     packed, scale = e.packed(t, name), e.stored_scale(t, name)
@@ -520,10 +530,10 @@ def dequantize(graph: ir.Graph, t: PackedTensor, name: str) -> ir.Value:
     return e.node(op, inputs, attrs, f"{name}_dq", ir.DataType.FLOAT, t.shape)
 
 
-def fake_quant(graph: ir.Graph, x: ir.Value, fmt, name: str, scale: float | None = None,
+def fake_quant(graph: ir.Graph | Emitter, x: ir.Value, fmt, name: str, scale: float | None = None,
                tensor_scale: float | None = None, axis: int | None = -1) -> ir.Value:
     """Append a qcompile.FakeQuant* (quantize-dequantize) node on activation `x`; float32 output."""
-    axis, e = -1 if axis is None else int(axis), _Emitter(graph)
+    axis, e = -1 if axis is None else int(axis), _emitter(graph)
     op = op_type(fmt, "activation")
     if op == "FakeQuantMinifloat":
         if scale is None:
@@ -571,6 +581,6 @@ def attach(model: ir.Model) -> None:
 
 
 __all__ = [
-    "DOMAIN", "VERSION", "MIN_OPSET", "OP_MIN_OPSET", "attach", "op_type", "dequantize", "fake_quant", "function_proto",
+    "DOMAIN", "VERSION", "MIN_OPSET", "OP_MIN_OPSET", "Emitter", "attach", "op_type", "dequantize", "fake_quant", "function_proto",
     "function_protos", "grid_attributes", "lut", "packed_codes", "scale_values", "unpack",
 ]

@@ -312,7 +312,7 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, ac
     NVFP4 needs the static `act_tensor_scale` (stored as a float32 scalar initializer, input
     A_T); MXFP4 takes none. Inputs: x, codes, scales, [weight tensor scale or empty], [A_T].
     """
-    from qcompile.functions import _Emitter
+    from qcompile.functions import Emitter
 
     scale_type, one_code = check_weight(t)
     act_name = act_attribute(act)
@@ -323,7 +323,7 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, ac
     k, n = t.shape
     if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
         raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
-    e = _Emitter(graph)
+    e = Emitter(graph)
     inputs = [x, e.initializer(f"{name}_fp4_codes", pack_codes(t)), e.initializer(f"{name}_fp4_scales", pack_scales(t, one_code))]
     if t.tensor_scale is not None and scale_type == "e4m3":
         inputs.append(e.initializer(f"{name}_fp4_tensor_scale", np.array([t.tensor_scale], dtype=np.float32)))

@@ -141,7 +141,7 @@ def test_unpack_bits_round_trip():
     def outputs(g):
         outs = []
         for (bits, shape), codes in zip(cases, data):
-            packed = functions._Emitter(g).initializer(f"p{bits}", codec.pack(codes, bits))
+            packed = functions.Emitter(g).initializer(f"p{bits}", codec.pack(codes, bits))
             outs.append(functions.unpack(g, packed, bits, shape, f"u{bits}"))
         return outs
 

@@ -78,7 +78,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         # FakeQuant output name -> (its input, block format, static tensor scale, axis): block-format
         # activations a fused kernel may take over (lower_nbits, --lowering native)
         self.block_activations: dict[str, tuple[ir.Value, BlockFormat, float | None, int]] = {}
-        self._names: set[str] = set()
+        self._emit: functions.Emitter | None = None  # names + initializers, shared with the qcompile ops
 
     def __repr__(self) -> str:
         return f"InsertQDQPass({len(self.plan)} nodes)"
@@ -112,12 +112,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     # --- naming -------------------------------------------------------------------------------
     def _name(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return self._emit.fresh(base)
 
     def _const(self, graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
         tensor.name = self._name(tensor.name)
@@ -128,9 +123,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     # --- main ----------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._names = {v.name for v in graph.initializers.values()} | {
-            o.name for n in ir.traversal.RecursiveGraphIterator(graph) for o in n.outputs
-        } | {v.name for v in graph.inputs} | {n.name for n in graph if n.name}
+        self._emit = functions.Emitter(graph)
         nodes = {n.name: n for n in graph}
         act_cache: dict[tuple, tuple[ir.Value, float, float]] = {}
         weight_cache: dict[tuple, tuple[ir.Value, np.ndarray]] = {}
@@ -181,7 +174,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             out, scale, t = self._native_weight(graph, w, q.spec)
         else:
             t = quantize(arr, q.spec)
-            out, scale = functions.dequantize(graph, t, self._name(w.name)), None
+            out, scale = functions.dequantize(self._emit, t, self._name(w.name)), None
         self.stored[out.name] = t
         self.records.append(
             LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, t.dequantize()), arr.nbytes, t.nbytes,
@@ -243,11 +236,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         amax = max(abs(spec.clip[0]), abs(spec.clip[1])) if spec.clip is not None else 0.0
         if isinstance(fmt, BlockFormat):
             st = codec.tensor_scale_from_amax(amax, fmt) if fmt.tensor_scale is not None else None
-            out = functions.fake_quant(graph, v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
+            out = functions.fake_quant(self._emit, v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
             self.block_activations[out.name] = (v, fmt, st, spec.granularity.axis)
             return out
         s, _ = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, True)
-        return functions.fake_quant(graph, v, fmt, name, scale=s)
+        return functions.fake_quant(self._emit, v, fmt, name, scale=s)
 
     def _tie(self, graph, v: ir.Value, spec: QuantSpec, cache) -> None:
         """Quantize the data inputs of the shape ops above `v` with v's scale (see module doc)."""

@@ -272,6 +272,24 @@ def test_format_without_native_qdq_becomes_a_function_op():
     assert p.records[0].emission == "qcompile.DequantizeFP4"
 
 
+def test_shared_weight_native_and_packed_get_distinct_names():
+    """One weight, two emissions: mm1 (int8 activations, for onnxruntime's integer fusions) reads a
+    native int8 DequantizeLinear, mm2 (weight-only, for the MatMulNBits lowering) a packed qcompile
+    op; every value name stays unique (the pass and the qcompile ops name through one Emitter)."""
+    model = ir.from_proto(_shared_weight_model(False))
+    wspec = QuantSpec("int8", PerChannel(1))
+    plan = QuantPlan("x", {
+        "mm1": NodePlan("MatMul", {0: InputQuant("x", "activation", QuantSpec("int8", PerTensor(), True, clip=(-3.0, 3.0))),
+                                   1: InputQuant("w", "weight", wspec)}),
+        "mm2": NodePlan("MatMul", {1: InputQuant("w", "weight", wspec)}),
+    })
+    helpers.assert_pass_contract(InsertQDQPass(plan, CAPABILITIES), model, expect_modified=True)
+    ops = [helpers.producer_op(helpers.node_by_name(model, n).inputs[1]) for n in ("mm1", "mm2")]
+    assert ops == ["DequantizeLinear", "DequantizeMinifloat"]
+    names = [o.name for n in model.graph for o in n.outputs] + list(model.graph.initializers)
+    assert len(names) == len(set(names)), "every value name is unique"
+
+
 def test_function_ops_need_their_opset():
     """FakeQuantMX reads ReduceMax's axes from an input (opset 18)."""
     model = ir.from_proto(_shared_weight_model(False))

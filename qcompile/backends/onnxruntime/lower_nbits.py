@@ -107,8 +107,9 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
             x, act, act_scale = self._fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
         else:
-            codes = functions.unpack(graph, functions.packed_codes(graph, t, name), t.element.bits, t.shape, name)
-            _, scales = functions.scale_values(graph, t, name)
+            e = functions.Emitter(graph)  # one scan of the graph for the three calls
+            codes = functions.unpack(e, functions.packed_codes(e, t, name), t.element.bits, t.shape, name)
+            _, scales = functions.scale_values(e, t, name)
             y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], codes, scales, t, self.accuracy_level, name)
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             add = ir.node("Add", [y, node.inputs[2]], name=f"{name}_bias")
