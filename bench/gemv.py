@@ -82,11 +82,6 @@ def kernel_bytes(optimized: Path) -> int:
     return sum(sizes.get(i, 0) for n in m.graph.node if n.op_type in KERNEL_OPS for i in n.input[1:])
 
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    ref, test = ref.astype(np.float64), test.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((ref - test) ** 2), 1e-300)))
-
-
 def chain(args, work: Path) -> tuple[Path, Path, Path]:
     """The float model and calib/eval .npz: the zoo's chain, or a small one built in `work`."""
     from qcompile import zoo
@@ -114,6 +109,7 @@ def main() -> None:
     import qcompile
     from qcompile import native
     from qcompile.bench import latency
+    from qcompile.passes.insert_qdq import sqnr_db
 
     bw = bandwidth_gbs()
     configs = CONFIGS if not args.configs else [CONFIGS[int(i)] for i in args.configs.split(",")]

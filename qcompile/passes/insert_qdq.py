@@ -159,7 +159,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 changed += self._output(graph, nplan.output, act_cache)
         if changed:
             graph.sort()
-            _drop_unused_initializers(graph)
+            drop_unused_initializers(graph)
             functions.attach(model)
         return ir.passes.PassResult(model, modified=changed > 0)
 
@@ -311,7 +311,7 @@ def _gran(spec: QuantSpec) -> str:
     return g["kind"] + (f"(axis={g['axis']})" if "axis" in g else "") + (f"/{g['size']}" if "size" in g else "")
 
 
-def _drop_unused_initializers(graph: ir.Graph) -> None:
+def drop_unused_initializers(graph: ir.Graph) -> None:
     for name, v in list(graph.initializers.items()):
         if not v.uses() and not v.is_graph_output():
             del graph.initializers[name]

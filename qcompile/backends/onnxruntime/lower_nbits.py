@@ -37,6 +37,7 @@ import onnx_ir as ir
 from qcompile import functions, native
 from qcompile.backends.onnxruntime import nbits
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
+from qcompile.passes.insert_qdq import drop_unused_initializers
 from qcompile.storage import PackedTensor
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,6 @@ def _drop_dead(graph: ir.Graph) -> None:
             if ours and all(not o.uses() and not o.is_graph_output() for o in n.outputs):
                 graph.remove(n, safe=True)
                 changed = True
-    for name, v in list(graph.initializers.items()):
-        if not v.uses() and not v.is_graph_output():
-            del graph.initializers[name]
+    drop_unused_initializers(graph)
 
 
