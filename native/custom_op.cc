@@ -187,13 +187,7 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   const qcn::Fp4Weight weight{static_cast<const uint8_t*>(wd), static_cast<const uint8_t*>(sd), kern.k, kern.n,
                               kern.block_size, lut};
   const float* xf = static_cast<const float*>(xd);
-  if (kern.act != qcn::ActQuant::kNone) {
-    std::vector<float> xq(static_cast<size_t>(m * kern.k));
-    qcn::fake_quant_act(xf, m, kern.k, kern.act, act_scale, xq.data());
-    qcn::matmul_fp4(xq.data(), m, weight, static_cast<float*>(yd));
-    return nullptr;
-  }
-  qcn::matmul_fp4(xf, m, weight, static_cast<float*>(yd));
+  qcn::matmul_fp4(xf, m, weight, kern.act, act_scale, static_cast<float*>(yd));
   return nullptr;
 }
 

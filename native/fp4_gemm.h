@@ -41,8 +41,10 @@ int64_t padded_k(int64_t k, int64_t block_size);
 // Fills lut[256] with the float32 value of every scale code.
 void build_scale_lut(ScaleType type, float tensor_scale, float* lut);
 
-// y[M, N] = x[M, K] @ W. Thread-safe (no shared mutable state).
-void matmul_fp4(const float* x, int64_t m, const Fp4Weight& w, float* y);
+// y[M, N] = fake_quant_act(x[M, K], act, act_scale) @ W. Thread-safe (no shared mutable state).
+// With act = mxfp4/nvfp4 both operands are E2M1 and the AVX2 build sums each block exactly in
+// int32 (float32 accumulation across blocks only).
+void matmul_fp4(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, float act_scale, float* y);
 
 // Block length of an activation format: 32 (mxfp4), 16 (nvfp4), 0 (none).
 int64_t act_block_size(ActQuant act);
@@ -51,7 +53,7 @@ int64_t act_block_size(ActQuant act);
 // act == kNone copies. out may not alias x.
 void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out);
 
-// "avx2" or "scalar": the code path this library was compiled with.
+// "avx2-vnni", "avx2" or "scalar": the code path this library was compiled with.
 const char* isa_name();
 
 }  // namespace qcn

@@ -67,7 +67,19 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
 SOURCES = ("custom_op.cc", "fp4_gemm.cc")
 HEADERS = ("fp4_gemm.h",)
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
-ISA_FLAGS = {"avx2": ("-mavx2", "-mfma"), "scalar": ()}
+# ISA -> compiler flags; the kernel picks its code path from the macros these define.
+ISA_FLAGS = {
+    "avx2-vnni": ("-mavx2", "-mfma", "-mavxvnni"),  # vpdpbusd for the W4A4 integer dot products
+    "avx512-vnni": ("-mavx2", "-mfma", "-mavx512vl", "-mavx512vnni"),  # the same, through AVX512VL
+    "avx2": ("-mavx2", "-mfma"),
+    "scalar": (),
+}
+# CPU flags (/proc/cpuinfo) each ISA needs, best first.
+ISA_CPU_FLAGS = {
+    "avx2-vnni": {"avx2", "fma", "avx_vnni"},
+    "avx512-vnni": {"avx2", "fma", "avx512vl", "avx512_vnni"},
+    "avx2": {"avx2", "fma"},
+}
 
 _SCALE_TYPES = {"e8m0": ("e8m0", 127), "e4m3fn": ("e4m3", 0x38)}  # scale format -> (attribute, code of 1.0)
 
@@ -88,7 +100,7 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 def detect_isa() -> str:
-    """'avx2' when the CPU has AVX2 and FMA (or $QCOMPILE_NATIVE_ISA says so), else 'scalar'."""
+    """The best ISA_FLAGS entry the CPU supports ($QCOMPILE_NATIVE_ISA overrides), else 'scalar'."""
     forced = os.environ.get("QCOMPILE_NATIVE_ISA")
     if forced:
         return forced
@@ -97,7 +109,7 @@ def detect_isa() -> str:
     except OSError:
         return "scalar"
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx2" if {"avx2", "fma"} <= set(flags) else "scalar"
+    return next((isa for isa, need in ISA_CPU_FLAGS.items() if need <= set(flags)), "scalar")
 
 
 def _compiler() -> str:
@@ -195,7 +207,7 @@ def headers_dir(cache_dir: Path | None = None) -> Path:
 def build(cache_dir: Path | None = None, force: bool = False, isa: str | None = None) -> Path:
     """Compile the library once (cached by source/header/compiler/flags hash) and return its path.
 
-    `isa` is 'avx2' or 'scalar' (default `detect_isa()`). Raises NativeUnavailable with the reason.
+    `isa` is an ISA_FLAGS key (default `detect_isa()`). Raises NativeUnavailable with the reason.
     """
     isa = isa or detect_isa()
     cxx = _compiler()

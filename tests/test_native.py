@@ -11,6 +11,8 @@ If the library cannot be built, the tests fail under CI (env CI set) and are ski
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import itertools
 import os
 
 import numpy as np
@@ -287,6 +289,47 @@ def test_act_matches_numpy(lib, act, tensor_scale, wfmt, k, n, rows):
     assert y.shape == ref.shape
     assert rel_err(y, ref) <= 1e-5
     assert rel_err(y, x.astype(np.float64) @ t.dequantize().astype(np.float64)) > 1e-3  # fq did happen
+
+
+def cpu_isas() -> list[str]:
+    """Every native build this CPU runs: each ISA_FLAGS entry whose CPU flags it has, and scalar."""
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "flags:")
+        flags = set(line.split(":", 1)[1].split())
+    return [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags] + ["scalar"]
+
+
+def weight_bs(fmt_name: str, k: int, n: int, block_size: int, seed: int) -> storage.PackedTensor:
+    fmt = dataclasses.replace(FORMATS[fmt_name], name=f"{fmt_name}_{block_size}", block_size=block_size)
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    return storage.from_block(codec.quantize_block(w, fmt, axis=0), fmt)
+
+
+# (weight format, weight block, act): blocks that coincide take the per-block integer path, the
+# others the per-lane one; K = 192 leaves a short last group of 8 blocks, 100 a ragged block.
+ISA_CASES = [("mxfp4", 32, "mxfp4"), ("nvfp4", 16, "nvfp4"), ("nvfp4", 16, "mxfp4"), ("mxfp4", 32, "nvfp4"),
+             ("mxfp4", 64, "mxfp4"), ("nvfp4", 128, "nvfp4")]
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+def test_every_isa_build_matches_numpy(lib, isa):
+    """Each build this CPU runs (AVX2 vpmaddubsw, VNNI vpdpbusd, scalar) computes fq(x) @ W within
+    1e-5 of float64 for coinciding and differing weight/activation blocks, ragged K, 1 and 9 rows,
+    and propagates a NaN in x to its row only."""
+    library = lib if isa == native.detect_isa() else native.build(isa=isa)
+    for (wfmt, bs, act), k in itertools.product(ISA_CASES, (192, 100)):
+        t = weight_bs(wfmt, k, 11, bs, seed=k + bs)
+        st = 0.0123 if act == "nvfp4" else None
+        proto = model(t, ["M", k], act=act, act_tensor_scale=st)
+        for rows in (1, 9):
+            x = act_inputs(act, rows, k, seed=rows * k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
+            ref = reference_fq(x, act, st or 1.0).astype(np.float64) @ t.dequantize().astype(np.float64)
+            y = native_session(library, proto).run(None, {"x": x})[0]
+            assert rel_err(y, ref) <= 1e-5, (isa, wfmt, bs, act, k, rows)
+        x[0, k // 2] = np.nan
+        y = native_session(library, proto).run(None, {"x": x})[0]
+        assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any(), (isa, wfmt, bs, act, k)
 
 
 def test_act_nvfp4_with_mxfp4_weight_uses_an_empty_t():
