@@ -185,7 +185,7 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   float lut[256];
   qcn::build_scale_lut(kern.scale_type, tensor_scale, lut);
   const qcn::Fp4Weight weight{static_cast<const uint8_t*>(wd), static_cast<const uint8_t*>(sd), kern.k, kern.n,
-                              kern.block_size, lut};
+                              kern.block_size, lut, kern.scale_type, tensor_scale};
   const float* xf = static_cast<const float*>(xd);
   qcn::matmul_fp4(xf, m, weight, kern.act, act_scale, static_cast<float*>(yd));
   return nullptr;

@@ -21,7 +21,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define QCN_AVX2 1
 #if defined(__AVXVNNI__)
@@ -30,6 +30,9 @@
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define QCN_VNNI "avx512-vnni"
 #define QCN_DPBUSD _mm256_dpbusd_epi32
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QCN_AVX512 1  // 512-bit integer block path
+#endif
 #endif
 #endif
 
@@ -124,6 +127,7 @@ constexpr int64_t kStep = 64;     // weights per step (32 code bytes)
 constexpr int64_t kTileRows = 4;  // from this many rows on, decode column tiles once
 constexpr int64_t kTileCols = 8;
 constexpr int64_t kPrefetch = 2048;  // bytes ahead in the (contiguous) code stream
+constexpr int64_t kPrefetchInt = 16384;  // the same for the integer block path (measured best, 8-32 KiB)
 
 // kPerm[i]: which k (within a step) the i-th decoded float is. Vector v = nib*4 + up*2 + par,
 // lane L = 4h + j holds byte b = 16h + 8up + 2j + par, nibble nib -> k = 2b + nib.
@@ -331,6 +335,9 @@ struct IntDecoder {
 #ifndef QCN_VNNI
   __m256i ones16;
 #endif
+#ifdef QCN_AVX512
+  __m512i offset_lut512, low_nibble512;
+#endif
   IntDecoder() {
     alignas(32) uint8_t u[32];
     for (int i = 0; i < 32; ++i) u[i] = static_cast<uint8_t>(static_cast<int>(2.0f * kE2M1[i & 15]) + 12);
@@ -339,7 +346,24 @@ struct IntDecoder {
 #ifndef QCN_VNNI
     ones16 = _mm256_set1_epi16(1);
 #endif
+#ifdef QCN_AVX512
+    offset_lut512 = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(u)));
+    low_nibble512 = _mm512_set1_epi8(15);
+#endif
   }
+
+#ifdef QCN_AVX512
+  // 128 k at once (64 code bytes; x: 64 even-k codes, then 64 odd-k codes): the 8 sums of int32
+  // lane pairs, i.e. of k = 16p .. 16p + 15 for p = 0..7, in order.
+  inline __m256i pair_sums512(const uint8_t* q, const int8_t* xc) const {
+    const __m512i v = _mm512_loadu_si512(q);
+    const __m512i lo = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(v, low_nibble512));
+    const __m512i hi = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibble512));
+    __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
+    i = _mm512_dpbusd_epi32(i, hi, _mm512_loadu_si512(xc + 64));
+    return _mm512_cvtepi64_epi32(_mm512_add_epi32(i, _mm512_srli_epi64(i, 32)));  // low half of each qword
+  }
+#endif
 
   // int32 lanes sum_{k in lane} (2w + 12) * 2x of the step whose 32 code bytes are at q.
   inline __m256i step(const uint8_t* q, const int8_t* xc) const {
@@ -401,12 +425,51 @@ float lane_dot_column(const IntDecoder& d, const ActRow& x, const uint8_t* q, co
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// Eight blocks of BS (16 or 32) k, x in groups of BS: the lane sums are added per block (vphaddd;
-// the blocks come out in the order kBlockOrder undoes), then one gather of the 8 weight scales.
+// The float32 values of 8 scale codes, as build_scale_lut (a gather from the table costs more than
+// the whole rest of a block group).
+//   E8M0: c << 23 is 2**(c - 127) for c in 1..254; c = 0 is 2**-127 (0x00400000), c = 255 NaN.
+//   E4M3: the code's exponent and mantissa fields placed in a float16's are its value * 2**-8, also
+//   for subnormals (exact, and F16C conversions ignore MXCSR.DAZ); times 256 * tensor_scale (exact
+//   power-of-two scaling) that is float32(value * tensor_scale), one rounding as in the table.
+//   0x7F / 0xFF are NaN.
+struct ScaleDecoder {
+  ScaleType type;
+  __m256 scale256;  // 256 * tensor_scale
+  ScaleDecoder(ScaleType t, float tensor_scale) : type(t), scale256(_mm256_set1_ps(256.0f * tensor_scale)) {}
+
+  inline __m256 decode(const uint8_t* s) const {
+    const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s));
+    if (type == ScaleType::kE8M0) {
+      const __m256i c = _mm256_cvtepu8_epi32(c8);
+      __m256i bits = _mm256_slli_epi32(c, 23);
+      bits = _mm256_or_si256(bits, _mm256_cmpeq_epi32(c, _mm256_set1_epi32(255)));  // all ones: NaN
+      bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(c, _mm256_setzero_si256()),
+                                                    _mm256_set1_epi32(0x00400000)));
+      return _mm256_castsi256_ps(bits);
+    }
+    const __m128i c = _mm_cvtepu8_epi16(c8);
+    const __m128i mag = _mm_and_si128(c, _mm_set1_epi16(0x7F));
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), scale256);
+    const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(nan));
+  }
+};
+
+// Eight blocks of BS (16 or 32) k, x in groups of BS: the lane sums are added per block (vphaddd or
+// lane-pair sums, then back to block order), times the 8 weight scales and x's block scales.
 template <int BS>
-inline __m256 block_group(const IntDecoder& d, const int8_t* xc, const int32_t* xo, const float* xs, const uint8_t* q,
-                          const uint8_t* s, const float* lut, __m256 acc) {
+inline __m256 block_group(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* xc, const int32_t* xo,
+                          const float* xs, const uint8_t* q, const uint8_t* s, __m256 acc) {
   __m256i h;
+#ifdef QCN_AVX512
+  if (BS == 16) {  // one 128-k step: its lane pairs are the blocks
+    h = d.pair_sums512(q, xc);
+  } else {  // two 128-k steps, 2 pairs per block: blocks 0 1 4 5 | 2 3 6 7
+    h = _mm256_hadd_epi32(d.pair_sums512(q, xc), d.pair_sums512(q + 64, xc + 128));
+    h = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+  }
+#else
   if (BS == 16) {  // 2 steps, 4 blocks each (2 lanes per block): blocks 0 1 4 5 | 2 3 6 7
     h = _mm256_hadd_epi32(d.step(q, xc), d.step(q + 32, xc + 64));
     h = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
@@ -415,35 +478,36 @@ inline __m256 block_group(const IntDecoder& d, const int8_t* xc, const int32_t* 
     const __m256i h23 = _mm256_hadd_epi32(d.step(q + 64, xc + 128), d.step(q + 96, xc + 192));
     h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
+#endif
   h = _mm256_sub_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo)));
-  const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s));
-  const __m256 ws = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(codes), 4);
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(ws, _mm256_loadu_ps(xs)), acc);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sd.decode(s), _mm256_loadu_ps(xs)), acc);
 }
 
 template <int BS>
-float block_dot_column(const IntDecoder& d, const ActRow& x, const uint8_t* q, const uint8_t* s, const float* lut,
-                       int64_t steps) {
+float block_dot_column(const IntDecoder& d, const ScaleDecoder& sd, const ActRow& x, const uint8_t* q,
+                       const uint8_t* s, int64_t steps) {
   constexpr int64_t kGroupSteps = BS / 8;  // 8 blocks of BS k
   __m256 acc = _mm256_setzero_ps();
   int64_t st = 0, b = 0;
   for (; st + kGroupSteps <= steps; st += kGroupSteps, b += 8) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + st * (kStep / 2) + kPrefetch), _MM_HINT_T0);
-    acc = block_group<BS>(d, x.codes + st * kStep, x.offset + b, x.scale + b, q + st * (kStep / 2), s + b, lut, acc);
+    for (int64_t line = 0; line < kGroupSteps * kStep / 2; line += 64)  // every cache line of the group
+      _mm_prefetch(reinterpret_cast<const char*>(q + st * (kStep / 2) + line + kPrefetchInt), _MM_HINT_T0);
+    acc = block_group<BS>(d, sd, x.codes + st * kStep, x.offset + b, x.scale + b, q + st * (kStep / 2), s + b, acc);
   }
-  if (st < steps) {  // a short last group: zero codes and scale code 0 (finite) contribute 0
+  if (st < steps) {  // a short last group: zero codes and scale code 0 (finite) add 0
     alignas(32) uint8_t qt[kGroupSteps * kStep / 2] = {}, st_codes[8] = {};
     std::memcpy(qt, q + st * (kStep / 2), static_cast<size_t>((steps - st) * (kStep / 2)));
     std::memcpy(st_codes, s + b, static_cast<size_t>((steps - st) * kStep / BS));
-    acc = block_group<BS>(d, x.codes + st * kStep, x.offset + b, x.scale + b, qt, st_codes, lut, acc);
+    acc = block_group<BS>(d, sd, x.codes + st * kStep, x.offset + b, x.scale + b, qt, st_codes, acc);
   }
   return hsum(acc);
 }
 
 float block_e2m1(ActQuant act, const float* x, int64_t len, int64_t bs, float tensor_scale, float* q);
 
-// Quantizes the rows of x (length k) into kx codes and kx / group offsets and scales per row.
-void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t group, ActQuant act,
+// Quantizes the rows of x (length k) into kx codes (per `chunk` k: the even-k codes, then the
+// odd-k ones) and kx / group offsets and scales per row.
+void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t chunk, int64_t group, ActQuant act,
                    float tensor_scale, int8_t* codes, int32_t* offset, float* scale) {
   const int64_t bs = act_block_size(act), groups = kx / group;
   std::vector<float> q(static_cast<size_t>(kx));
@@ -458,10 +522,10 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t gro
       // (2w)(2x) = 4wx: the 1/4 (exact, a power of two) goes here so no partial sum overflows early
       std::fill(sc + k0 / group, sc + std::min(groups, (k0 + bs) / group), dk * 0.25f);
     }
-    for (int64_t base = 0; base < kx; base += kStep)
-      for (int i = 0; i < kStep / 2; ++i) {
+    for (int64_t base = 0; base < kx; base += chunk)
+      for (int64_t i = 0; i < chunk / 2; ++i) {
         c[base + i] = static_cast<int8_t>(2.0f * q[base + 2 * i]);
-        c[base + kStep / 2 + i] = static_cast<int8_t>(2.0f * q[base + 2 * i + 1]);
+        c[base + chunk / 2 + i] = static_cast<int8_t>(2.0f * q[base + 2 * i + 1]);
       }
     for (int64_t j = 0; j < groups; ++j) {
       int32_t sum = 0;
@@ -474,13 +538,19 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t gro
 template <int BS>
 void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, float act_scale, float* y) {
   static const IntDecoder d;
+  const ScaleDecoder sd(w.scale_type, w.tensor_scale);
   const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
   const bool blocks = BS != 0 && act_block_size(act) == BS;  // one scale pair per block
   const int64_t group = blocks ? BS : 8, kx = blocks ? (kp + 8 * BS - 1) / (8 * BS) * (8 * BS) : kp;
   std::vector<int8_t> codes(static_cast<size_t>(m * kx));
   std::vector<int32_t> offset(static_cast<size_t>(m * kx / group));
   std::vector<float> scale(static_cast<size_t>(m * kx / group));
-  quantize_rows(x, m, w.k, kx, group, act, act_scale, codes.data(), offset.data(), scale.data());
+#ifdef QCN_AVX512
+  const int64_t chunk = blocks ? 2 * kStep : kStep;  // the block path reads 128 k per 512-bit step
+#else
+  const int64_t chunk = kStep;
+#endif
+  quantize_rows(x, m, w.k, kx, chunk, group, act, act_scale, codes.data(), offset.data(), scale.data());
   // Column tiles stay in cache while every row passes over them.
   const int64_t tile = m < kTileRows ? w.n : kTileCols;
   for (int64_t n0 = 0; n0 < w.n; n0 += tile)
@@ -488,7 +558,7 @@ void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, flo
       const ActRow row{codes.data() + r * kx, offset.data() + r * kx / group, scale.data() + r * kx / group};
       for (int64_t n = n0; n < std::min(w.n, n0 + tile); ++n) {
         const uint8_t *q = w.codes + n * (kp / 2), *s = w.scales + n * nb;
-        y[r * w.n + n] = blocks ? block_dot_column<BS == 0 ? 16 : BS>(d, row, q, s, w.scale_lut, steps)
+        y[r * w.n + n] = blocks ? block_dot_column<BS == 0 ? 16 : BS>(d, sd, row, q, s, steps)
                                 : lane_dot_column<BS>(d, row, q, s, w.scale_lut, steps, w.block_size);
       }
     }

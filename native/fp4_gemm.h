@@ -32,7 +32,9 @@ struct Fp4Weight {
   int64_t k;           // true reduction length (x's last dim)
   int64_t n;           // output columns
   int64_t block_size;  // power of two >= 16
-  const float* scale_lut;  // 256 decoded scale values
+  const float* scale_lut;  // 256 decoded scale values (build_scale_lut(scale_type, tensor_scale))
+  ScaleType scale_type;
+  float tensor_scale;      // E4M3 only
 };
 
 // Smallest multiple of 64 and of block_size that is >= k.

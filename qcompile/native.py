@@ -69,16 +69,17 @@ HEADERS = ("fp4_gemm.h",)
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
 # ISA -> compiler flags; the kernel picks its code path from the macros these define.
 ISA_FLAGS = {
-    "avx2-vnni": ("-mavx2", "-mfma", "-mavxvnni"),  # vpdpbusd for the W4A4 integer dot products
-    "avx512-vnni": ("-mavx2", "-mfma", "-mavx512vl", "-mavx512vnni"),  # the same, through AVX512VL
-    "avx2": ("-mavx2", "-mfma"),
+    # 512-bit vpdpbusd for the W4A4 integer block dot products (AVX2 elsewhere)
+    "avx512-vnni": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    "avx2-vnni": ("-mavx2", "-mfma", "-mf16c", "-mavxvnni"),  # 256-bit vpdpbusd
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
     "scalar": (),
 }
 # CPU flags (/proc/cpuinfo) each ISA needs, best first.
 ISA_CPU_FLAGS = {
-    "avx2-vnni": {"avx2", "fma", "avx_vnni"},
-    "avx512-vnni": {"avx2", "fma", "avx512vl", "avx512_vnni"},
-    "avx2": {"avx2", "fma"},
+    "avx512-vnni": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+    "avx2-vnni": {"avx2", "fma", "f16c", "avx_vnni"},
+    "avx2": {"avx2", "fma", "f16c"},
 }
 
 _SCALE_TYPES = {"e8m0": ("e8m0", 127), "e4m3fn": ("e4m3", 0x38)}  # scale format -> (attribute, code of 1.0)

@@ -45,9 +45,9 @@ def weight(fmt_name: str, k: int, n: int, seed: int = 0) -> storage.PackedTensor
 
 
 def model(t: storage.PackedTensor, x_shape: list, attrs: dict | None = None, w_codes: np.ndarray | None = None,
-          act: str | None = None, act_tensor_scale: float | None = None):
-    """x -> MatMulFp4(t) -> y; `attrs` overrides node attributes, `w_codes` replaces the packed codes,
-    `act` names the fused activation format (FORMATS key)."""
+          act: str | None = None, act_tensor_scale: float | None = None, w_scales: np.ndarray | None = None):
+    """x -> MatMulFp4(t) -> y; `attrs` overrides node attributes, `w_codes` / `w_scales` replace the
+    packed codes / scale codes, `act` names the fused activation format (FORMATS key)."""
     x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
     y = native.emit_matmul_fp4(graph, x, t, "w", act=None if act is None else FORMATS[act],
@@ -56,9 +56,10 @@ def model(t: storage.PackedTensor, x_shape: list, attrs: dict | None = None, w_c
     for key, value in (attrs or {}).items():
         node.attributes[key] = ir.Attr(key, ir.AttributeType.STRING if isinstance(value, str) else ir.AttributeType.INT,
                                        value)
-    if w_codes is not None:
-        node.inputs[1].const_value = ir.tensor(w_codes, name=node.inputs[1].name)
-        node.inputs[1].shape = ir.Shape(w_codes.shape)
+    for index, array in ((1, w_codes), (2, w_scales)):
+        if array is not None:
+            node.inputs[index].const_value = ir.tensor(array, name=node.inputs[index].name)
+            node.inputs[index].shape = ir.Shape(array.shape)
     graph.outputs.append(y)
     return ir.to_proto(ir.Model(graph, ir_version=10))
 
@@ -330,6 +331,33 @@ def test_every_isa_build_matches_numpy(lib, isa):
         x[0, k // 2] = np.nan
         y = native_session(library, proto).run(None, {"x": x})[0]
         assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any(), (isa, wfmt, bs, act, k)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_every_scale_code_in_the_block_path(lib, fmt):
+    """W4A4 blocks decode their scale codes arithmetically (not through the table): column n of the
+    weight uses scale code n in all 8 blocks, so y[:, n] = (fq(x) @ e2m1 codes) * scale(n) checks
+    each of the 256 codes on its own (E4M3 subnormals and NaN, E8M0 2**-127 and NaN)."""
+    t = weight(fmt, 8 * FORMATS[fmt].block_size, 256, seed=7)
+    k = t.shape[0]
+    scale_codes = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 8, axis=1)
+    st = 0.0123 if fmt == "nvfp4" else None
+    x = np.random.default_rng(5).standard_normal((3, k)).astype(np.float32)
+    y = native_session(lib, model(t, [3, k], act=fmt, act_tensor_scale=st, w_scales=scale_codes)).run(None, {"x": x})[0]
+    e2m1 = codec.decode(np.asarray(t.codes, np.uint8), FORMATS["e2m1"])  # [K, N] element values
+    if fmt == "nvfp4":
+        tensor_scale = np.float32(np.asarray(t.tensor_scale).reshape(-1)[0])
+        values = codec.decode(np.arange(256, dtype=np.uint8), FORMATS["e4m3fn"]).astype(np.float32) * tensor_scale
+    else:
+        with np.errstate(over="ignore"):
+            values = np.where(np.arange(256) == 255, np.nan, 2.0 ** (np.arange(256) - 127.0))
+    ref = (reference_fq(x, fmt, st or 1.0).astype(np.float64) @ e2m1.astype(np.float64)) * values.astype(np.float64)
+    nan = np.isnan(values)
+    assert np.isnan(y[:, nan]).all()
+    finite = ~nan & (np.abs(ref).max(axis=0) < 1e37)  # E8M0 codes near 2**127 overflow float32 legitimately
+    assert finite.sum() >= 240
+    err = np.abs(y[:, finite] - ref[:, finite]) / np.maximum(np.abs(ref[:, finite]).max(axis=0), 1e-300)
+    assert err.max() <= 1e-5
 
 
 def test_act_nvfp4_with_mxfp4_weight_uses_an_empty_t():
