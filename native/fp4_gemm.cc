@@ -184,6 +184,46 @@ struct Decoder {
   }
 };
 
+// The float32 values of 8 scale codes, as build_scale_lut (a gather from the table costs more than
+// the whole rest of a block group).
+//   E8M0: c << 23 is 2**(c - 127) for c in 1..254; c = 0 is 2**-127 (0x00400000), c = 255 NaN.
+//   E4M3: the code's exponent and mantissa fields placed in a float16's are its value * 2**-8, also
+//   for subnormals (exact, and F16C conversions ignore MXCSR.DAZ); times 256 * tensor_scale (exact
+//   power-of-two scaling) that is float32(value * tensor_scale), one rounding as in the table.
+//   0x7F / 0xFF are NaN.
+struct ScaleDecoder {
+  ScaleType type;
+  __m256 scale256;  // 256 * tensor_scale
+  ScaleDecoder(ScaleType t, float tensor_scale) : type(t), scale256(_mm256_set1_ps(256.0f * tensor_scale)) {}
+
+  inline __m256 decode(const uint8_t* s) const { return decode(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))); }
+
+  // The first 4 codes at s (lanes 4-7 are those of code 0).
+  inline __m256 decode4(const uint8_t* s) const {
+    int32_t four;
+    std::memcpy(&four, s, 4);
+    return decode(_mm_cvtsi32_si128(four));
+  }
+
+  // The 8 codes in the low bytes of c8.
+  inline __m256 decode(__m128i c8) const {
+    if (type == ScaleType::kE8M0) {
+      const __m256i c = _mm256_cvtepu8_epi32(c8);
+      __m256i bits = _mm256_slli_epi32(c, 23);
+      bits = _mm256_or_si256(bits, _mm256_cmpeq_epi32(c, _mm256_set1_epi32(255)));  // all ones: NaN
+      bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(c, _mm256_setzero_si256()),
+                                                    _mm256_set1_epi32(0x00400000)));
+      return _mm256_castsi256_ps(bits);
+    }
+    const __m128i c = _mm_cvtepu8_epi16(c8);
+    const __m128i mag = _mm_and_si128(c, _mm_set1_epi16(0x7F));
+    const __m128i half = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), scale256);
+    const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)));
+    return _mm256_or_ps(v, _mm256_castsi256_ps(nan));
+  }
+};
+
 inline __m256 two_scales(float low, float high) { return _mm256_set_m128(_mm_set1_ps(high), _mm_set1_ps(low)); }
 
 // Scale vectors of a step: s0 for the "up = 0" vectors (bytes 0-7 | 16-23), s1 for "up = 1"
@@ -256,9 +296,111 @@ float dot(const float* a, const float* b, int64_t len) {
   return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
+#ifdef QCN_AVX512
+// 512-bit float GEMV (weights x float activations): the same decode on 128 weights (64 code bytes)
+// per step. Vector v = nib*4 + up*2 + par, lane L = 4h + j holds byte b = 16h + 8up + 2j + par,
+// nibble nib -> k = 2b + nib; 128-bit lane h of the up = 0 vectors is block 2h (BS 16) or h (BS 32),
+// of the up = 1 vectors block 2h + 1 or h.
+constexpr int64_t kStep512 = 128;
+
+struct Perm512 {
+  int idx[kStep512];
+  Perm512() {
+    for (int v = 0; v < 8; ++v)
+      for (int lane = 0; lane < 16; ++lane) {
+        const int nib = v >> 2, up = (v >> 1) & 1, par = v & 1, h = lane >> 2, j = lane & 3;
+        idx[v * 16 + lane] = 2 * (16 * h + 8 * up + 2 * j + par) + nib;
+      }
+  }
+};
+const Perm512 kPerm512;
+
+struct Decoder512 {
+  __m512i byte2, byte3, low_nibble, high_half;
+  explicit Decoder512(const Decoder& d)
+      : byte2(_mm512_broadcast_i64x4(d.byte2)), byte3(_mm512_broadcast_i64x4(d.byte3)),
+        low_nibble(_mm512_set1_epi8(15)), high_half(_mm512_set1_epi32(static_cast<int>(0xFFFF0000u))) {}
+
+  inline void decode(const uint8_t* q, __m512 f[8]) const {
+    const __m512i v = _mm512_loadu_si512(q);
+    const __m512i nibbles[2] = {_mm512_and_si512(v, low_nibble), _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibble)};
+    for (int nib = 0; nib < 2; ++nib) {
+      const __m512i lo = _mm512_shuffle_epi8(byte2, nibbles[nib]);
+      const __m512i hi = _mm512_shuffle_epi8(byte3, nibbles[nib]);
+      const __m512i words[2] = {_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi)};
+      for (int up = 0; up < 2; ++up) {
+        f[nib * 4 + up * 2] = _mm512_castsi512_ps(_mm512_slli_epi32(words[up], 16));
+        f[nib * 4 + up * 2 + 1] = _mm512_castsi512_ps(_mm512_and_si512(words[up], high_half));
+      }
+    }
+  }
+};
+
+// One step of 128 k: 8 blocks (BS 16) or 4 (BS 32).
+template <int BS>
+inline void float_step512(const Decoder512& d, const ScaleDecoder& sd, const float* xs, const uint8_t* q,
+                          const uint8_t* s, __m512& acc0, __m512& acc1) {
+  const __m512 sc = _mm512_castps256_ps512(BS == 16 ? sd.decode(s) : sd.decode4(s));
+  __m512 f[8];
+  d.decode(q, f);
+  __m512 p0 = _mm512_mul_ps(f[0], _mm512_loadu_ps(xs));
+  __m512 p1 = _mm512_mul_ps(f[2], _mm512_loadu_ps(xs + 32));
+  p0 = _mm512_fmadd_ps(f[1], _mm512_loadu_ps(xs + 16), p0);
+  p1 = _mm512_fmadd_ps(f[3], _mm512_loadu_ps(xs + 48), p1);
+  p0 = _mm512_fmadd_ps(f[4], _mm512_loadu_ps(xs + 64), p0);
+  p1 = _mm512_fmadd_ps(f[6], _mm512_loadu_ps(xs + 96), p1);
+  p0 = _mm512_fmadd_ps(f[5], _mm512_loadu_ps(xs + 80), p0);
+  p1 = _mm512_fmadd_ps(f[7], _mm512_loadu_ps(xs + 112), p1);
+  const __m512i i0 = BS == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6)
+                              : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i i1 = BS == 16 ? _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7) : i0;
+  acc0 = _mm512_fmadd_ps(p0, _mm512_permutexvar_ps(i0, sc), acc0);
+  acc1 = _mm512_fmadd_ps(p1, _mm512_permutexvar_ps(i1, sc), acc1);
+}
+
+template <int BS>
+float dot_column512(const Decoder512& d, const ScaleDecoder& sd, const float* xp, const uint8_t* q, const uint8_t* s,
+                    int64_t kp) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + kStep512 <= kp; k0 += kStep512) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + k0 / 2 + kPrefetchInt), _MM_HINT_T0);
+    float_step512<BS>(d, sd, xp + k0, q + k0 / 2, s + k0 / BS, acc0, acc1);
+  }
+  if (k0 < kp) {  // a last half step (kp is a multiple of 64): zero codes (weight 0), finite scale code 0
+    alignas(64) uint8_t qt[kStep512 / 2] = {}, sc[8] = {};
+    std::memcpy(qt, q + k0 / 2, static_cast<size_t>((kp - k0) / 2));
+    std::memcpy(sc, s + k0 / BS, static_cast<size_t>((kp - k0) / BS));
+    float_step512<BS>(d, sd, xp + k0, qt, sc, acc0, acc1);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// y[0, :] for one row (BS 16 or 32); xp is permuted per 128 k and zero-padded to kx.
+template <int BS>
+void gemv512(const Decoder& d256, const float* x, const Fp4Weight& w, float* y) {
+  static const Decoder512 d(d256);
+  const ScaleDecoder sd(w.scale_type, w.tensor_scale);
+  const int64_t kp = padded_k(w.k, w.block_size), kx = (kp + kStep512 - 1) / kStep512 * kStep512, nb = kp / BS;
+  std::vector<float> xp(static_cast<size_t>(kx));
+  for (int64_t base = 0; base < kx; base += kStep512)
+    for (int i = 0; i < kStep512; ++i) {
+      const int64_t src = base + kPerm512.idx[i];
+      xp[base + i] = src < w.k ? x[src] : 0.0f;
+    }
+  for (int64_t n = 0; n < w.n; ++n) y[n] = dot_column512<BS>(d, sd, xp.data(), w.codes + n * (kp / 2), w.scales + n * nb, kp);
+}
+#endif  // QCN_AVX512
+
 template <int BS>
 void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
   static const Decoder d;
+#ifdef QCN_AVX512
+  if (BS != 0 && m < kTileRows) {
+    for (int64_t r = 0; r < m; ++r) gemv512<BS == 0 ? 16 : BS>(d, x + r * w.k, w, y + r * w.n);
+    return;
+  }
+#endif
   const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
   std::vector<float> xp(static_cast<size_t>(m * kp));
   for (int64_t r = 0; r < m; ++r) permute_x(x + r * w.k, w.k, kp, xp.data() + r * kp);
@@ -424,37 +566,6 @@ float lane_dot_column(const IntDecoder& d, const ActRow& x, const uint8_t* q, co
   if (st < steps) acc0 = lane_step<BS>(d, x, q, s, lut, st, bs, acc0);
   return hsum(_mm256_add_ps(acc0, acc1));
 }
-
-// The float32 values of 8 scale codes, as build_scale_lut (a gather from the table costs more than
-// the whole rest of a block group).
-//   E8M0: c << 23 is 2**(c - 127) for c in 1..254; c = 0 is 2**-127 (0x00400000), c = 255 NaN.
-//   E4M3: the code's exponent and mantissa fields placed in a float16's are its value * 2**-8, also
-//   for subnormals (exact, and F16C conversions ignore MXCSR.DAZ); times 256 * tensor_scale (exact
-//   power-of-two scaling) that is float32(value * tensor_scale), one rounding as in the table.
-//   0x7F / 0xFF are NaN.
-struct ScaleDecoder {
-  ScaleType type;
-  __m256 scale256;  // 256 * tensor_scale
-  ScaleDecoder(ScaleType t, float tensor_scale) : type(t), scale256(_mm256_set1_ps(256.0f * tensor_scale)) {}
-
-  inline __m256 decode(const uint8_t* s) const {
-    const __m128i c8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s));
-    if (type == ScaleType::kE8M0) {
-      const __m256i c = _mm256_cvtepu8_epi32(c8);
-      __m256i bits = _mm256_slli_epi32(c, 23);
-      bits = _mm256_or_si256(bits, _mm256_cmpeq_epi32(c, _mm256_set1_epi32(255)));  // all ones: NaN
-      bits = _mm256_or_si256(bits, _mm256_and_si256(_mm256_cmpeq_epi32(c, _mm256_setzero_si256()),
-                                                    _mm256_set1_epi32(0x00400000)));
-      return _mm256_castsi256_ps(bits);
-    }
-    const __m128i c = _mm_cvtepu8_epi16(c8);
-    const __m128i mag = _mm_and_si128(c, _mm_set1_epi16(0x7F));
-    const __m128i half = _mm_or_si128(_mm_slli_epi16(mag, 7), _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8));
-    const __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(half), scale256);
-    const __m256i nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7F)));
-    return _mm256_or_ps(v, _mm256_castsi256_ps(nan));
-  }
-};
 
 // Eight blocks of BS (16 or 32) k, x in groups of BS: the lane sums are added per block (vphaddd or
 // lane-pair sums, then back to block order), times the 8 weight scales and x's block scales.

@@ -309,8 +309,10 @@ def weight_bs(fmt_name: str, k: int, n: int, block_size: int, seed: int) -> stor
 
 # (weight format, weight block, act): blocks that coincide take the per-block integer path, the
 # others the per-lane one; K = 192 leaves a short last group of 8 blocks, 100 a ragged block.
+# act None: the float path (512-bit steps of 128 k on AVX512 builds; K = 192 ends in a half step).
 ISA_CASES = [("mxfp4", 32, "mxfp4"), ("nvfp4", 16, "nvfp4"), ("nvfp4", 16, "mxfp4"), ("mxfp4", 32, "nvfp4"),
-             ("mxfp4", 64, "mxfp4"), ("nvfp4", 128, "nvfp4")]
+             ("mxfp4", 64, "mxfp4"), ("nvfp4", 128, "nvfp4"), ("mxfp4", 32, None), ("nvfp4", 16, None),
+             ("mxfp4", 64, None)]
 
 
 @pytest.mark.parametrize("isa", cpu_isas())
@@ -324,8 +326,9 @@ def test_every_isa_build_matches_numpy(lib, isa):
         st = 0.0123 if act == "nvfp4" else None
         proto = model(t, ["M", k], act=act, act_tensor_scale=st)
         for rows in (1, 9):
-            x = act_inputs(act, rows, k, seed=rows * k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
-            ref = reference_fq(x, act, st or 1.0).astype(np.float64) @ t.dequantize().astype(np.float64)
+            x = act_inputs(act or wfmt, rows, k, seed=rows * k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
+            xq = x if act is None else reference_fq(x, act, st or 1.0)
+            ref = xq.astype(np.float64) @ t.dequantize().astype(np.float64)
             y = native_session(library, proto).run(None, {"x": x})[0]
             assert rel_err(y, ref) <= 1e-5, (isa, wfmt, bs, act, k, rows)
         x[0, k // 2] = np.nan
@@ -333,17 +336,20 @@ def test_every_isa_build_matches_numpy(lib, isa):
         assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any(), (isa, wfmt, bs, act, k)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
-def test_every_scale_code_in_the_block_path(lib, fmt):
-    """W4A4 blocks decode their scale codes arithmetically (not through the table): column n of the
+def test_every_scale_code(lib, fmt, fused):
+    """The vector paths decode scale codes arithmetically (not through the table): column n of the
     weight uses scale code n in all 8 blocks, so y[:, n] = (fq(x) @ e2m1 codes) * scale(n) checks
-    each of the 256 codes on its own (E4M3 subnormals and NaN, E8M0 2**-127 and NaN)."""
+    each of the 256 codes on its own (E4M3 subnormals and NaN, E8M0 2**-127 and NaN), with the
+    activation quantizer fused (integer path) and without (float path)."""
     t = weight(fmt, 8 * FORMATS[fmt].block_size, 256, seed=7)
     k = t.shape[0]
     scale_codes = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 8, axis=1)
-    st = 0.0123 if fmt == "nvfp4" else None
+    act = fmt if fused else None
+    st = 0.0123 if act == "nvfp4" else None
     x = np.random.default_rng(5).standard_normal((3, k)).astype(np.float32)
-    y = native_session(lib, model(t, [3, k], act=fmt, act_tensor_scale=st, w_scales=scale_codes)).run(None, {"x": x})[0]
+    y = native_session(lib, model(t, [3, k], act=act, act_tensor_scale=st, w_scales=scale_codes)).run(None, {"x": x})[0]
     e2m1 = codec.decode(np.asarray(t.codes, np.uint8), FORMATS["e2m1"])  # [K, N] element values
     if fmt == "nvfp4":
         tensor_scale = np.float32(np.asarray(t.tensor_scale).reshape(-1)[0])
@@ -351,7 +357,8 @@ def test_every_scale_code_in_the_block_path(lib, fmt):
     else:
         with np.errstate(over="ignore"):
             values = np.where(np.arange(256) == 255, np.nan, 2.0 ** (np.arange(256) - 127.0))
-    ref = (reference_fq(x, fmt, st or 1.0).astype(np.float64) @ e2m1.astype(np.float64)) * values.astype(np.float64)
+    xq = reference_fq(x, fmt, st or 1.0) if fused else x
+    ref = (xq.astype(np.float64) @ e2m1.astype(np.float64)) * values.astype(np.float64)
     nan = np.isnan(values)
     assert np.isnan(y[:, nan]).all()
     finite = ~nan & (np.abs(ref).max(axis=0) < 1e37)  # E8M0 codes near 2**127 overflow float32 legitimately
