@@ -198,12 +198,16 @@ struct ScaleDecoder {
 
   inline __m256 decode(const uint8_t* s) const { return decode(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))); }
 
-  // The first 4 codes at s (lanes 4-7 are those of code 0).
+  // The first 4 codes at s, repeated in lanes 4-7 (not code 0: E8M0 code 0 is a subnormal, and a
+  // subnormal operand costs a microcode assist on every multiply).
   inline __m256 decode4(const uint8_t* s) const {
     int32_t four;
     std::memcpy(&four, s, 4);
-    return decode(_mm_cvtsi32_si128(four));
+    return decode(_mm_set1_epi32(four));
   }
+
+  // A code of 1.0: the padding of short groups (finite and normal; see decode4).
+  uint8_t one() const { return type == ScaleType::kE8M0 ? 127 : 0x38; }
 
   // The 8 codes in the low bytes of c8.
   inline __m256 decode(__m128i c8) const {
@@ -367,8 +371,9 @@ float dot_column512(const Decoder512& d, const ScaleDecoder& sd, const float* xp
     _mm_prefetch(reinterpret_cast<const char*>(q + k0 / 2 + kPrefetchInt), _MM_HINT_T0);
     float_step512<BS>(d, sd, xp + k0, q + k0 / 2, s + k0 / BS, acc0, acc1);
   }
-  if (k0 < kp) {  // a last half step (kp is a multiple of 64): zero codes (weight 0), finite scale code 0
-    alignas(64) uint8_t qt[kStep512 / 2] = {}, sc[8] = {};
+  if (k0 < kp) {  // a last half step (kp is a multiple of 64): zero codes (weight 0) under scale 1.0
+    alignas(64) uint8_t qt[kStep512 / 2] = {}, sc[8];
+    std::memset(sc, sd.one(), sizeof(sc));
     std::memcpy(qt, q + k0 / 2, static_cast<size_t>((kp - k0) / 2));
     std::memcpy(sc, s + k0 / BS, static_cast<size_t>((kp - k0) / BS));
     float_step512<BS>(d, sd, xp + k0, qt, sc, acc0, acc1);
@@ -495,23 +500,30 @@ struct IntDecoder {
   }
 
 #ifdef QCN_AVX512
-  // 128 k at once (64 code bytes; x: 64 even-k codes, then 64 odd-k codes): the 8 sums of int32
-  // lane pairs, i.e. of k = 16p .. 16p + 15 for p = 0..7, in order.
-  inline __m256i pair_sums512(const uint8_t* q, const int8_t* xc) const {
-    const __m512i v = _mm512_loadu_si512(q);
-    const __m512i lo = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(v, low_nibble512));
-    const __m512i hi = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibble512));
+  // 128 k at once: 64 code bytes; x holds 64 even-k codes, then 64 odd-k codes.
+  inline void weights512(const uint8_t* q, __m512i& lo, __m512i& hi) const { weights512(_mm512_loadu_si512(q), lo, hi); }
+  inline void weights512(__m512i v, __m512i& lo, __m512i& hi) const {
+    lo = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(v, low_nibble512));
+    hi = _mm512_shuffle_epi8(offset_lut512, _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibble512));
+  }
+
+  // The 8 sums of int32 lane pairs, i.e. of k = 16p .. 16p + 15 for p = 0..7, in order.
+  inline __m256i pair_sums512(__m512i lo, __m512i hi, const int8_t* xc) const {
     __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xc));
     i = _mm512_dpbusd_epi32(i, hi, _mm512_loadu_si512(xc + 64));
     return _mm512_cvtepi64_epi32(_mm512_add_epi32(i, _mm512_srli_epi64(i, 32)));  // low half of each qword
   }
 #endif
 
-  // int32 lanes sum_{k in lane} (2w + 12) * 2x of the step whose 32 code bytes are at q.
-  inline __m256i step(const uint8_t* q, const int8_t* xc) const {
+  // The unsigned bytes 2w + 12 of the 64 weights whose 32 code bytes are at q: even k, odd k.
+  inline void weights(const uint8_t* q, __m256i& lo, __m256i& hi) const {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-    const __m256i lo = _mm256_shuffle_epi8(offset_lut, _mm256_and_si256(v, low_nibble));
-    const __m256i hi = _mm256_shuffle_epi8(offset_lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibble));
+    lo = _mm256_shuffle_epi8(offset_lut, _mm256_and_si256(v, low_nibble));
+    hi = _mm256_shuffle_epi8(offset_lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibble));
+  }
+
+  // int32 lanes sum_{k in lane} (2w + 12) * 2x of one step of decoded weights.
+  inline __m256i dot(__m256i lo, __m256i hi, const int8_t* xc) const {
     const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc));
     const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32));
 #ifdef QCN_VNNI
@@ -519,6 +531,12 @@ struct IntDecoder {
 #else
     return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)), ones16);
 #endif
+  }
+
+  inline __m256i step(const uint8_t* q, const int8_t* xc) const {
+    __m256i lo, hi;
+    weights(q, lo, hi);
+    return dot(lo, hi, xc);
   }
 };
 
@@ -567,51 +585,123 @@ float lane_dot_column(const IntDecoder& d, const ActRow& x, const uint8_t* q, co
   return hsum(_mm256_add_ps(acc0, acc1));
 }
 
-// Eight blocks of BS (16 or 32) k, x in groups of BS: the lane sums are added per block (vphaddd or
-// lane-pair sums, then back to block order), times the 8 weight scales and x's block scales.
-template <int BS>
-inline __m256 block_group(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* xc, const int32_t* xo,
-                          const float* xs, const uint8_t* q, const uint8_t* s, __m256 acc) {
-  __m256i h;
+// A group: kBlocks blocks of BS (16 or 32) k, 8 (4 for BS 32 on AVX-512: one 512-bit vector, so K
+// multiples of 128 need no short last group). Its weights are decoded once and dotted with the
+// codes of R rows (x in groups of BS); the lane sums are added per block (lane-pair sums or vphaddd,
+// then back to block order), minus the rows' offsets, times the weight scales and the rows' block
+// scales (lanes 4-7 of a 4-block group see x scale 0).
 #ifdef QCN_AVX512
-  if (BS == 16) {  // one 128-k step: its lane pairs are the blocks
-    h = d.pair_sums512(q, xc);
-  } else {  // two 128-k steps, 2 pairs per block: blocks 0 1 4 5 | 2 3 6 7
-    h = _mm256_hadd_epi32(d.pair_sums512(q, xc), d.pair_sums512(q + 64, xc + 128));
-    h = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-  }
+constexpr int64_t kGroupVecBytes = 64;  // code bytes per vector
 #else
-  if (BS == 16) {  // 2 steps, 4 blocks each (2 lanes per block): blocks 0 1 4 5 | 2 3 6 7
-    h = _mm256_hadd_epi32(d.step(q, xc), d.step(q + 32, xc + 64));
-    h = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-  } else {  // 4 steps, 2 blocks each (4 lanes per block): blocks 0 2 4 6 | 1 3 5 7
-    const __m256i h01 = _mm256_hadd_epi32(d.step(q, xc), d.step(q + 32, xc + 64));
-    const __m256i h23 = _mm256_hadd_epi32(d.step(q + 64, xc + 128), d.step(q + 96, xc + 192));
-    h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  }
+constexpr int64_t kGroupVecBytes = 32;
 #endif
-  h = _mm256_sub_epi32(h, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo)));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(sd.decode(s), _mm256_loadu_ps(xs)), acc);
-}
-
 template <int BS>
-float block_dot_column(const IntDecoder& d, const ScaleDecoder& sd, const ActRow& x, const uint8_t* q,
-                       const uint8_t* s, int64_t steps) {
-  constexpr int64_t kGroupSteps = BS / 8;  // 8 blocks of BS k
-  __m256 acc = _mm256_setzero_ps();
-  int64_t st = 0, b = 0;
-  for (; st + kGroupSteps <= steps; st += kGroupSteps, b += 8) {
-    for (int64_t line = 0; line < kGroupSteps * kStep / 2; line += 64)  // every cache line of the group
-      _mm_prefetch(reinterpret_cast<const char*>(q + st * (kStep / 2) + line + kPrefetchInt), _MM_HINT_T0);
-    acc = block_group<BS>(d, sd, x.codes + st * kStep, x.offset + b, x.scale + b, q + st * (kStep / 2), s + b, acc);
+struct Group {
+#ifdef QCN_AVX512
+  static constexpr int kBlocks = BS == 32 ? 4 : 8;
+#else
+  static constexpr int kBlocks = 8;
+#endif
+  static constexpr int kVecs = static_cast<int>(kBlocks * BS / 2 / kGroupVecBytes);
+#ifdef QCN_AVX512
+  __m512i lo[kVecs], hi[kVecs];
+#else
+  __m256i lo[kVecs], hi[kVecs];
+#endif
+  __m256 ws;  // weight scales of the blocks
+
+  // The whole group at q (code bytes) and s (kBlocks scale codes).
+  inline void load(const IntDecoder& d, const ScaleDecoder& sd, const uint8_t* q, const uint8_t* s) {
+    for (int v = 0; v < kVecs; ++v) decode(d, q + v * kGroupVecBytes, v);
+    ws = kBlocks == 8 ? sd.decode(s) : sd.decode4(s);
   }
-  if (st < steps) {  // a short last group: zero codes and scale code 0 (finite) add 0
-    alignas(32) uint8_t qt[kGroupSteps * kStep / 2] = {}, st_codes[8] = {};
-    std::memcpy(qt, q + st * (kStep / 2), static_cast<size_t>((steps - st) * (kStep / 2)));
-    std::memcpy(st_codes, s + b, static_cast<size_t>((steps - st) * kStep / BS));
-    acc = block_group<BS>(d, sd, x.codes + st * kStep, x.offset + b, x.scale + b, qt, st_codes, acc);
+
+  // A short last group: `bytes` valid code bytes (a multiple of 32) and `count` scale codes; the
+  // rest reads as weight code 0 under scale 1.0, adding 0.
+  inline void load_tail(const IntDecoder& d, const ScaleDecoder& sd, const uint8_t* q, const uint8_t* s,
+                        int64_t bytes, int64_t count) {
+#ifdef QCN_AVX512  // masked loads: no fault and zeros past the valid bytes
+    for (int v = 0; v < kVecs; ++v) {
+      const int64_t n = std::min<int64_t>(64, std::max<int64_t>(0, bytes - v * 64));
+      const __mmask64 mask = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+      d.weights512(_mm512_maskz_loadu_epi8(mask, q + v * 64), lo[v], hi[v]);
+    }
+    ws = sd.decode(_mm_mask_loadu_epi8(_mm_set1_epi8(static_cast<char>(sd.one())),
+                                       static_cast<__mmask16>((1u << count) - 1), s));
+#else
+    alignas(64) uint8_t codes[kVecs * kGroupVecBytes] = {}, scales[8];
+    std::memset(scales, sd.one(), sizeof(scales));
+    std::memcpy(codes, q, static_cast<size_t>(bytes));
+    std::memcpy(scales, s, static_cast<size_t>(count));
+    load(d, sd, codes, scales);
+#endif
   }
-  return hsum(acc);
+
+  inline void decode(const IntDecoder& d, const uint8_t* p, int v) {
+#ifdef QCN_AVX512
+    d.weights512(p, lo[v], hi[v]);
+#else
+    d.weights(p, lo[v], hi[v]);
+#endif
+  }
+
+  // The exact block sums of one row (codes at xc), in block order.
+  inline __m256i sums(const IntDecoder& d, const int8_t* xc) const {
+    __m256i h;
+#ifdef QCN_AVX512
+    if (BS == 16) {  // one 128-k vector: its lane pairs are the blocks
+      h = d.pair_sums512(lo[0], hi[0], xc);
+    } else {  // one 128-k vector, 2 pairs per block: blocks 0 1 0 1 | 2 3 2 3, to 0 1 2 3 in lanes 0-3
+      const __m256i p = d.pair_sums512(lo[0], hi[0], xc);
+      h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(p, p), _mm256_setr_epi32(0, 1, 4, 5, 0, 1, 4, 5));
+    }
+#else
+    if (BS == 16) {  // 2 steps, 4 blocks each (2 lanes per block): blocks 0 1 4 5 | 2 3 6 7
+      h = _mm256_hadd_epi32(d.dot(lo[0], hi[0], xc), d.dot(lo[1], hi[1], xc + 64));
+      h = _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    } else {  // 4 steps, 2 blocks each (4 lanes per block): blocks 0 2 4 6 | 1 3 5 7
+      const __m256i h01 = _mm256_hadd_epi32(d.dot(lo[0], hi[0], xc), d.dot(lo[1], hi[1], xc + 64));
+      const __m256i h23 = _mm256_hadd_epi32(d.dot(lo[2], hi[2], xc + 128), d.dot(lo[3], hi[3], xc + 192));
+      h = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(h01, h23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    }
+#endif
+    return h;
+  }
+
+  // acc += this group's contribution for one row (its codes, offsets and scales at the group).
+  inline __m256 row(const IntDecoder& d, const int8_t* xc, const int32_t* xo, const float* xs, __m256 acc) const {
+    const __m256i o = kBlocks == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo))
+                                   : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xo)));
+    const __m256 sx = kBlocks == 8 ? _mm256_loadu_ps(xs) : _mm256_zextps128_ps256(_mm_loadu_ps(xs));
+    const __m256i h = _mm256_sub_epi32(sums(d, xc), o);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_mul_ps(ws, sx), acc);
+  }
+};
+
+// y[r * ldy] for R consecutive rows of x (row r at x.codes + r * kx, x.offset / x.scale + r * kx / BS)
+// and one weight column (kp / 2 code bytes at q, kp / BS scale codes at s).
+template <int BS, int R>
+void block_dot_rows(const IntDecoder& d, const ScaleDecoder& sd, const ActRow& x, int64_t kx, const uint8_t* q,
+                    const uint8_t* s, int64_t kp, float* y, int64_t ldy) {
+  constexpr int64_t kBlocks = Group<BS>::kBlocks, kGroupK = kBlocks * BS;
+  const int64_t groups = kx / BS;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  Group<BS> g;
+  int64_t k0 = 0, b = 0;
+  for (; k0 + kGroupK <= kp; k0 += kGroupK, b += kBlocks) {
+    for (int64_t line = 0; line < kGroupK / 2; line += 64)  // every cache line of the group
+      _mm_prefetch(reinterpret_cast<const char*>(q + k0 / 2 + line + kPrefetchInt), _MM_HINT_T0);
+    g.load(d, sd, q + k0 / 2, s + b);
+    for (int r = 0; r < R; ++r)
+      acc[r] = g.row(d, x.codes + r * kx + k0, x.offset + r * groups + b, x.scale + r * groups + b, acc[r]);
+  }
+  if (k0 < kp) {
+    g.load_tail(d, sd, q + k0 / 2, s + b, (kp - k0) / 2, (kp - k0) / BS);
+    for (int r = 0; r < R; ++r)
+      acc[r] = g.row(d, x.codes + r * kx + k0, x.offset + r * groups + b, x.scale + r * groups + b, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(acc[r]);
 }
 
 float block_e2m1(ActQuant act, const float* x, int64_t len, int64_t bs, float tensor_scale, float* q);
@@ -629,7 +719,12 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t chu
     std::fill(q.begin() + k, q.end(), 0.0f);
     std::fill(sc, sc + groups, 0.0f);
     for (int64_t k0 = 0; k0 < k; k0 += bs) {
-      const float dk = block_e2m1(act, x + r * k + k0, std::min(bs, k - k0), bs, tensor_scale, q.data() + k0);
+      const int64_t len = std::min(bs, k - k0);
+      float dk = block_e2m1(act, x + r * k + k0, len, bs, tensor_scale, q.data() + k0);
+      // An all-zero block adds 0 under any finite scale: 0 spares the products a subnormal operand
+      // (MX gives a zero block 2**-127), which costs a microcode assist per multiply.
+      if (std::all_of(q.data() + k0, q.data() + k0 + len, [](float v) { return v == 0.0f; }) && !std::isnan(dk))
+        dk = 0.0f;
       // (2w)(2x) = 4wx: the 1/4 (exact, a power of two) goes here so no partial sum overflows early
       std::fill(sc + k0 / group, sc + std::min(groups, (k0 + bs) / group), dk * 0.25f);
     }
@@ -662,17 +757,31 @@ void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, flo
   const int64_t chunk = kStep;
 #endif
   quantize_rows(x, m, w.k, kx, chunk, group, act, act_scale, codes.data(), offset.data(), scale.data());
-  // Column tiles stay in cache while every row passes over them.
+  std::vector<ActRow> rows(static_cast<size_t>(m));
+  for (int64_t r = 0; r < m; ++r) rows[r] = {codes.data() + r * kx, offset.data() + r * kx / group, scale.data() + r * kx / group};
+  // Column tiles stay in cache while every row passes over them; with coinciding blocks, each
+  // column's weights are decoded once per kRowBlock rows.
+  constexpr int kRowBlock = 4;
   const int64_t tile = m < kTileRows ? w.n : kTileCols;
-  for (int64_t n0 = 0; n0 < w.n; n0 += tile)
-    for (int64_t r = 0; r < m; ++r) {
-      const ActRow row{codes.data() + r * kx, offset.data() + r * kx / group, scale.data() + r * kx / group};
-      for (int64_t n = n0; n < std::min(w.n, n0 + tile); ++n) {
-        const uint8_t *q = w.codes + n * (kp / 2), *s = w.scales + n * nb;
-        y[r * w.n + n] = blocks ? block_dot_column<BS == 0 ? 16 : BS>(d, sd, row, q, s, steps)
-                                : lane_dot_column<BS>(d, row, q, s, w.scale_lut, steps, w.block_size);
-      }
+  for (int64_t n0 = 0; n0 < w.n; n0 += tile) {
+    const int64_t n1 = std::min(w.n, n0 + tile);
+    if (blocks) {
+      constexpr int B = BS == 0 ? 16 : BS;
+      int64_t r = 0;
+      for (; r + kRowBlock <= m; r += kRowBlock)
+        for (int64_t n = n0; n < n1; ++n)
+          block_dot_rows<B, kRowBlock>(d, sd, rows[r], kx, w.codes + n * (kp / 2), w.scales + n * nb, kp,
+                                       y + r * w.n + n, w.n);
+      for (; r < m; ++r)
+        for (int64_t n = n0; n < n1; ++n)
+          block_dot_rows<B, 1>(d, sd, rows[r], kx, w.codes + n * (kp / 2), w.scales + n * nb, kp, y + r * w.n + n, w.n);
+      continue;
     }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = n0; n < n1; ++n)
+        y[r * w.n + n] = lane_dot_column<BS>(d, rows[r], w.codes + n * (kp / 2), w.scales + n * nb, w.scale_lut,
+                                             steps, w.block_size);
+  }
 }
 
 #endif  // QCN_AVX2
