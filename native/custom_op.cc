@@ -1,4 +1,5 @@
-// onnxruntime custom-op library: domain "qcompile.native", op MatMulFp4 (version 1).
+// onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, FakeQuantMX and
+// FakeQuantNVFP4 (version 1).
 //
 //   Y = MatMulFp4(X, W, S[, T][, A_T])   Y[..., N] = fq(X[..., K]) @ dequantize(W, S, T)
 //     X   float  [..., K]
@@ -11,6 +12,12 @@
 //               fake-quantization of fp4_gemm.h (blocks of 32 / 16 along K).
 //   Kp = padded_k(K, block_size); see fp4_gemm.h. T may be an empty input when A_T is given.
 //
+//   Y = FakeQuantMX(X)                  attrs axis, block_size, emax_elem, mantissa_bits, emin, emax,
+//                                       min, max, signed_zero, has_nan
+//   Y = FakeQuantNVFP4(X, T)            attrs axis, block_size; T float [] or [1]
+//   The qcompile function ops of the same names and attributes (qcompile/functions.py), natively:
+//   same values bit for bit, see fake_quant.h.
+//
 // Only the C API is used, through the OrtApi handed to RegisterCustomOps: the library does not
 // link against libonnxruntime. Attribute errors fail kernel creation (session load); input
 // shape/type errors fail the run; both as ORT_INVALID_ARGUMENT statuses.
@@ -21,13 +28,13 @@
 #include <string>
 #include <vector>
 
+#include "fake_quant.h"
 #include "fp4_gemm.h"
 #include "onnxruntime_c_api.h"
 
 namespace {
 
 const char* const kDomain = "qcompile.native";
-const char* const kOpName = "MatMulFp4";
 const OrtApi* g_api = nullptr;
 constexpr uint32_t kMinApiVersion = 16;
 
@@ -191,46 +198,138 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   return nullptr;
 }
 
-// --- OrtCustomOp callbacks --------------------------------------------------------------------
+// --- FakeQuantMX / FakeQuantNVFP4 -----------------------------------------------------------
 
-OrtStatusPtr ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
-                                        void** kernel) {
-  try {
-    Kernel kern{};
-    QCN_RETURN_IF_ERROR(read_attributes(info, kern));
-    *kernel = new Kernel(kern);
-    return nullptr;
-  } catch (const std::exception& e) {
-    return g_api->CreateStatus(ORT_FAIL, e.what());
-  }
+struct FakeQuantKernel {
+  bool nvfp4;
+  int64_t axis, block_size, emax_elem;
+  qcn::Grid grid;
+};
+
+OrtStatus* float_attr(const OrtKernelInfo* info, const char* name, float& out) {
+  return g_api->KernelInfoGetAttribute_float(info, name, &out);
 }
 
-OrtStatusPtr ORT_API_CALL kernel_compute(void* kernel, OrtKernelContext* ctx) {
+OrtStatus* read_fake_quant_attributes(const OrtKernelInfo* info, FakeQuantKernel& kern) {
+  const char* op = kern.nvfp4 ? "FakeQuantNVFP4" : "FakeQuantMX";
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "axis", &kern.axis));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "block_size", &kern.block_size));
+  if (kern.block_size < 1) return fail(std::string(op) + ": block_size must be positive");
+  if (kern.nvfp4) return nullptr;
+  int64_t signed_zero = 0, has_nan = 0;
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax_elem", &kern.emax_elem));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "mantissa_bits", &kern.grid.mantissa_bits));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emin", &kern.grid.emin));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax", &kern.grid.emax));
+  QCN_RETURN_IF_ERROR(float_attr(info, "min", kern.grid.min));
+  QCN_RETURN_IF_ERROR(float_attr(info, "max", kern.grid.max));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "signed_zero", &signed_zero));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "has_nan", &has_nan));
+  kern.grid.signed_zero = signed_zero != 0;
+  kern.grid.has_nan = has_nan != 0;
+  const qcn::Grid& g = kern.grid;
+  if (g.emin < -126 || g.emax < g.emin || g.emax > 127 || g.mantissa_bits < 0 || g.mantissa_bits > 23 ||
+      g.emin - g.mantissa_bits < -149 || !(g.min <= g.max))
+    return fail("FakeQuantMX: grid attributes out of range (need -126 <= emin <= emax <= 127, 0 <= mantissa_bits, "
+                "emin - mantissa_bits >= -149, min <= max)");
+  return nullptr;
+}
+
+OrtStatus* fake_quant_compute(const FakeQuantKernel& kern, OrtKernelContext* ctx) {
+  const char* op = kern.nvfp4 ? "FakeQuantNVFP4" : "FakeQuantMX";
+  const OrtValue *x = nullptr, *t = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
+  if (kern.nvfp4) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &t));
+  if (x == nullptr || (kern.nvfp4 && t == nullptr)) return fail(std::string(op) + ": missing input");
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  QCN_RETURN_IF_ERROR(describe(x, type, dims));
+  const int64_t rank = static_cast<int64_t>(dims.size());
+  const int64_t axis = kern.axis < 0 ? kern.axis + rank : kern.axis;
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || axis < 0 || axis >= rank)
+    return fail(std::string(op) + ": X must be float with axis " + std::to_string(kern.axis) + " in range, got " +
+                dims_str(dims));
+  float tensor_scale = 1.0f;
+  if (kern.nvfp4) {
+    std::vector<int64_t> t_dims;
+    QCN_RETURN_IF_ERROR(describe(t, type, t_dims));
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t_dims.size() > 1 || (t_dims.size() == 1 && t_dims[0] != 1))
+      return fail("FakeQuantNVFP4: tensor_scale must be a float scalar or [1], got " + dims_str(t_dims));
+    tensor_scale = *static_cast<const float*>(data(t));
+  }
+  int64_t pre = 1, post = 1;
+  for (int64_t i = 0; i < axis; ++i) pre *= dims[i];
+  for (int64_t i = axis + 1; i < rank; ++i) post *= dims[i];
+  OrtValue* y = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
+  if (pre * dims[axis] * post == 0) return nullptr;
+  void* yd = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  const float* xf = static_cast<const float*>(data(x));
+  float* yf = static_cast<float*>(yd);
+  if (kern.nvfp4)
+    qcn::fake_quant_nvfp4(xf, pre, dims[axis], post, kern.block_size, tensor_scale, yf);
+  else
+    qcn::fake_quant_mx(xf, pre, dims[axis], post, kern.block_size, kern.emax_elem, kern.grid, yf);
+  return nullptr;
+}
+
+// --- OrtCustomOp callbacks: one table entry per op ---------------------------------------------
+
+// An op: OrtCustomOp first, so ORT's `const OrtCustomOp*` also points to its entry.
+struct OpDef {
+  OrtCustomOp op;
+  const char* name;
+  size_t inputs, required;  // inputs from `required` on are optional
+  bool (*is_uint8_input)(size_t index);
+};
+
+const OpDef& def(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
+
+template <class F>
+OrtStatus* guarded(const char* name, F&& f) {
   try {
-    return compute(*static_cast<const Kernel*>(kernel), ctx);
+    return f();
   } catch (const std::bad_alloc&) {
-    return g_api->CreateStatus(ORT_FAIL, "MatMulFp4: out of memory");
+    return g_api->CreateStatus(ORT_FAIL, (std::string(name) + ": out of memory").c_str());
   } catch (const std::exception& e) {
     return g_api->CreateStatus(ORT_FAIL, e.what());
   }
 }
 
-void ORT_API_CALL kernel_destroy(void* kernel) { delete static_cast<Kernel*>(kernel); }
-const char* ORT_API_CALL op_name(const OrtCustomOp*) { return kOpName; }
+// Kernel state K read from the node's attributes by Read, run by Compute.
+template <class K, OrtStatus* (*Read)(const OrtKernelInfo*, K&), OrtStatus* (*Compute)(const K&, OrtKernelContext*)>
+struct KernelCalls {
+  static OrtStatusPtr ORT_API_CALL create(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
+                                          void** kernel) {
+    return guarded(def(op).name, [&]() -> OrtStatus* {
+      K kern{};
+      QCN_RETURN_IF_ERROR(Read(info, kern));
+      *kernel = new K(kern);
+      return nullptr;
+    });
+  }
+  static OrtStatusPtr ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx) {
+    return guarded("qcompile.native", [&] { return Compute(*static_cast<const K*>(kernel), ctx); });
+  }
+  static void ORT_API_CALL destroy(void* kernel) { delete static_cast<K*>(kernel); }
+};
+
+const char* ORT_API_CALL op_name(const OrtCustomOp* op) { return def(op).name; }
 const char* ORT_API_CALL op_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 5; }
+size_t ORT_API_CALL input_count(const OrtCustomOp* op) { return def(op).inputs; }
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
 
-ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t index) {
-  return index == 1 || index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp* op, size_t index) {
+  return def(op).is_uint8_input(index) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t index) {
-  return index >= 3 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp* op, size_t index) {
+  return index >= def(op).required ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t) {
@@ -243,9 +342,16 @@ int ORT_API_CALL homogeneity(const OrtCustomOp*) { return 1; }
 int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
 int ORT_API_CALL end_version(const OrtCustomOp*) { return 1; }
 
-OrtCustomOp make_op() {
-  OrtCustomOp op;
-  std::memset(&op, 0, sizeof(op));
+template <class K, OrtStatus* (*Read)(const OrtKernelInfo*, K&), OrtStatus* (*Compute)(const K&, OrtKernelContext*)>
+OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_input)(size_t)) {
+  using Calls = KernelCalls<K, Read, Compute>;
+  OpDef d;
+  std::memset(&d.op, 0, sizeof(d.op));
+  d.name = name;
+  d.inputs = inputs;
+  d.required = required;
+  d.is_uint8_input = is_uint8_input;
+  OrtCustomOp& op = d.op;
   op.version = ORT_API_VERSION;
   op.GetName = op_name;
   op.GetExecutionProviderType = op_provider;
@@ -253,7 +359,6 @@ OrtCustomOp make_op() {
   op.GetInputTypeCount = input_count;
   op.GetOutputType = output_type;
   op.GetOutputTypeCount = output_count;
-  op.KernelDestroy = kernel_destroy;
   op.GetInputCharacteristic = input_characteristic;
   op.GetOutputCharacteristic = output_characteristic;
   op.GetInputMemoryType = input_memory_type;
@@ -261,14 +366,32 @@ OrtCustomOp make_op() {
   op.GetVariadicInputHomogeneity = homogeneity;
   op.GetVariadicOutputMinArity = min_arity;
   op.GetVariadicOutputHomogeneity = homogeneity;
-  op.CreateKernelV2 = create_kernel;
-  op.KernelComputeV2 = kernel_compute;
+  op.CreateKernelV2 = Calls::create;
+  op.KernelComputeV2 = Calls::compute;
+  op.KernelDestroy = Calls::destroy;
   op.GetStartVersion = start_version;
   op.GetEndVersion = end_version;
-  return op;
+  return d;
 }
 
-const OrtCustomOp g_op = make_op();
+bool matmul_uint8(size_t index) { return index == 1 || index == 2; }
+bool all_float(size_t) { return false; }
+
+OrtStatus* read_mx(const OrtKernelInfo* info, FakeQuantKernel& k) {
+  k.nvfp4 = false;
+  return read_fake_quant_attributes(info, k);
+}
+
+OrtStatus* read_nvfp4(const OrtKernelInfo* info, FakeQuantKernel& k) {
+  k.nvfp4 = true;
+  return read_fake_quant_attributes(info, k);
+}
+
+const OpDef g_ops[] = {
+    make_op<Kernel, read_attributes, compute>("MatMulFp4", 5, 3, matmul_uint8),
+    make_op<FakeQuantKernel, read_mx, fake_quant_compute>("FakeQuantMX", 1, 1, all_float),
+    make_op<FakeQuantKernel, read_nvfp4, fake_quant_compute>("FakeQuantNVFP4", 2, 2, all_float),
+};
 
 // Domains handed to ORT stay alive until the library is unloaded (ORT does not own them).
 struct Domains {
@@ -295,7 +418,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     std::lock_guard<std::mutex> lock(g_domains.mu);
     g_domains.all.push_back(domain);
   }
-  QCN_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &g_op));
+  for (const OpDef& d : g_ops) QCN_RETURN_IF_ERROR(api->CustomOpDomain_Add(domain, &d.op));
   return api->AddCustomOpDomain(options, domain);
 }
 

@@ -557,10 +557,15 @@ def _used_ops(nodes) -> set[str]:
 
 
 def attach(model: ir.Model) -> None:
-    """Add the functions the model's qcompile nodes need (transitively) and the qcompile opset."""
+    """Make model.functions hold exactly the qcompile functions its nodes need (transitively), with
+    the qcompile opset imported iff any: adds the missing ones, drops those a rewrite left unused."""
+    ours = {key for key in model.functions if key[0] == DOMAIN}
+    for key in ours:  # rebuilt below from the graph's uses
+        del model.functions[key]
     pending = _used_ops(ir.traversal.RecursiveGraphIterator(model.graph))
     pending |= {op for f in model.functions.values() for op in _used_ops(ir.traversal.RecursiveGraphIterator(f))}
     if not pending:
+        model.opset_imports.pop(DOMAIN, None)
         return
     opset = model.opset_imports.get("", MIN_OPSET)
     done: set[str] = set()

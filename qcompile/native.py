@@ -56,6 +56,8 @@ from qcompile.storage import PackedTensor
 DOMAIN = "qcompile.native"
 VERSION = 1
 OP = "MatMulFp4"
+# Native twins of the qcompile function ops: same inputs, attributes and values (native/fake_quant.h).
+FAKE_QUANT_OPS = ("FakeQuantMX", "FakeQuantNVFP4")
 
 HEADERS_PACKAGE = "com.github.asus4.onnxruntime"  # ONNX Runtime plugin for Unity: ships the C/C++ headers
 HEADERS_VERSION = "0.4.9"
@@ -64,8 +66,8 @@ HEADERS_PREFIX = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-
 ORT_API_VERSION = 29
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
-SOURCES = ("custom_op.cc", "fp4_gemm.cc")
-HEADERS = ("fp4_gemm.h",)
+SOURCES = ("custom_op.cc", "fp4_gemm.cc", "fake_quant.cc")
+HEADERS = ("fp4_gemm.h", "fake_quant.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
 # ISA -> compiler flags; the kernel picks its code path from the macros these define.
 ISA_FLAGS = {

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from qcompile import __version__
 from qcompile.analyze import PlanOptions, make_plan, tie_heads
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
+from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
 from qcompile.calibrate import choose_clip, collect, simulate, stream_values
@@ -299,6 +300,8 @@ def compile(
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
     nb = LowerToMatMulNBitsPass(insert.stored, lowering, accuracy_level, insert.block_activations, caps)
     stages.run(repr(nb), nb, m)
+    if lowering == "native":
+        stages.run("NativeFakeQuantPass", NativeFakeQuantPass(), m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)
 

@@ -166,3 +166,28 @@ def node_by_name(model: ir.Model, name: str) -> ir.Node:
 def producer_op(value: ir.Value | None) -> str | None:
     p = value.producer() if value is not None else None
     return p.op_type if p is not None else None
+
+
+# --- bit-exact comparisons ------------------------------------------------------------------
+def assert_bitwise(got: np.ndarray, ref: np.ndarray, what: str = "", zero_sign: bool = True) -> None:
+    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    if not zero_sign:  # compare -0.0 and +0.0 as equal
+        got, ref = got + np.float32(0), ref + np.float32(0)
+    assert got.shape == ref.shape, what
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan), f"{what}: NaN positions differ"
+    bad = (got.view(np.uint32) != ref.view(np.uint32)) & ~nan
+    assert not bad.any(), f"{what}: {bad.sum()} differ, e.g. got {got[bad][:5]} ref {ref[bad][:5]}"
+
+
+def block_probe(rng, shape, axis) -> np.ndarray:
+    """Random data with per-slice magnitudes from 2**-140 to 2**120, zero slices, ties, inf and NaN."""
+    x = rng.normal(size=shape) * 2.0 ** rng.integers(-140, 120, [1 if d == axis % len(shape) else n
+                                                                     for d, n in enumerate(shape)])
+    x = np.moveaxis(x, axis, -1)
+    x[0, 0] = 0.0  # all-zero blocks
+    x[0, 1, ..., :32] = 2.0 ** np.arange(-8, 24, dtype=np.float64)  # one block of powers of two
+    x[0, 2, ..., 3] = np.inf  # non-finite blocks
+    x[1, 0, ..., 5] = np.nan
+    x[-1, -1, ..., :16] = np.arange(16) + 0.5  # ties within a block of amax 15.5
+    return np.moveaxis(x, -1, axis).astype(np.float32)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from helpers import run
+from helpers import assert_bitwise, block_probe, run
 
 from qcompile import codec, functions, storage
 from qcompile.formats import FORMATS, parse_format
@@ -32,17 +32,6 @@ def fmt_of(name: str):
     if name == "fixed":  # the MX INT8 element: k / 64, narrow range
         return FORMATS["mxint8"].element
     return parse_format(name)
-
-
-def assert_bitwise(got: np.ndarray, ref: np.ndarray, what: str = "", zero_sign: bool = True) -> None:
-    got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
-    if not zero_sign:  # compare -0.0 and +0.0 as equal
-        got, ref = got + np.float32(0), ref + np.float32(0)
-    assert got.shape == ref.shape, what
-    nan = np.isnan(ref)
-    assert np.array_equal(np.isnan(got), nan), f"{what}: NaN positions differ"
-    bad = (got.view(np.uint32) != ref.view(np.uint32)) & ~nan
-    assert not bad.any(), f"{what}: {bad.sum()} differ, e.g. got {got[bad][:5]} ref {ref[bad][:5]}"
 
 
 def build(outputs, inputs: dict[str, tuple[int, ...]] | None = None, opset: int = 21) -> ir.Model:
@@ -196,19 +185,6 @@ def test_fake_quant_minifloat(name):
         for (key, xi), s, got in zip(feeds.items(), scales, outs):
             # numpy's clip keeps round_to_grid's -0.0 of an unsigned int grid; the op returns +0.0 there
             assert_bitwise(got, minifloat_ref(xi, fmt, s), f"{name} scale {s} @{level}", zero_sign=fmt.signed)
-
-
-def block_probe(rng, shape, axis) -> np.ndarray:
-    """Random data with per-slice magnitudes from 2**-140 to 2**120, zero slices, ties, inf and NaN."""
-    x = rng.normal(size=shape) * 2.0 ** rng.integers(-140, 120, [1 if d == axis % len(shape) else n
-                                                                     for d, n in enumerate(shape)])
-    x = np.moveaxis(x, axis, -1)
-    x[0, 0] = 0.0  # all-zero blocks
-    x[0, 1, ..., :32] = 2.0 ** np.arange(-8, 24, dtype=np.float64)  # one block of powers of two
-    x[0, 2, ..., 3] = np.inf  # non-finite blocks
-    x[1, 0, ..., 5] = np.nan
-    x[-1, -1, ..., :16] = np.arange(16) + 0.5  # ties within a block of amax 15.5
-    return np.moveaxis(x, -1, axis).astype(np.float32)
 
 
 @pytest.mark.parametrize("axis, shape", [(-1, (2, 3, 5, 70)), (1, (2, 45, 3, 4))])

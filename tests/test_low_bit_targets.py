@@ -134,10 +134,11 @@ def test_report_lists_bytes_and_emission_per_layer(compiled):
 
 
 @pytest.mark.parametrize("model", list(FORWARD))
-@pytest.mark.parametrize("target", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("target", ["mxfp4", "nvfp4", "mxfp6", "mxint8"])
 def test_native_lowering_equals_simulation(compiled, target, model):
     """--lowering native: MXFP4/NVFP4 MatMul/Gemm weights run in the optional fused C++ kernel
-    (qcompile.native, built on demand), still equal to the simulation; a stock session refuses it."""
+    (qcompile.native, built on demand) and every block activation quantizer in its native op, still
+    equal to the simulation; a stock session refuses the model."""
     import onnxruntime as ort
 
     from qcompile import native
@@ -145,9 +146,15 @@ def test_native_lowering_equals_simulation(compiled, target, model):
     proto, result, ev = compiled(model, target, "native")
     out = ir.to_proto(result.model)
     ops = helpers.op_counts(out)
-    assert ops["MatMulFp4"] >= 1
-    if model == "mlp":  # the activation fake-quant along K is fused into the kernel (attribute act)
+    fp4 = target in ("mxfp4", "nvfp4")
+    assert (ops["MatMulFp4"] >= 1) == fp4
+    if model == "mlp" and fp4:  # the activation fake-quant along K is fused into the kernel (attribute act)
         assert not any(k.startswith("FakeQuant") for k in ops), ops
+    # the other activation quantizers run natively too (NativeFakeQuantPass); Conv weights keep
+    # their qcompile dequantizer function
+    fake_quant = [n for n in out.graph.node if n.op_type.startswith("FakeQuant")]
+    assert {n.domain for n in fake_quant} <= {native.DOMAIN}, ops
+    assert not any(op.startswith("FakeQuant") for _, op, _ in result.model.functions), result.model.functions
     params = {i.name: nh.to_array(i).astype(np.float32) for i in proto.graph.initializer}
     x = next(iter(ev.values()))
     ref = FORWARD[model](result.plan, params, x)
@@ -155,7 +162,7 @@ def test_native_lowering_equals_simulation(compiled, target, model):
         so = native.session_options(helpers.session_options(level))
         y = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))) <= 1e-5
-    with pytest.raises(Exception, match="MatMulFp4"):
+    with pytest.raises(Exception, match="qcompile.native"):
         helpers.session(out)
 
 

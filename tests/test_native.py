@@ -20,9 +20,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from qcompile import codec, native, storage
+from qcompile import codec, functions, native, storage
+from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.formats import FORMATS
-from helpers import LEVELS, session
+from helpers import LEVELS, assert_bitwise, block_probe, session
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
               ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
@@ -396,3 +397,69 @@ def test_act_errors(lib):
         native.emit_matmul_fp4(graph, x, t, "w", act=FORMATS["mxfp4"], act_tensor_scale=1.0)
     with pytest.raises(ValueError, match="fuses only mxfp4 or nvfp4"):
         native.emit_matmul_fp4(graph, x, t, "w", act=FORMATS["mxfp8_e4m3"])
+
+
+# --- FakeQuantMX / FakeQuantNVFP4 ----------------------------------------------------------------
+
+MX_ACTS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxint8"]
+NVFP4_SCALES = [1.0, 2.0**-30, 0.0123, 1e3]
+
+
+def fake_quant_model(shape, axis: int) -> ir.Model:
+    """x -> every MX activation format's FakeQuantMX and NVFP4's FakeQuantNVFP4 (several tensor
+    scales), as qcompile function ops along `axis`."""
+    x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    graph.outputs.extend([functions.fake_quant(graph, x, FORMATS[f], f, axis=axis) for f in MX_ACTS])
+    graph.outputs.extend([functions.fake_quant(graph, x, FORMATS["nvfp4"], f"nv{i}", tensor_scale=st, axis=axis)
+                          for i, st in enumerate(NVFP4_SCALES)])
+    model = ir.Model(graph, ir_version=10)
+    functions.attach(model)
+    return model
+
+
+@pytest.mark.parametrize("axis, shape", [(-1, (2, 3, 5, 70)), (1, (2, 45, 3, 4)), (0, (37, 3, 4))])
+def test_native_fake_quant_equals_the_function_ops(lib, axis, shape):
+    """NativeFakeQuantPass moves every FakeQuant node to the native library, drops the function
+    definitions and the qcompile opset, and the outputs stay bit for bit those of the function ops
+    in stock onnxruntime (and of the codec): zero/ragged/non-finite blocks, ties, 2**-140..2**120."""
+    x = block_probe(np.random.default_rng(8), shape, axis)
+    x = np.where(np.abs(x) > 1e30, x * 1e-20, x).astype(np.float32)  # NVFP4 blocks within reach of the scale
+    model = fake_quant_model(shape, axis)
+    want = session(ir.to_proto(model), "all").run(None, {"x": x})
+    result = NativeFakeQuantPass()(model)
+    assert result.modified and not model.functions and functions.DOMAIN not in model.opset_imports
+    assert {n.domain for n in model.graph} == {native.DOMAIN}
+    for level in ("disable", "all"):
+        got = native_session(lib, ir.to_proto(model), level).run(None, {"x": x})
+        for name, g, w in zip([*MX_ACTS, *(f"nvfp4 {st}" for st in NVFP4_SCALES)], got, want):
+            assert_bitwise(g, w, f"{name} axis {axis} @{level}")
+    for f, g in zip(MX_ACTS, got):
+        assert_bitwise(g, codec.fake_quant(x, FORMATS[f], axis), f"{f} vs codec")
+
+
+def test_native_fake_quant_every_binade(lib):
+    """Block amax = 2**k and its float32 neighbours for every k: the exact shared exponent."""
+    amax = np.ldexp(np.float32(1), np.arange(-149, 128)).astype(np.float32)
+    amax = np.concatenate([amax, np.nextafter(amax, np.float32(0)), np.nextafter(amax, np.float32(np.inf))])
+    amax = amax[np.isfinite(amax) & (amax > 0)]
+    x = (amax[:, None] * np.random.default_rng(6).uniform(-1, 1, (amax.size, 32))).astype(np.float32)
+    x[:, 0] = amax
+    model = fake_quant_model(x.shape, -1)
+    NativeFakeQuantPass()(model)
+    got = native_session(lib, ir.to_proto(model)).run(None, {"x": x})
+    for f, g in zip(MX_ACTS, got):
+        assert_bitwise(g, codec.fake_quant(x, FORMATS[f], -1), f)
+
+
+def test_native_fake_quant_bad_input_is_a_clean_error(lib):
+    model = fake_quant_model((4, 64), 1)
+    NativeFakeQuantPass()(model)
+    node = next(n for n in model.graph if n.op_type == "FakeQuantMX")
+    node.attributes["axis"] = ir.Attr("axis", ir.AttributeType.INT, 5)
+    with pytest.raises(ORT_ERRORS, match="FakeQuantMX: X must be float with axis 5"):
+        native_session(lib, ir.to_proto(model)).run(None, {"x": np.zeros((4, 64), np.float32)})
+    node.attributes["axis"] = ir.Attr("axis", ir.AttributeType.INT, 1)
+    node.attributes["emin"] = ir.Attr("emin", ir.AttributeType.INT, -140)
+    with pytest.raises(ORT_ERRORS, match="grid attributes out of range"):
+        native_session(lib, ir.to_proto(model))
