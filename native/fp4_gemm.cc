@@ -741,6 +741,103 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t chu
   }
 }
 
+#ifdef QCN_AVX512
+// --- W4A4 GEMM (M >= kPanel rows, coinciding blocks): 16 rows in the 16 int32 lanes -------------
+// x is packed per panel of 16 rows as [k / 4][row][4 bytes] (natural k order), so one vpdpbusd of
+// a broadcast weight dword (4 consecutive k of one column, as u8 2w + 12) adds 4 products to every
+// row's lane, with no horizontal sums: per (block, column) the lanes are offset-corrected,
+// converted and scaled once. Columns are decoded to such bytes once per tile of kGemmCols.
+constexpr int64_t kPanel = 16;
+constexpr int kGemmCols = 8;  // 8 independent vpdpbusd chains hide their latency
+
+// The u8 bytes 2w + 12 of kp weights (kp / 2 code bytes at q), in natural k order.
+void decode_natural(const IntDecoder& d, const uint8_t* q, int64_t kp, uint8_t* out) {
+  for (int64_t k = 0; k < kp; k += kStep) {
+    __m256i lo, hi;
+    d.weights(q + k / 2, lo, hi);  // k even | k odd, per byte
+    const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // k 0-15|32-47, 16-31|48-63
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k + 32), _mm256_permute2x128_si256(a, b, 0x31));
+  }
+}
+
+// out[c][r] = row r of the panel times column c, for C columns of decoded weights w[c] (nblocks
+// blocks of BS) with block scales ws[c].
+template <int BS, int C>
+void gemm_panel(const int8_t* xc, const int32_t* xo, const float* xs, const uint8_t* const* w,
+                const float* const* ws, int64_t nblocks, float (*out)[kPanel]) {
+  __m512 acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nblocks; ++b) {
+    __m512i sums[C];
+    for (int c = 0; c < C; ++c) sums[c] = _mm512_setzero_si512();
+    for (int t = 0; t < BS / 4; ++t) {
+      const __m512i xv = _mm512_loadu_si512(xc + (b * (BS / 4) + t) * 64);
+      for (int c = 0; c < C; ++c) {
+        int32_t dword;
+        std::memcpy(&dword, w[c] + b * BS + 4 * t, 4);
+        sums[c] = _mm512_dpbusd_epi32(sums[c], _mm512_set1_epi32(dword), xv);
+      }
+    }
+    const __m512i offset = _mm512_loadu_si512(xo + b * kPanel);
+    const __m512 sx = _mm512_loadu_ps(xs + b * kPanel);
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[c], offset)),
+                               _mm512_mul_ps(_mm512_set1_ps(ws[c][b]), sx), acc[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[c], acc[c]);
+}
+
+// y = fq(x) @ W for m >= kPanel rows; x's rows quantized as in quantize_rows (natural order, group BS).
+template <int BS>
+void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, const int32_t* offset,
+              const float* scale, int64_t m, int64_t kx, const Fp4Weight& w, float* y) {
+  const int64_t kp = padded_k(w.k, w.block_size), nb = kp / BS, panels = (m + kPanel - 1) / kPanel;
+  // Pack: panel p, k / 4 = j, row r: 4 codes; offsets and scales [block][row]; rows past m are 0.
+  std::vector<int8_t> xc(static_cast<size_t>(panels * kp * kPanel), 0);
+  std::vector<int32_t> xo(static_cast<size_t>(panels * nb * kPanel), 0);
+  std::vector<float> xs(static_cast<size_t>(panels * nb * kPanel), 0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t p = r / kPanel, lane = r % kPanel;
+    for (int64_t j = 0; j < kp / 4; ++j)
+      std::memcpy(&xc[((p * (kp / 4) + j) * kPanel + lane) * 4], codes + r * kx + 4 * j, 4);
+    for (int64_t b = 0; b < nb; ++b) {
+      xo[(p * nb + b) * kPanel + lane] = offset[r * (kx / BS) + b];
+      xs[(p * nb + b) * kPanel + lane] = scale[r * (kx / BS) + b];
+    }
+  }
+  std::vector<uint8_t> wdec(static_cast<size_t>(kGemmCols * kp));
+  std::vector<float> wsc(static_cast<size_t>(kGemmCols * nb));
+  float out[kGemmCols][kPanel];
+  for (int64_t n0 = 0; n0 < w.n; n0 += kGemmCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, w.n - n0));
+    const uint8_t* wp[kGemmCols];
+    const float* sp[kGemmCols];
+    for (int c = 0; c < cols; ++c) {
+      decode_natural(d, w.codes + (n0 + c) * (kp / 2), kp, &wdec[c * kp]);
+      const uint8_t* s = w.scales + (n0 + c) * nb;
+      int64_t b = 0;
+      for (; b + 8 <= nb; b += 8) _mm256_storeu_ps(&wsc[c * nb + b], sd.decode(s + b));
+      for (; b < nb; ++b) wsc[c * nb + b] = w.scale_lut[s[b]];
+      wp[c] = &wdec[c * kp];
+      sp[c] = &wsc[c * nb];
+    }
+    for (int64_t p = 0; p < panels; ++p) {
+      const int8_t* pc = &xc[p * (kp / 4) * kPanel * 4];
+      const int32_t* po = &xo[p * nb * kPanel];
+      const float* ps = &xs[p * nb * kPanel];
+      if (cols == kGemmCols) {
+        gemm_panel<BS, kGemmCols>(pc, po, ps, wp, sp, nb, out);
+      } else {
+        for (int c = 0; c < cols; ++c) gemm_panel<BS, 1>(pc, po, ps, wp + c, sp + c, nb, out + c);
+      }
+      for (int64_t r = p * kPanel; r < std::min(m, (p + 1) * kPanel); ++r)
+        for (int c = 0; c < cols; ++c) y[r * w.n + n0 + c] = out[c][r - p * kPanel];
+    }
+  }
+}
+#endif  // QCN_AVX512
+
 template <int BS>
 void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, float act_scale, float* y) {
   static const IntDecoder d;
@@ -752,11 +849,17 @@ void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, flo
   std::vector<int32_t> offset(static_cast<size_t>(m * kx / group));
   std::vector<float> scale(static_cast<size_t>(m * kx / group));
 #ifdef QCN_AVX512
-  const int64_t chunk = blocks ? 2 * kStep : kStep;  // the block path reads 128 k per 512-bit step
+  const bool gemm = blocks && m >= kPanel;
+  // the GEMM packs natural k order (chunks of 2: one even k, one odd); the block path reads 128 k
+  // per 512-bit step
+  const int64_t chunk = gemm ? 2 : blocks ? 2 * kStep : kStep;
 #else
   const int64_t chunk = kStep;
 #endif
   quantize_rows(x, m, w.k, kx, chunk, group, act, act_scale, codes.data(), offset.data(), scale.data());
+#ifdef QCN_AVX512
+  if (gemm) return gemm_int<BS == 0 ? 16 : BS>(d, sd, codes.data(), offset.data(), scale.data(), m, kx, w, y);
+#endif
   std::vector<ActRow> rows(static_cast<size_t>(m));
   for (int64_t r = 0; r < m; ++r) rows[r] = {codes.data() + r * kx, offset.data() + r * kx / group, scale.data() + r * kx / group};
   // Column tiles stay in cache while every row passes over them; with coinciding blocks, each
