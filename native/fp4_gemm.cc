@@ -397,6 +397,10 @@ void gemv512(const Decoder& d256, const float* x, const Fp4Weight& w, float* y) 
 }
 #endif  // QCN_AVX512
 
+#ifdef QCN_AVX512
+void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y);
+#endif
+
 template <int BS>
 void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
   static const Decoder d;
@@ -405,6 +409,7 @@ void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
     for (int64_t r = 0; r < m; ++r) gemv512<BS == 0 ? 16 : BS>(d, x + r * w.k, w, y + r * w.n);
     return;
   }
+  if (m >= 16) return gemm_float(x, m, w, y);  // kPanel rows
 #endif
   const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
   std::vector<float> xp(static_cast<size_t>(m * kp));
@@ -833,6 +838,78 @@ void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, 
       }
       for (int64_t r = p * kPanel; r < std::min(m, (p + 1) * kPanel); ++r)
         for (int c = 0; c < cols; ++c) y[r * w.n + n0 + c] = out[c][r - p * kPanel];
+    }
+  }
+}
+
+// --- float GEMM (weights x float activations, M >= kPanel rows) ---------------------------------
+// The same layout in float: x packed per panel as [k][16 rows], each column decoded once per tile
+// to float32 w * s in natural k order, and one FMA of a broadcast weight per (k, column, panel).
+// Two panels share each broadcast: 16 accumulators, FMA-bound.
+
+// x rows r0 .. r0 + 16 (those < m) as [kp][16], zero past k and m.
+void pack_panel(const float* x, int64_t m, int64_t k, int64_t kp, int64_t r0, float* out) {
+  std::fill(out, out + kp * kPanel, 0.0f);
+  for (int64_t r = r0; r < std::min(m, r0 + kPanel); ++r)
+    for (int64_t j = 0; j < k; ++j) out[j * kPanel + (r - r0)] = x[r * k + j];
+}
+
+template <int P, int C>
+void gemm_float_panels(const float* xp, int64_t kp, const float* const* w, float (*out)[C][kPanel]) {
+  __m512 acc[P][C];
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kp; ++j) {
+    __m512 xv[P];
+    for (int p = 0; p < P; ++p) xv[p] = _mm512_loadu_ps(xp + (p * kp + j) * kPanel);
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = _mm512_set1_ps(w[c][j]);
+      for (int p = 0; p < P; ++p) acc[p][c] = _mm512_fmadd_ps(wv, xv[p], acc[p][c]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[p][c], acc[p][c]);
+}
+
+void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y) {
+  static const IntDecoder d;
+  const int64_t kp = padded_k(w.k, w.block_size), panels = (m + kPanel - 1) / kPanel;
+  std::vector<float> xp(static_cast<size_t>(panels * kp * kPanel));
+  for (int64_t p = 0; p < panels; ++p) pack_panel(x, m, w.k, kp, p * kPanel, &xp[p * kp * kPanel]);
+  std::vector<uint8_t> bytes(static_cast<size_t>(kp));
+  std::vector<float> wf(static_cast<size_t>(kGemmCols * kp));
+  const __m512 twelve = _mm512_set1_ps(12.0f);
+  float out[2][kGemmCols][kPanel];
+  for (int64_t n0 = 0; n0 < w.n; n0 += kGemmCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, w.n - n0));
+    const float* wp[kGemmCols];
+    for (int c = 0; c < cols; ++c) {  // w * s = (u - 12) * (s / 2), u = 2w + 12: one rounding, as the table's
+      decode_natural(d, w.codes + (n0 + c) * (kp / 2), kp, bytes.data());
+      const uint8_t* s = w.scales + (n0 + c) * (kp / w.block_size);
+      float* dst = &wf[c * kp];
+      for (int64_t j = 0; j < kp; j += 16) {
+        const __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&bytes[j]))));
+        const __m512 half_scale = _mm512_set1_ps(0.5f * w.scale_lut[s[j / w.block_size]]);
+        _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(u, twelve), half_scale));
+      }
+      wp[c] = dst;
+    }
+    for (int64_t p = 0; p < panels; p += 2) {
+      const int np = static_cast<int>(std::min<int64_t>(2, panels - p));
+      const float* pp = &xp[p * kp * kPanel];
+      if (cols == kGemmCols && np == 2) {
+        gemm_float_panels<2, kGemmCols>(pp, kp, wp, out);
+      } else {
+        for (int q = 0; q < np; ++q)
+          for (int c = 0; c < cols; ++c) {
+            float one[1][1][kPanel];
+            gemm_float_panels<1, 1>(pp + q * kp * kPanel, kp, wp + c, one);
+            std::copy(one[0][0], one[0][0] + kPanel, out[q][c]);
+          }
+      }
+      for (int q = 0; q < np; ++q)
+        for (int64_t r = (p + q) * kPanel; r < std::min(m, (p + q + 1) * kPanel); ++r)
+          for (int c = 0; c < cols; ++c) y[r * w.n + n0 + c] = out[q][c][r - (p + q) * kPanel];
     }
   }
 }
