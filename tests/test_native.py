@@ -319,14 +319,14 @@ ISA_CASES = [("mxfp4", 32, "mxfp4"), ("nvfp4", 16, "nvfp4"), ("nvfp4", 16, "mxfp
 @pytest.mark.parametrize("isa", cpu_isas())
 def test_every_isa_build_matches_numpy(lib, isa):
     """Each build this CPU runs (AVX2 vpmaddubsw, VNNI vpdpbusd, scalar) computes fq(x) @ W within
-    1e-5 of float64 for coinciding and differing weight/activation blocks, ragged K, 1, 9 and 37
-    rows (GEMV, 4-row blocks, 16-row GEMM panels), and propagates a NaN in x to its row only."""
+    1e-5 of float64 for coinciding and differing weight/activation blocks, ragged K, 1, 5, 9 and
+    37 rows (GEMV, 4-row blocks, 16-row GEMM panels), and propagates a NaN in x to its row only."""
     library = lib if isa == native.detect_isa() else native.build(isa=isa)
     for (wfmt, bs, act), k in itertools.product(ISA_CASES, (192, 100)):
         t = weight_bs(wfmt, k, 11, bs, seed=k + bs)
         st = 0.0123 if act == "nvfp4" else None
         proto = model(t, ["M", k], act=act, act_tensor_scale=st)
-        for rows in (1, 9, 37):  # 37: two 16-row GEMM panels and a partial one (AVX-512 builds)
+        for rows in (1, 5, 9, 37):  # 5: 4-row blocks + 1; 9, 37: 16-row GEMM panels (AVX-512 builds)
             x = act_inputs(act or wfmt, rows, k, seed=rows * k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
             xq = x if act is None else reference_fq(x, act, st or 1.0)
             ref = xq.astype(np.float64) @ t.dequantize().astype(np.float64)
