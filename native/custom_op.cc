@@ -1,5 +1,5 @@
-// onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, FakeQuantMX and
-// FakeQuantNVFP4 (version 1).
+// onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, FakeQuantMX,
+// FakeQuantNVFP4 and FakeQuantMinifloat (version 1).
 //
 //   Y = MatMulFp4(X, W, S[, T][, A_T])   Y[..., N] = fq(X[..., K]) @ dequantize(W, S, T)
 //     X   float  [..., K]
@@ -15,6 +15,8 @@
 //   Y = FakeQuantMX(X)                  attrs axis, block_size, emax_elem, mantissa_bits, emin, emax,
 //                                       min, max, signed_zero, has_nan
 //   Y = FakeQuantNVFP4(X, T)            attrs axis, block_size; T float [] or [1]
+//   Y = FakeQuantMinifloat(X, S)        attrs mantissa_bits, emin, emax, min, max, signed_zero,
+//                                       has_nan; S float [] or [1]: grid(X / S) * S
 //   The qcompile function ops of the same names and attributes (qcompile/functions.py), natively:
 //   same values bit for bit, see fake_quant.h.
 //
@@ -198,77 +200,97 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
   return nullptr;
 }
 
-// --- FakeQuantMX / FakeQuantNVFP4 -----------------------------------------------------------
+// --- FakeQuantMX / FakeQuantNVFP4 / FakeQuantMinifloat ------------------------------------------
+
+enum class FqKind { kMx, kNvfp4, kMinifloat };
 
 struct FakeQuantKernel {
-  bool nvfp4;
+  FqKind kind;
   int64_t axis, block_size, emax_elem;
   qcn::Grid grid;
 };
 
-OrtStatus* float_attr(const OrtKernelInfo* info, const char* name, float& out) {
-  return g_api->KernelInfoGetAttribute_float(info, name, &out);
+const char* fq_name(FqKind kind) {
+  return kind == FqKind::kMx ? "FakeQuantMX" : kind == FqKind::kNvfp4 ? "FakeQuantNVFP4" : "FakeQuantMinifloat";
 }
 
-OrtStatus* read_fake_quant_attributes(const OrtKernelInfo* info, FakeQuantKernel& kern) {
-  const char* op = kern.nvfp4 ? "FakeQuantNVFP4" : "FakeQuantMX";
+OrtStatus* read_grid(const OrtKernelInfo* info, const char* op, qcn::Grid& g) {
+  int64_t signed_zero = 0, has_nan = 0;
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "mantissa_bits", &g.mantissa_bits));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emin", &g.emin));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax", &g.emax));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_float(info, "min", &g.min));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_float(info, "max", &g.max));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "signed_zero", &signed_zero));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "has_nan", &has_nan));
+  g.signed_zero = signed_zero != 0;
+  g.has_nan = has_nan != 0;
+  if (g.emin < -126 || g.emax < g.emin || g.emax > 127 || g.mantissa_bits < 0 || g.mantissa_bits > 23 ||
+      g.emin - g.mantissa_bits < -149 || !(g.min <= g.max))
+    return fail(std::string(op) + ": grid attributes out of range (need -126 <= emin <= emax <= 127, "
+                "0 <= mantissa_bits, emin - mantissa_bits >= -149, min <= max)");
+  return nullptr;
+}
+
+template <FqKind kKind>
+OrtStatus* read_fake_quant(const OrtKernelInfo* info, FakeQuantKernel& kern) {
+  kern.kind = kKind;
+  const char* op = fq_name(kKind);
+  if (kKind == FqKind::kMinifloat) return read_grid(info, op, kern.grid);
   QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "axis", &kern.axis));
   QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "block_size", &kern.block_size));
   if (kern.block_size < 1) return fail(std::string(op) + ": block_size must be positive");
-  if (kern.nvfp4) return nullptr;
-  int64_t signed_zero = 0, has_nan = 0;
+  if (kKind == FqKind::kNvfp4) return nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax_elem", &kern.emax_elem));
-  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "mantissa_bits", &kern.grid.mantissa_bits));
-  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emin", &kern.grid.emin));
-  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax", &kern.grid.emax));
-  QCN_RETURN_IF_ERROR(float_attr(info, "min", kern.grid.min));
-  QCN_RETURN_IF_ERROR(float_attr(info, "max", kern.grid.max));
-  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "signed_zero", &signed_zero));
-  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "has_nan", &has_nan));
-  kern.grid.signed_zero = signed_zero != 0;
-  kern.grid.has_nan = has_nan != 0;
-  const qcn::Grid& g = kern.grid;
-  if (g.emin < -126 || g.emax < g.emin || g.emax > 127 || g.mantissa_bits < 0 || g.mantissa_bits > 23 ||
-      g.emin - g.mantissa_bits < -149 || !(g.min <= g.max))
-    return fail("FakeQuantMX: grid attributes out of range (need -126 <= emin <= emax <= 127, 0 <= mantissa_bits, "
-                "emin - mantissa_bits >= -149, min <= max)");
+  return read_grid(info, op, kern.grid);
+}
+
+// A float scalar or [1] input's value.
+OrtStatus* scalar_input(const OrtValue* v, const char* op, const char* what, float& out) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  QCN_RETURN_IF_ERROR(describe(v, type, dims));
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.size() > 1 || (dims.size() == 1 && dims[0] != 1))
+    return fail(std::string(op) + ": " + what + " must be a float scalar or [1], got " + dims_str(dims));
+  out = *static_cast<const float*>(data(v));
   return nullptr;
 }
 
 OrtStatus* fake_quant_compute(const FakeQuantKernel& kern, OrtKernelContext* ctx) {
-  const char* op = kern.nvfp4 ? "FakeQuantNVFP4" : "FakeQuantMX";
+  const char* op = fq_name(kern.kind);
   const OrtValue *x = nullptr, *t = nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
-  if (kern.nvfp4) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &t));
-  if (x == nullptr || (kern.nvfp4 && t == nullptr)) return fail(std::string(op) + ": missing input");
+  if (kern.kind != FqKind::kMx) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &t));
+  if (x == nullptr || (kern.kind != FqKind::kMx && t == nullptr)) return fail(std::string(op) + ": missing input");
   ONNXTensorElementDataType type;
   std::vector<int64_t> dims;
   QCN_RETURN_IF_ERROR(describe(x, type, dims));
   const int64_t rank = static_cast<int64_t>(dims.size());
-  const int64_t axis = kern.axis < 0 ? kern.axis + rank : kern.axis;
-  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || axis < 0 || axis >= rank)
-    return fail(std::string(op) + ": X must be float with axis " + std::to_string(kern.axis) + " in range, got " +
-                dims_str(dims));
-  float tensor_scale = 1.0f;
-  if (kern.nvfp4) {
-    std::vector<int64_t> t_dims;
-    QCN_RETURN_IF_ERROR(describe(t, type, t_dims));
-    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t_dims.size() > 1 || (t_dims.size() == 1 && t_dims[0] != 1))
-      return fail("FakeQuantNVFP4: tensor_scale must be a float scalar or [1], got " + dims_str(t_dims));
-    tensor_scale = *static_cast<const float*>(data(t));
+  const int64_t axis = kern.kind == FqKind::kMinifloat ? 0 : kern.axis < 0 ? kern.axis + rank : kern.axis;
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || (kern.kind != FqKind::kMinifloat && (axis < 0 || axis >= rank)))
+    return fail(std::string(op) + ": X must be float" +
+                (kern.kind == FqKind::kMinifloat ? "" : " with axis " + std::to_string(kern.axis) + " in range") +
+                ", got " + dims_str(dims));
+  float scale = 1.0f;
+  if (t != nullptr)
+    QCN_RETURN_IF_ERROR(scalar_input(t, op, kern.kind == FqKind::kNvfp4 ? "tensor_scale" : "scale", scale));
+  int64_t count = 1, pre = 1, post = 1;
+  for (int64_t i = 0; i < rank; ++i) {
+    count *= dims[i];
+    if (i < axis) pre *= dims[i];
+    if (i > axis) post *= dims[i];
   }
-  int64_t pre = 1, post = 1;
-  for (int64_t i = 0; i < axis; ++i) pre *= dims[i];
-  for (int64_t i = axis + 1; i < rank; ++i) post *= dims[i];
   OrtValue* y = nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
-  if (pre * dims[axis] * post == 0) return nullptr;
+  if (count == 0) return nullptr;
   void* yd = nullptr;
   QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
   const float* xf = static_cast<const float*>(data(x));
   float* yf = static_cast<float*>(yd);
-  if (kern.nvfp4)
-    qcn::fake_quant_nvfp4(xf, pre, dims[axis], post, kern.block_size, tensor_scale, yf);
+  if (kern.kind == FqKind::kMinifloat)
+    qcn::fake_quant_minifloat(xf, count, scale, kern.grid, yf);
+  else if (kern.kind == FqKind::kNvfp4)
+    qcn::fake_quant_nvfp4(xf, pre, dims[axis], post, kern.block_size, scale, yf);
   else
     qcn::fake_quant_mx(xf, pre, dims[axis], post, kern.block_size, kern.emax_elem, kern.grid, yf);
   return nullptr;
@@ -377,20 +399,12 @@ OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_
 bool matmul_uint8(size_t index) { return index == 1 || index == 2; }
 bool all_float(size_t) { return false; }
 
-OrtStatus* read_mx(const OrtKernelInfo* info, FakeQuantKernel& k) {
-  k.nvfp4 = false;
-  return read_fake_quant_attributes(info, k);
-}
-
-OrtStatus* read_nvfp4(const OrtKernelInfo* info, FakeQuantKernel& k) {
-  k.nvfp4 = true;
-  return read_fake_quant_attributes(info, k);
-}
-
 const OpDef g_ops[] = {
     make_op<Kernel, read_attributes, compute>("MatMulFp4", 5, 3, matmul_uint8),
-    make_op<FakeQuantKernel, read_mx, fake_quant_compute>("FakeQuantMX", 1, 1, all_float),
-    make_op<FakeQuantKernel, read_nvfp4, fake_quant_compute>("FakeQuantNVFP4", 2, 2, all_float),
+    make_op<FakeQuantKernel, read_fake_quant<FqKind::kMx>, fake_quant_compute>("FakeQuantMX", 1, 1, all_float),
+    make_op<FakeQuantKernel, read_fake_quant<FqKind::kNvfp4>, fake_quant_compute>("FakeQuantNVFP4", 2, 2, all_float),
+    make_op<FakeQuantKernel, read_fake_quant<FqKind::kMinifloat>, fake_quant_compute>("FakeQuantMinifloat", 2, 2,
+                                                                                      all_float),
 };
 
 // Domains handed to ORT stay alive until the library is unloaded (ORT does not own them).

@@ -77,7 +77,9 @@ struct GridV {
 
   inline __m256 round(__m256 y) const {
     const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(0x80000000u)));
-    const __m256 c = _mm256_min_ps(_mm256_max_ps(y, min), max);  // NaN y: fixed up below
+    // max_ps returns its second operand for equal (signed) zeros: y, so -0.0 clips to -0.0 as
+    // onnxruntime's Clip does; a NaN y is fixed up below
+    const __m256 c = _mm256_min_ps(_mm256_max_ps(min, y), max);
     const __m256 a = _mm256_andnot_ps(sign, c);
     const __m256i bits = _mm256_castps_si256(_mm256_max_ps(a, pow2_emin));
     __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
@@ -180,6 +182,17 @@ float round_to_grid(float y, const Grid& g) {
 void fake_quant_mx(const float* x, int64_t pre, int64_t n, int64_t post, int64_t block_size, int64_t emax_elem,
                    const Grid& g, float* out) {
   fake_quant_blocks<MxScale, false>(x, pre, n, post, block_size, g, MxScale{emax_elem}, out);
+}
+
+void fake_quant_minifloat(const float* x, int64_t count, float scale, const Grid& g, float* out) {
+  int64_t i = 0;
+#ifdef QCN_FQ_AVX2
+  if (GridV::fits(g)) {
+    const GridV gv(g);
+    for (const __m256 d = _mm256_set1_ps(scale); i + 8 <= count; i += 8) gv.quant<false>(x + i, d, out + i);
+  }
+#endif
+  for (; i < count; ++i) out[i] = round_to_grid(x[i] / scale, g) * scale;
 }
 
 void fake_quant_nvfp4(const float* x, int64_t pre, int64_t n, int64_t post, int64_t block_size, float tensor_scale,

@@ -1,5 +1,6 @@
-// Block quantize-dequantize of activations along any axis, bit-exact with the qcompile function
-// ops FakeQuantMX and FakeQuantNVFP4 (qcompile/functions.py; the same math as codec.fake_quant).
+// Quantize-dequantize of activations, bit-exact with the qcompile function ops FakeQuantMX,
+// FakeQuantNVFP4 (blocks along any axis) and FakeQuantMinifloat (per tensor) (qcompile/functions.py;
+// the same math as codec.fake_quant / round_to_grid).
 //
 // x is viewed as [pre, n, post] around the axis; blocks are block_size consecutive indices along
 // n (the last block zero-padded, which changes no amax). Per block, amax = max |x| and
@@ -30,6 +31,9 @@ float round_to_grid(float y, const Grid& g);
 // out = MX fake-quant of x ([pre, n, post], blocks of block_size along n); out may not alias x.
 void fake_quant_mx(const float* x, int64_t pre, int64_t n, int64_t post, int64_t block_size, int64_t emax_elem,
                    const Grid& g, float* out);
+
+// out[i] = round_to_grid(x[i] / scale) * scale (a per-tensor minifloat / integer grid).
+void fake_quant_minifloat(const float* x, int64_t count, float scale, const Grid& g, float* out);
 
 // out = NVFP4 fake-quant of x ([pre, n, post], blocks of block_size along n) under tensor scale s_t.
 void fake_quant_nvfp4(const float* x, int64_t pre, int64_t n, int64_t post, int64_t block_size, float tensor_scale,

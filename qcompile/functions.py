@@ -538,7 +538,7 @@ def fake_quant(graph: ir.Graph | Emitter, x: ir.Value, fmt, name: str, scale: fl
     if op == "FakeQuantMinifloat":
         if scale is None:
             raise ValueError(f"{fmt.name}: FakeQuantMinifloat needs a per-tensor scale")
-        inputs, attrs = [x, e.scalar(scale, f"{name}_scale")], grid_attributes(fmt)
+        inputs, attrs = [x, e.scalar(scale, f"{name}_scale")], minifloat_attributes(fmt)
     elif op == "FakeQuantMX":
         grid = grid_attributes(fmt.element, encoded=True)
         inputs = [x]
@@ -550,6 +550,11 @@ def fake_quant(graph: ir.Graph | Emitter, x: ir.Value, fmt, name: str, scale: fl
         attrs = {"axis": axis, "block_size": fmt.block_size}
     attrs = {k: float(v) if k in _FLOAT_ATTRS else v for k, v in attrs.items()}
     return e.node(op, inputs, attrs, f"{name}_fq", ir.DataType.FLOAT, x.shape)
+
+
+def minifloat_attributes(fmt: IntFormat | FloatFormat) -> dict[str, int | float]:
+    """FakeQuantMinifloat's attributes for a scalar format (its grid, float attributes as floats)."""
+    return {k: float(v) if k in _FLOAT_ATTRS else v for k, v in grid_attributes(fmt).items()}
 
 
 def _used_ops(nodes) -> set[str]:
@@ -587,5 +592,6 @@ def attach(model: ir.Model) -> None:
 
 __all__ = [
     "DOMAIN", "VERSION", "MIN_OPSET", "OP_MIN_OPSET", "Emitter", "attach", "op_type", "dequantize", "fake_quant", "function_proto",
+    "minifloat_attributes",
     "function_protos", "grid_attributes", "lut", "packed_codes", "scale_values", "unpack",
 ]

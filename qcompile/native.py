@@ -57,7 +57,7 @@ DOMAIN = "qcompile.native"
 VERSION = 1
 OP = "MatMulFp4"
 # Native twins of the qcompile function ops: same inputs, attributes and values (native/fake_quant.h).
-FAKE_QUANT_OPS = ("FakeQuantMX", "FakeQuantNVFP4")
+FAKE_QUANT_OPS = ("FakeQuantMX", "FakeQuantNVFP4", "FakeQuantMinifloat")
 
 HEADERS_PACKAGE = "com.github.asus4.onnxruntime"  # ONNX Runtime plugin for Unity: ships the C/C++ headers
 HEADERS_VERSION = "0.4.9"

@@ -134,7 +134,7 @@ def test_report_lists_bytes_and_emission_per_layer(compiled):
 
 
 @pytest.mark.parametrize("model", list(FORWARD))
-@pytest.mark.parametrize("target", ["mxfp4", "nvfp4", "mxfp6", "mxint8"])
+@pytest.mark.parametrize("target", ["mxfp4", "nvfp4", "mxfp6", "mxint8", "w4a8"])
 def test_native_lowering_equals_simulation(compiled, target, model):
     """--lowering native: MXFP4/NVFP4 MatMul/Gemm weights run in the optional fused C++ kernel
     (qcompile.native, built on demand) and every block activation quantizer in its native op, still
@@ -153,7 +153,11 @@ def test_native_lowering_equals_simulation(compiled, target, model):
     # the other activation quantizers run natively too (NativeFakeQuantPass); Conv weights keep
     # their qcompile dequantizer function
     fake_quant = [n for n in out.graph.node if n.op_type.startswith("FakeQuant")]
-    assert {n.domain for n in fake_quant} <= {native.DOMAIN}, ops
+    assert (fake_quant or (model == "mlp" and fp4)) and {n.domain for n in fake_quant} <= {native.DOMAIN}, ops
+    float8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+              onnx.TensorProto.FLOAT8E5M2FNUZ}
+    casts = [n for n in out.graph.node if n.op_type == "Cast" and n.attribute[0].i in float8]
+    assert not casts, ops  # float8 activation quantizers too
     assert not any(op.startswith("FakeQuant") for _, op, _ in result.model.functions), result.model.functions
     params = {i.name: nh.to_array(i).astype(np.float32) for i in proto.graph.initializer}
     x = next(iter(ev.values()))
@@ -164,6 +168,26 @@ def test_native_lowering_equals_simulation(compiled, target, model):
         assert float(np.max(np.abs(y - ref)) / np.max(np.abs(ref))) <= 1e-5
     with pytest.raises(Exception, match="qcompile.native"):
         helpers.session(out)
+
+
+@pytest.mark.parametrize("model", list(FORWARD))
+def test_native_fp8_activations_equal_the_stock_emission(compiled, model):
+    """`fp8` (E4M3 weights and activations, SmoothQuant): under --lowering native the float8
+    activation casts become native FakeQuantMinifloat ops and the output stays that of the stock
+    emission (same weights, same rounding)."""
+    import onnxruntime as ort
+
+    from qcompile import native
+
+    _, stock, ev = compiled(model, "fp8", "auto")
+    _, nat, _ = compiled(model, "fp8", "native")
+    out = ir.to_proto(nat.model)
+    assert helpers.op_counts(out)["FakeQuantMinifloat"] >= 1
+    x = next(iter(ev.values()))
+    want = helpers.run(ir.to_proto(stock.model), {"x": x}, "all")[0]
+    so = native.session_options(helpers.session_options("all"))
+    got = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) <= 1e-6
 
 
 def test_auto_lowers_two_planes_only_for_one_row_per_sample():

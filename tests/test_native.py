@@ -22,7 +22,7 @@ import pytest
 
 from qcompile import codec, functions, native, storage
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
-from qcompile.formats import FORMATS
+from qcompile.formats import FORMATS, parse_format
 from helpers import LEVELS, assert_bitwise, block_probe, session
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
@@ -463,3 +463,56 @@ def test_native_fake_quant_bad_input_is_a_clean_error(lib):
     node.attributes["emin"] = ir.Attr("emin", ir.AttributeType.INT, -140)
     with pytest.raises(ORT_ERRORS, match="grid attributes out of range"):
         native_session(lib, ir.to_proto(model))
+
+
+MINIFLOAT_GRIDS = ["e2m1", "e2m3", "e3m2", "e4m3fn", "e4m3fnuz", "e5m2", "e5m2fnuz", "e3m4", "int4", "int8", "uint4"]
+
+
+def special_values(rng, n: int) -> np.ndarray:
+    """Normals over 2**-140..2**40, exact ties of several grids, signed zeros, inf, NaN, subnormals."""
+    x = rng.standard_normal(n) * 2.0 ** rng.integers(-140, 40, n)
+    x[:64] = np.repeat([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, -1e-45, 3.4e38], 8)
+    x[64:128] = (np.arange(64) - 32) * 0.25 + 0.125  # ties on quarter grids
+    return x.astype(np.float32)
+
+
+def test_native_fake_quant_minifloat_equals_the_function_op(lib):
+    """FakeQuantMinifloat (per-tensor scale) natively, bit for bit with the function op, over the
+    float and integer grids, scales 2**-20..2**20 and 0.037, on special values."""
+    x = special_values(np.random.default_rng(3), 4096).reshape(4, 1024)
+    xv = ir.Value(name="x", shape=ir.Shape(x.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([xv], [], nodes=[], opset_imports={"": 21}, name="g")
+    cases = [(f, s) for f in MINIFLOAT_GRIDS for s in (2.0**-20, 0.037, 1.0, 2.0**20)]
+    graph.outputs.extend([functions.fake_quant(graph, xv, parse_format(f), f"{f}_{i}", scale=s)
+                          for i, (f, s) in enumerate(cases)])
+    model = ir.Model(graph, ir_version=10)
+    functions.attach(model)
+    want = session(ir.to_proto(model), "all").run(None, {"x": x})
+    NativeFakeQuantPass()(model)
+    assert not model.functions and {n.domain for n in model.graph} == {native.DOMAIN}
+    got = native_session(lib, ir.to_proto(model)).run(None, {"x": x})
+    for (f, s), g, w in zip(cases, got, want):
+        assert_bitwise(g, w, f"{f} scale {s}")
+
+
+@pytest.mark.parametrize("dtype", [ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2,
+                                   ir.DataType.FLOAT8E5M2FNUZ])
+def test_float8_cast_pair_becomes_native(lib, dtype):
+    """LowerForOnnxruntimePass's float8 activation quantizer Mul(Cast(Cast(Div(x, s), F8), FLOAT), s)
+    becomes one native FakeQuantMinifloat with the same output bits (saturation, NaN, signed zero)."""
+    x = special_values(np.random.default_rng(4), 2048).reshape(2, 1024)
+    xv = ir.Value(name="x", shape=ir.Shape(x.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    s = ir.Value(name="s", const_value=ir.tensor(np.array(0.037, np.float32), name="s"))
+    div = ir.node("Div", [xv, s])
+    cast = ir.node("Cast", [div.outputs[0]], {"to": dtype, "saturate": 1})
+    back = ir.node("Cast", [cast.outputs[0]], {"to": ir.DataType.FLOAT})
+    mul = ir.node("Mul", [back.outputs[0], s], name="fq")
+    mul.outputs[0].name, mul.outputs[0].dtype, mul.outputs[0].shape = "y", ir.DataType.FLOAT, xv.shape
+    graph = ir.Graph([xv], [mul.outputs[0]], nodes=[div, cast, back, mul], initializers=[s],
+                     opset_imports={"": 21}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    want = session(ir.to_proto(model), "disable").run(None, {"x": x})[0]
+    assert NativeFakeQuantPass()(model).modified
+    assert [(n.domain, n.op_type) for n in model.graph] == [(native.DOMAIN, "FakeQuantMinifloat")]
+    got = native_session(lib, ir.to_proto(model)).run(None, {"x": x})[0]
+    assert_bitwise(got, want, str(dtype))
