@@ -72,6 +72,7 @@ def test_fp8_activation_qdq_is_lowered(dt):
     assert helpers.producer_op(mm.inputs[1]) == "DequantizeLinear"
     cast = next(n for n in model.graph if n.op_type == "Cast" and n.attributes["to"].as_int() == dt)
     assert cast.attributes["saturate"].as_int() == 1
+    assert set(model.graph.initializers) == {"wq", "ws", "xs"}, "the unused zero point is dropped"
     # numerics: the fake-quantized activation is bit-exact against the Q/DQ semantics (DISABLE_ALL)
     # at every level; the MatMul after it only differs by float32 summation order at ENABLE_ALL
     _assert_lowered_equal(model, proto)

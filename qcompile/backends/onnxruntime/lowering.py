@@ -22,6 +22,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile.backends.onnxruntime.capabilities import Capabilities
+from qcompile.passes.insert_qdq import drop_unused_initializers
 
 
 class LowerForOnnxruntimePass(ir.passes.InPlacePass):
@@ -65,6 +66,8 @@ class LowerForOnnxruntimePass(ir.passes.InPlacePass):
                 mul.outputs[0].name = name
             graph.remove(q, safe=True)
             rewritten += 1
+        if rewritten:
+            drop_unused_initializers(graph)  # the float8 zero points (onnxruntime warns about each)
         return ir.passes.PassResult(model, modified=rewritten > 0)
 
     def _unsafe(self, q: ir.Node) -> bool:
