@@ -193,11 +193,14 @@ def test_native_fp8_activations_equal_the_stock_emission(compiled, model):
 def test_auto_lowers_two_planes_only_for_one_row_per_sample():
     """On [batch, seq, K] activations (a transformer's tokens) two 4-bit planes cost more than the
     float MatMul (MiniLM: 1.8x), so auto keeps E2M1 behind qcompile ops there; one plane (int4) and
-    the explicit integer lowering still go to MatMulNBits."""
+    the explicit integer lowering still go to MatMulNBits. "native" follows auto for the weights its
+    FP4 kernel does not take (MXFP6: two planes)."""
     proto = tiny_models.attention()
     calib, ev = tiny_models.inputs_for(proto, 32, seed=1), tiny_models.inputs_for(proto, 16, seed=2)
     counts = {}
-    for target, lowering in (("fp4", "auto"), ("fp4", "integer"), ("w4", "auto")):
+    for target, lowering in (("fp4", "auto"), ("fp4", "integer"), ("w4", "auto"), ("mxfp6", "native"),
+                             ("w4", "native")):
         r = qcompile.compile(proto, target, calib=calib, eval=ev, lowering=lowering)
         counts[target, lowering] = helpers.op_counts(ir.to_proto(r.model)).get("MatMulNBits", 0)
-    assert counts == {("fp4", "auto"): 0, ("fp4", "integer"): 8, ("w4", "auto"): 4}
+    assert counts == {("fp4", "auto"): 0, ("fp4", "integer"): 8, ("w4", "auto"): 4, ("mxfp6", "native"): 0,
+                      ("w4", "native"): 4}

@@ -27,6 +27,8 @@ activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" n
 `caps.nbits_auto_max_planes` planes (1), or `caps.nbits_auto_max_planes_gemv` (2) when the
 activation has one row per sample ([batch, K]): each plane is a GEMM of its own, and with many rows
 (a transformer's tokens) two planes are slower than the float MatMul the function path folds to.
+"native" lowers what MatMulFp4 takes (E2M1 weights with E8M0/E4M3 block scales) to it, and the
+rest as "auto".
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         reason = nbits.unsupported(node, t)
         gemv = x is not None and x.shape is not None and len(x.shape) == 2
         limit = self.caps.nbits_auto_max_planes_gemv if gemv else self.caps.nbits_auto_max_planes
-        if reason is None and self.lowering == "auto" and nbits.plane_count(t) > limit:
+        if reason is None and self.lowering in ("auto", "native") and nbits.plane_count(t) > limit:
             reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {limit} here)"
         if reason is not None:
             log.debug("%s stays %s: %s", node.name, self.lowering, reason)
