@@ -1,6 +1,18 @@
-// Fused FP4 (E2M1) dequantize + GEMM kernels; see fp4_gemm.h for the math and the layout.
+// Fused FP4 (E2M1) dequantize + GEMV/GEMM kernels; see fp4_gemm.h for the math and the layout.
 //
-// AVX2 path (built with -mavx2 -mfma): 64 weights (32 bytes of one column) per step.
+// Map of this file (ISA builds: see qcompile/native.py ISA_FLAGS):
+//   matmul_scalar      portable: fake-quantize x, sum x * dequantized weight (no AVX2).
+//   float paths        act = none (weight-only), AVX2 + FMA + F16C:
+//     dot_column       one row: decode 64 weights per step (below), FMA with x in kPerm order;
+//     gemv512          the same on 128 weights per 512-bit step (AVX-512 builds);
+//     decode_column    4-15 rows: a tile of columns decoded once (scaled) and dotted per row;
+//     gemm_float       >= 16 rows (AVX-512): rows in the lanes, columns decoded to w * s once.
+//   integer paths      act = mxfp4 / nvfp4 (W4A4): exact int32 block sums (matmul_int):
+//     lane_dot_column  weight and activation blocks that differ: per 8-k lane scales;
+//     block_dot_rows   coinciding blocks: a group of blocks decoded once per 1 or 4 rows;
+//     gemm_int         >= 8 rows (AVX-512): rows in the int32 lanes, weight dwords broadcast.
+//
+// The float decode: 64 weights (32 bytes of one column) per step.
 //   1. nibbles: lo = byte & 15 (even k), hi = byte >> 4 (odd k).
 //   2. Every E2M1 value is a float32 whose low 16 bits are zero, so two vpshufb lookups give its
 //      bytes 2 and 3; vpunpck{l,h}bw interleaves them into the 16-bit high halves, and
@@ -9,10 +21,6 @@
 //   3. The weights come out in a fixed permutation of k, so x is permuted once per row to match
 //      (kPerm); each vector is FMA'd with x into one of two block partials (bytes 0-7/16-23 and
 //      8-15/24-31 of the step), which are then FMA'd with their per-lane block scales.
-// M >= kTileRows decodes a tile of columns once (scaled, in kPerm order) and reuses it across rows.
-// With act = mxfp4/nvfp4 (W4A4) the AVX2 build uses the integer path below (matmul_int): exact
-// int8 block dot products, ~1.5x faster than decoding to float.
-// The scalar path (no AVX2/FMA) fake-quantizes x and sums the dequantized weights in natural order.
 #include "fp4_gemm.h"
 
 #include <algorithm>
