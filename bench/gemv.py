@@ -49,8 +49,11 @@ CONFIGS = [
     ("w:mxfp4, native MatMulFp4", "w:mxfp4", "native", 0),
     ("w:nvfp4, native MatMulFp4", "w:nvfp4", "native", 0),
     ("w:mxfp4, MatMulNBits 2 planes, level 4", "w:mxfp4", "integer", 4),
+    # FP8 (E4M3 weights and activations): onnxruntime dequantizes the weights every run
+    ("fp8, DequantizeLinear + MatMul", "fp8", "auto", 0),
+    ("fp8, native MatMulF8", "fp8", "native", 0),
 ]
-KERNEL_OPS = ("MatMul", "MatMulNBits", "MatMulFp4", "Gemm", "FusedMatMul")
+KERNEL_OPS = ("MatMul", "MatMulNBits", "MatMulFp4", "MatMulF8", "Gemm", "FusedMatMul", "DequantizeLinear")
 
 
 def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -79,7 +82,9 @@ def kernel_bytes(optimized: Path) -> int:
 
     m = onnx.load(str(optimized))
     sizes = {t.name: len(t.raw_data) if t.raw_data else onnx.numpy_helper.to_array(t).nbytes for t in m.graph.initializer}
-    return sum(sizes.get(i, 0) for n in m.graph.node if n.op_type in KERNEL_OPS for i in n.input[1:])
+    reads = [i for n in m.graph.node if n.op_type in KERNEL_OPS  # a DequantizeLinear reads its codes (input 0)
+             for i in (n.input if n.op_type == "DequantizeLinear" else n.input[1:])]
+    return sum(sizes.get(i, 0) for i in reads)
 
 
 def chain(args, work: Path) -> tuple[Path, Path, Path]:

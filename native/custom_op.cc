@@ -1,4 +1,4 @@
-// onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, FakeQuantMX,
+// onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, MatMulF8, FakeQuantMX,
 // FakeQuantNVFP4 and FakeQuantMinifloat (version 1).
 //
 //   Y = MatMulFp4(X, W, S[, T][, A_T])   Y[..., N] = fq(X[..., K]) @ dequantize(W, S, T)
@@ -12,6 +12,8 @@
 //               fake-quantization of fp4_gemm.h (blocks of 32 / 16 along K).
 //   Kp = padded_k(K, block_size); see fp4_gemm.h. T may be an empty input when A_T is given.
 //
+//   Y = MatMulF8(X, W, S)               attrs K, N, fmt ("e4m3fn" | "e5m2")
+//     W uint8 [N, K] float8 codes per output column, S float [N]: Y = X @ (decode(W) * S)^T
 //   Y = FakeQuantMX(X)                  attrs axis, block_size, emax_elem, mantissa_bits, emin, emax,
 //                                       min, max, signed_zero, has_nan
 //   Y = FakeQuantNVFP4(X, T)            attrs axis, block_size; T float [] or [1]
@@ -30,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "f8_gemm.h"
 #include "fake_quant.h"
 #include "fp4_gemm.h"
 #include "onnxruntime_c_api.h"
@@ -296,6 +299,52 @@ OrtStatus* fake_quant_compute(const FakeQuantKernel& kern, OrtKernelContext* ctx
   return nullptr;
 }
 
+// --- MatMulF8 -----------------------------------------------------------------------------------
+
+struct F8Kernel {
+  int64_t k, n;
+  bool e5m2;
+};
+
+OrtStatus* read_f8_attributes(const OrtKernelInfo* info, F8Kernel& kern) {
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "K", &kern.k));
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "N", &kern.n));
+  std::string fmt;
+  QCN_RETURN_IF_ERROR(string_attr(info, "fmt", fmt));
+  if (kern.k <= 0 || kern.n <= 0) return fail("MatMulF8: K and N must be positive");
+  if (fmt != "e4m3fn" && fmt != "e5m2") return fail("MatMulF8: fmt must be 'e4m3fn' or 'e5m2', got '" + fmt + "'");
+  kern.e5m2 = fmt == "e5m2";
+  return nullptr;
+}
+
+OrtStatus* f8_compute(const F8Kernel& kern, OrtKernelContext* ctx) {
+  const OrtValue *x = nullptr, *w = nullptr, *s = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &w));
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 2, &s));
+  if (x == nullptr || w == nullptr || s == nullptr) return fail("MatMulF8: X, W and S are required");
+  ONNXTensorElementDataType x_type;
+  std::vector<int64_t> x_dims;
+  QCN_RETURN_IF_ERROR(describe(x, x_type, x_dims));
+  if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x_dims.empty() || x_dims.back() != kern.k)
+    return fail("MatMulF8: X must be float [..., " + std::to_string(kern.k) + "], got " + dims_str(x_dims));
+  QCN_RETURN_IF_ERROR(expect(w, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {kern.n, kern.k}));
+  QCN_RETURN_IF_ERROR(expect(s, "S", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {kern.n}));
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) m *= x_dims[i];
+  std::vector<int64_t> y_dims(x_dims);
+  y_dims.back() = kern.n;
+  OrtValue* y = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, y_dims.data(), y_dims.size(), &y));
+  if (m == 0) return nullptr;
+  void* yd = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  const qcn::F8Weight weight{static_cast<const uint8_t*>(data(w)), static_cast<const float*>(data(s)), kern.k, kern.n,
+                             kern.e5m2};
+  qcn::matmul_f8(static_cast<const float*>(data(x)), m, weight, static_cast<float*>(yd));
+  return nullptr;
+}
+
 // --- OrtCustomOp callbacks: one table entry per op ---------------------------------------------
 
 // An op: OrtCustomOp first, so ORT's `const OrtCustomOp*` also points to its entry.
@@ -397,10 +446,12 @@ OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_
 }
 
 bool matmul_uint8(size_t index) { return index == 1 || index == 2; }
+bool f8_uint8(size_t index) { return index == 1; }
 bool all_float(size_t) { return false; }
 
 const OpDef g_ops[] = {
     make_op<Kernel, read_attributes, compute>("MatMulFp4", 5, 3, matmul_uint8),
+    make_op<F8Kernel, read_f8_attributes, f8_compute>("MatMulF8", 3, 3, f8_uint8),
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kMx>, fake_quant_compute>("FakeQuantMX", 1, 1, all_float),
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kNvfp4>, fake_quant_compute>("FakeQuantNVFP4", 2, 2, all_float),
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kMinifloat>, fake_quant_compute>("FakeQuantMinifloat", 2, 2,

@@ -12,10 +12,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define QCN_FQ_AVX2 1
-#endif
+#include "isa.h"
 
 namespace qcn {
 namespace {
@@ -58,7 +55,7 @@ struct Nvfp4Scale {
   }
 };
 
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
 // round_to_grid on 8 lanes, for grids whose steps 2**k (k = e - mantissa_bits) and their
 // reciprocals are normal floats (k in [-126, 126]); a / step is then the exact a * 2**-k.
 struct GridV {
@@ -108,7 +105,7 @@ struct GridV {
 template <class Scale, bool kZeroWhereScaleZero>
 void fake_quant_blocks(const float* x, int64_t pre, int64_t n, int64_t post, int64_t bs, const Grid& g,
                        const Scale& scale, float* out) {
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
   const bool vec = GridV::fits(g);
   const GridV gv(g);
 #endif
@@ -122,7 +119,7 @@ void fake_quant_blocks(const float* x, int64_t pre, int64_t n, int64_t post, int
       std::fill(amax.begin(), amax.end(), 0.0f);
       std::fill(finite.begin(), finite.end(), 1);
       int64_t i = 0;
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
       if (post == 1) {  // 8 at a time along the contiguous block
         const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
         const __m256 big = _mm256_set1_ps(std::numeric_limits<float>::max());
@@ -147,7 +144,7 @@ void fake_quant_blocks(const float* x, int64_t pre, int64_t n, int64_t post, int
         }
       for (int64_t j = 0; j < post; ++j) d[j] = scale(amax[j], finite[j] != 0);
       i = 0;
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
       if (vec && post == 1) {  // one contiguous block, one scale
         for (const __m256 dv = _mm256_set1_ps(d[0]); i + 8 <= i1 - i0; i += 8)
           gv.quant<kZeroWhereScaleZero>(xb + i, dv, yb + i);
@@ -155,7 +152,7 @@ void fake_quant_blocks(const float* x, int64_t pre, int64_t n, int64_t post, int
 #endif
       for (; i < i1 - i0; ++i) {
         int64_t j = 0;
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
         if (vec)
           for (; j + 8 <= post; j += 8) gv.quant<kZeroWhereScaleZero>(xb + i * post + j, _mm256_loadu_ps(&d[j]), yb + i * post + j);
 #endif
@@ -186,7 +183,7 @@ void fake_quant_mx(const float* x, int64_t pre, int64_t n, int64_t post, int64_t
 
 void fake_quant_minifloat(const float* x, int64_t count, float scale, const Grid& g, float* out) {
   int64_t i = 0;
-#ifdef QCN_FQ_AVX2
+#ifdef QCN_AVX2
   if (GridV::fits(g)) {
     const GridV gv(g);
     for (const __m256 d = _mm256_set1_ps(scale); i + 8 <= count; i += 8) gv.quant<false>(x + i, d, out + i);

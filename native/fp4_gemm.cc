@@ -26,23 +26,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define QCN_AVX2 1
-#if defined(__AVXVNNI__)
-#define QCN_VNNI "avx2-vnni"
-#define QCN_DPBUSD _mm256_dpbusd_avx_epi32
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define QCN_VNNI "avx512-vnni"
-#define QCN_DPBUSD _mm256_dpbusd_epi32
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define QCN_AVX512 1  // 512-bit integer block path
-#endif
-#endif
-#endif
+#include "isa.h"
 
 namespace qcn {
 namespace {
@@ -880,28 +868,21 @@ void gemm_float_panels(const float* xp, int64_t kp, const float* const* w, float
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[p][c], acc[p][c]);
 }
 
-void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y) {
-  static const IntDecoder d;
-  const int64_t kp = padded_k(w.k, w.block_size), panels = (m + kPanel - 1) / kPanel;
+}  // namespace
+
+void gemm_float_columns(const float* x, int64_t m, int64_t k, int64_t kp, int64_t n,
+                        const std::function<void(int64_t, float*)>& decode, float* y) {
+  const int64_t panels = (m + kPanel - 1) / kPanel;
   std::vector<float> xp(static_cast<size_t>(panels * kp * kPanel));
-  for (int64_t p = 0; p < panels; ++p) pack_panel(x, m, w.k, kp, p * kPanel, &xp[p * kp * kPanel]);
-  std::vector<uint8_t> bytes(static_cast<size_t>(kp));
+  for (int64_t p = 0; p < panels; ++p) pack_panel(x, m, k, kp, p * kPanel, &xp[p * kp * kPanel]);
   std::vector<float> wf(static_cast<size_t>(kGemmCols * kp));
-  const __m512 twelve = _mm512_set1_ps(12.0f);
   float out[2][kGemmCols][kPanel];
-  for (int64_t n0 = 0; n0 < w.n; n0 += kGemmCols) {
-    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, w.n - n0));
+  for (int64_t n0 = 0; n0 < n; n0 += kGemmCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, n - n0));
     const float* wp[kGemmCols];
-    for (int c = 0; c < cols; ++c) {  // w * s = (u - 12) * (s / 2), u = 2w + 12: one rounding, as the table's
-      decode_natural(d, w.codes + (n0 + c) * (kp / 2), kp, bytes.data());
-      const uint8_t* s = w.scales + (n0 + c) * (kp / w.block_size);
-      float* dst = &wf[c * kp];
-      for (int64_t j = 0; j < kp; j += 16) {
-        const __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&bytes[j]))));
-        const __m512 half_scale = _mm512_set1_ps(0.5f * w.scale_lut[s[j / w.block_size]]);
-        _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(u, twelve), half_scale));
-      }
-      wp[c] = dst;
+    for (int c = 0; c < cols; ++c) {
+      decode(n0 + c, &wf[c * kp]);
+      wp[c] = &wf[c * kp];
     }
     for (int64_t p = 0; p < panels; p += 2) {
       const int np = static_cast<int>(std::min<int64_t>(2, panels - p));
@@ -920,9 +901,28 @@ void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y) {
       }
       for (int q = 0; q < np; ++q)
         for (int64_t r = (p + q) * kPanel; r < std::min(m, (p + q + 1) * kPanel); ++r)
-          for (int c = 0; c < cols; ++c) y[r * w.n + n0 + c] = out[q][c][r - (p + q) * kPanel];
+          for (int c = 0; c < cols; ++c) y[r * n + n0 + c] = out[q][c][r - (p + q) * kPanel];
     }
   }
+}
+
+namespace {
+
+void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y) {
+  static const IntDecoder d;
+  const int64_t kp = padded_k(w.k, w.block_size);
+  std::vector<uint8_t> bytes(static_cast<size_t>(kp));
+  const __m512 twelve = _mm512_set1_ps(12.0f);
+  gemm_float_columns(x, m, w.k, kp, w.n, [&](int64_t n, float* dst) {
+    // w * s = (u - 12) * (s / 2), u = 2w + 12: one rounding, as the table's
+    decode_natural(d, w.codes + n * (kp / 2), kp, bytes.data());
+    const uint8_t* s = w.scales + n * (kp / w.block_size);
+    for (int64_t j = 0; j < kp; j += 16) {
+      const __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&bytes[j]))));
+      const __m512 half_scale = _mm512_set1_ps(0.5f * w.scale_lut[s[j / w.block_size]]);
+      _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(u, twelve), half_scale));
+    }
+  }, y);
 }
 #endif  // QCN_AVX512
 

@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 namespace qcn {
 
@@ -55,7 +56,13 @@ int64_t act_block_size(ActQuant act);
 // act == kNone copies. out may not alias x.
 void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out);
 
-// "avx2-vnni", "avx2" or "scalar": the code path this library was compiled with.
+// Shared with the other kernels (AVX-512 builds only): y[M, N] = x[M, K] @ W for M >= 16 rows,
+// W given column by column: decode(n, out) writes column n's kp float32 values (0 past K). Rows
+// are packed into 16-row panels and each column is decoded once.
+void gemm_float_columns(const float* x, int64_t m, int64_t k, int64_t kp, int64_t n,
+                        const std::function<void(int64_t, float*)>& decode, float* y);
+
+// "avx512-vnni", "avx2-vnni", "avx2" or "scalar": the code path this library was compiled with.
 const char* isa_name();
 
 }  // namespace qcn

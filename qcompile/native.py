@@ -56,6 +56,8 @@ from qcompile.storage import PackedTensor
 DOMAIN = "qcompile.native"
 VERSION = 1
 OP = "MatMulFp4"
+F8_OP = "MatMulF8"
+_F8_FORMATS = {ir.DataType.FLOAT8E4M3FN: "e4m3fn", ir.DataType.FLOAT8E5M2: "e5m2"}
 # Native twins of the qcompile function ops: same inputs, attributes and values (native/fake_quant.h).
 FAKE_QUANT_OPS = ("FakeQuantMX", "FakeQuantNVFP4", "FakeQuantMinifloat")
 
@@ -66,8 +68,8 @@ HEADERS_PREFIX = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-
 ORT_API_VERSION = 29
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
-SOURCES = ("custom_op.cc", "fp4_gemm.cc", "fake_quant.cc")
-HEADERS = ("fp4_gemm.h", "fake_quant.h")
+SOURCES = ("custom_op.cc", "fp4_gemm.cc", "fake_quant.cc", "f8_gemm.cc")
+HEADERS = ("isa.h", "fp4_gemm.h", "fake_quant.h", "f8_gemm.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
 # ISA -> compiler flags; the kernel picks its code path from the macros these define.
 ISA_FLAGS = {
@@ -354,4 +356,40 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, ac
     out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),
                    type=ir.TensorType(ir.DataType.FLOAT))
     graph.append(ir.node(OP, inputs, attrs, domain=DOMAIN, outputs=[out], name=out.name))
+    return out
+
+
+def check_weight_f8(t: PackedTensor) -> str:
+    """The `fmt` attribute of MatMulF8 for a supported weight; ValueError otherwise: OCP float8
+    (E4M3FN or E5M2) codes of a 2-D [K, N] weight with one float32 scale per column or tensor."""
+    fmt_attr = _F8_FORMATS.get(getattr(t.fmt, "onnx_dtype", None))
+    if fmt_attr is None:
+        raise ValueError(f"MatMulF8 needs E4M3FN or E5M2 weights, got {t.fmt.name}")
+    k, n = t.shape if len(t.shape) == 2 else (None, None)
+    scale = None if t.scale is None else np.asarray(t.scale)
+    if k is None or t.axis != 0 or t.tensor_scale is not None or scale is None or scale.size not in (1, n) or (
+            scale.size == n and (t.block_size or k) < k):
+        raise ValueError(f"MatMulF8 needs a [K, N] weight with a scale per column or tensor (shape {t.shape}, "
+                         f"axis {t.axis}, block {t.block_size})")
+    return fmt_attr
+
+
+def emit_matmul_f8(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) -> ir.Value:
+    """Append `x @ t.dequantize()` as one MatMulF8 node: codes [N, K] (one row per output column)
+    and a float32 scale per column."""
+    from qcompile.functions import Emitter
+
+    fmt_attr = check_weight_f8(t)
+    k, n = t.shape
+    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
+        raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
+    e = Emitter(graph)
+    codes = np.ascontiguousarray(np.asarray(t.codes, dtype=np.uint8).T)
+    scales = np.broadcast_to(np.asarray(t.scale, dtype=np.float32).reshape(-1), (n,)).copy()
+    inputs = [x, e.initializer(f"{name}_f8_codes", codes), e.initializer(f"{name}_f8_scales", scales)]
+    shape = [*x.shape[:-1], n] if x.shape is not None and len(x.shape) else None
+    graph.opset_imports.setdefault(DOMAIN, VERSION)
+    out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),
+                   type=ir.TensorType(ir.DataType.FLOAT))
+    graph.append(ir.node(F8_OP, inputs, {"K": k, "N": n, "fmt": fmt_attr}, domain=DOMAIN, outputs=[out], name=out.name))
     return out

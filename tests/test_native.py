@@ -15,7 +15,9 @@ import dataclasses
 import itertools
 import os
 
+import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -516,3 +518,76 @@ def test_float8_cast_pair_becomes_native(lib, dtype):
     assert [(n.domain, n.op_type) for n in model.graph] == [(native.DOMAIN, "FakeQuantMinifloat")]
     got = native_session(lib, ir.to_proto(model)).run(None, {"x": x})[0]
     assert_bitwise(got, want, str(dtype))
+
+
+# --- MatMulF8 ------------------------------------------------------------------------------------
+
+
+def f8_model(codes: np.ndarray, scales: np.ndarray, fmt: str, x_shape: list) -> onnx.ModelProto:
+    """x -> MatMulF8(codes [N, K], scales [N]) -> y."""
+    n, k = codes.shape
+    x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21, native.DOMAIN: 1}, name="g")
+    w = ir.Value(name="w", const_value=ir.tensor(codes, name="w"))
+    sc = ir.Value(name="s", const_value=ir.tensor(scales, name="s"))
+    graph.register_initializer(w)
+    graph.register_initializer(sc)
+    node = ir.node(native.F8_OP, [x, w, sc], {"K": k, "N": n, "fmt": fmt}, domain=native.DOMAIN, name="mm")
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.FLOAT
+    graph.append(node)
+    graph.outputs.append(node.outputs[0])
+    return ir.to_proto(ir.Model(graph, ir_version=10))
+
+
+@pytest.mark.parametrize("isa", cpu_isas())
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e5m2"])
+def test_matmul_f8_every_code_every_isa(lib, fmt, isa):
+    """MatMulF8 = float64 x @ (ml_dtypes-decoded codes * scale) within 1e-5, for every one of the
+    256 codes (each column holds one code and zeros, so each is checked on its own: subnormals, the
+    extremes, NaN and E5M2 infinities) and for random weights, at 1, 5 and 37 rows (GEMV and, on
+    AVX-512 builds, the 16-row GEMM), K ragged against the vector width."""
+    library = lib if isa == native.detect_isa() else native.build(isa=isa)
+    dtype = {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
+    rng = np.random.default_rng(12)
+    k = 83
+    every = np.zeros((256, k), np.uint8)
+    every[np.arange(256), rng.integers(0, k, 256)] = np.arange(256)
+    random = rng.integers(0, 256, (40, k)).astype(np.uint8)
+    random[(random & 0x7F) >= (0x7C if fmt == "e5m2" else 0x7F)] = 0x11  # finite, for the random block
+    codes = np.concatenate([every, random])
+    scales = (2.0 ** rng.integers(-4, 4, codes.shape[0]) * rng.uniform(0.5, 1.5, codes.shape[0])).astype(np.float32)
+    values = codes.view(dtype).astype(np.float64) * scales[:, None]
+    proto = f8_model(codes, scales, fmt, ["M", k])
+    for rows in (1, 5, 37):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        y = native_session(library, proto).run(None, {"x": x})[0]
+        with np.errstate(invalid="ignore", over="ignore"):
+            ref = x.astype(np.float64) @ values.T
+        bad = ~np.isfinite(ref)
+        assert np.array_equal(np.isnan(y), np.isnan(ref)), (isa, fmt, rows)
+        assert np.array_equal(y[bad & ~np.isnan(ref)], ref[bad & ~np.isnan(ref)].astype(np.float32)), "infinities"
+        col_max = np.abs(np.where(bad, 0, ref)).max(axis=0)
+        with np.errstate(invalid="ignore"):  # inf - inf where `bad` masks it
+            rel = (np.abs(np.where(bad, 0, y - ref)) / np.maximum(col_max, 1e-300)).max()
+        assert rel <= 1e-5, (isa, fmt, rows, rel)
+
+
+def test_fp8_native_lowering_runs_weights_in_matmul_f8():
+    """`fp8 --lowering native`: every MatMul/Gemm weight runs in MatMulF8 (no weight
+    DequantizeLinear is left) and the output stays within 1e-5 of the stock emission."""
+    import tiny_models
+    import qcompile
+    from helpers import op_counts, run, session_options
+
+    proto = tiny_models.mlp()
+    calib, ev = tiny_models.inputs_for(proto, 32, seed=1), tiny_models.inputs_for(proto, 8, seed=2)
+    stock = qcompile.compile(proto, "fp8", calib=calib, eval=ev)
+    nat = qcompile.compile(proto, "fp8", calib=calib, eval=ev, lowering="native")
+    out = ir.to_proto(nat.model)
+    ops = op_counts(out)
+    assert ops[native.F8_OP] == 2 and ops["DequantizeLinear"] == 0 and ops["FakeQuantMinifloat"] >= 1, ops
+    x = next(iter(ev.values()))
+    want = run(ir.to_proto(stock.model), {"x": x}, "all")[0]
+    got = ort.InferenceSession(out.SerializeToString(), native.session_options(session_options("all")),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5

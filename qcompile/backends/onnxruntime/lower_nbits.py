@@ -27,8 +27,8 @@ activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" n
 `caps.nbits_auto_max_planes` planes (1), or `caps.nbits_auto_max_planes_gemv` (2) when the
 activation has one row per sample ([batch, K]): each plane is a GEMM of its own, and with many rows
 (a transformer's tokens) two planes are slower than the float MatMul the function path folds to.
-"native" lowers what MatMulFp4 takes (E2M1 weights with E8M0/E4M3 block scales) to it, and the
-rest as "auto".
+"native" lowers what MatMulFp4 takes (E2M1 weights with E8M0/E4M3 block scales) and what MatMulF8
+takes (E4M3FN/E5M2 weights with a scale per column) to them, and the rest as "auto".
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
             return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
         if node.op_type == "Gemm" and _attr(node, "transB"):
             t = t.transposed()
-        if self.lowering == "native" and _native_fp4(t):
+        if self.lowering == "native" and (_native_fp4(t) or _native_f8(t)):
             return t
         reason = nbits.unsupported(node, t)
         gemv = x is not None and x.shape is not None and len(x.shape) == 2
@@ -109,6 +109,8 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         if self.lowering == "native" and _native_fp4(t):
             x, act, act_scale = self._fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
+        elif self.lowering == "native" and _native_f8(t):
+            y = native.emit_matmul_f8(graph, node.inputs[0], t, name)
         else:
             e = functions.Emitter(graph)  # one scan of the graph for the three calls
             codes = functions.unpack(e, functions.packed_codes(e, t, name), t.element.bits, t.shape, name)
@@ -149,6 +151,15 @@ def _native_fp4(t: PackedTensor) -> bool:
     """MatMulFp4 takes this weight (E2M1 blocks with E8M0 / E4M3 scales along K of a 2-D weight)."""
     try:
         native.check_weight(t)
+    except ValueError:
+        return False
+    return True
+
+
+def _native_f8(t: PackedTensor) -> bool:
+    """MatMulF8 takes this weight (E4M3FN / E5M2 with a scale per column or tensor)."""
+    try:
+        native.check_weight_f8(t)
     except ValueError:
         return False
     return True

@@ -1,0 +1,21 @@
+// The code paths a build compiles, from the compiler's target macros (qcompile/native.py picks the
+// flags per CPU: ISA_FLAGS). Shared by the kernel files.
+//   QCN_AVX2    AVX2 + FMA + F16C vector code (else portable scalar code)
+//   QCN_VNNI    vpdpbusd on 256-bit registers (AVX-VNNI, or AVX512-VNNI through AVX512VL), QCN_DPBUSD
+//   QCN_AVX512  512-bit paths (AVX512F/BW/VL + VNNI)
+#pragma once
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QCN_AVX2 1
+#if defined(__AVXVNNI__)
+#define QCN_VNNI "avx2-vnni"
+#define QCN_DPBUSD _mm256_dpbusd_avx_epi32
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QCN_VNNI "avx512-vnni"
+#define QCN_DPBUSD _mm256_dpbusd_epi32
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QCN_AVX512 1
+#endif
+#endif
+#endif
