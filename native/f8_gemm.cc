@@ -1,9 +1,10 @@
 // Float8-weight GEMV / GEMM; see f8_gemm.h for the math.
 //
-// GEMV (fewer than 16 rows): per column, 16 codes per step (8 on AVX2) become float16 bits by
-// shifts and masks, then float32 by vcvtph2ps, and one FMA with x; the column's scale (times 2**8
-// for E4M3) multiplies the sum once. GEMM (>= 16 rows, AVX-512): columns decoded once per tile
-// and fed to fp4_gemm.cc's panel kernel (gemm_float_columns).
+// GEMV (one row): per column, 16 codes per step (8 on AVX2) become float16 bits by shifts and
+// masks, then float32 by vcvtph2ps, and one FMA with x; the column's scale (times 2**8 for E4M3)
+// multiplies the sum once. 2-15 rows: each column decoded once to a buffer and dotted with every
+// row. GEMM (>= 16 rows, AVX-512): columns decoded once per tile and fed to fp4_gemm.cc's panel
+// kernel (gemm_float_columns).
 #include "f8_gemm.h"
 
 #include <cmath>
@@ -58,6 +59,22 @@ inline __m512 decode16(const uint8_t* q, bool e5m2) {
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the (contiguous) code stream
 
+float dot(const float* a, const float* b, int64_t len) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float sum = _mm_cvtss_f32(s);
+  for (; i < len; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 // sum_k x[k] * half(code[k]) for one column (the value / 2**8 for E4M3).
 float column_dot(const float* x, const uint8_t* q, int64_t k, bool e5m2) {
   int64_t i = 0;
@@ -111,6 +128,19 @@ void matmul_f8(const float* x, int64_t m, const F8Weight& w, float* y) {
       for (; i < w.k; ++i) dst[i] = decode_f8(q[i], w.e5m2) * w.scales[n];
       for (; i < kp; ++i) dst[i] = 0.0f;
     }, y);
+    return;
+  }
+  if (m > 1) {  // a few rows: decode each column once (to half(code), exact) and dot it with every row
+    std::vector<float> col(static_cast<size_t>(w.k));
+    for (int64_t n = 0; n < w.n; ++n) {
+      const uint8_t* q = w.codes + n * w.k;
+      int64_t i = 0;
+#ifdef QCN_AVX512
+      for (; i + 16 <= w.k; i += 16) _mm512_storeu_ps(&col[i], decode16(q + i, w.e5m2));
+#endif
+      for (; i < w.k; ++i) col[i] = half_to_float(half_bits(q[i], w.e5m2));
+      for (int64_t r = 0; r < m; ++r) y[r * w.n + n] = dot(x + r * w.k, col.data(), w.k) * (unit * w.scales[n]);
+    }
     return;
   }
 #endif
