@@ -66,11 +66,7 @@ float dot(const float* a, const float* b, int64_t len) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float sum = _mm_cvtss_f32(s);
+  float sum = hsum(_mm256_add_ps(acc0, acc1));
   for (; i < len; ++i) sum += a[i] * b[i];
   return sum;
 }
@@ -93,10 +89,7 @@ float column_dot(const float* x, const uint8_t* q, int64_t k, bool e5m2) {
     const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
     acc = _mm256_fmadd_ps(_mm256_cvtph_ps(half_bits8(c, e5m2)), _mm256_loadu_ps(x + i), acc);
   }
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float sum = tail + _mm_cvtss_f32(s);
+  float sum = tail + hsum(acc);
   for (; i < k; ++i) sum += x[i] * half_to_float(half_bits(q[i], e5m2));
   return sum;
 }

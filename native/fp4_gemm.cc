@@ -241,12 +241,6 @@ inline void step_scales(const float* lut, const uint8_t* s, int64_t step, int64_
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
-  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
-  return _mm_cvtss_f32(a);
-}
 
 // Block partials of one step: p0 over the up = 0 vectors, p1 over the up = 1 vectors.
 inline void step_partials(const __m256 f[8], const float* xs, __m256& p0, __m256& p1) {

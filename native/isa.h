@@ -19,3 +19,15 @@
 #endif
 #endif
 #endif
+
+#ifdef QCN_AVX2
+namespace qcn {
+// The sum of a vector's 8 lanes.
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
+  return _mm_cvtss_f32(a);
+}
+}  // namespace qcn
+#endif

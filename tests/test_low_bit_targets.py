@@ -173,8 +173,9 @@ def test_native_lowering_equals_simulation(compiled, target, model):
 @pytest.mark.parametrize("model", list(FORWARD))
 def test_native_fp8_activations_equal_the_stock_emission(compiled, model):
     """`fp8` (E4M3 weights and activations, SmoothQuant): under --lowering native the float8
-    activation casts become native FakeQuantMinifloat ops and the output stays that of the stock
-    emission (same weights, same rounding)."""
+    activation casts become native FakeQuantMinifloat ops (same bits) and the weights run in
+    MatMulF8 (same values, another float32 summation order: rtol 1e-5), so the output stays that
+    of the stock emission."""
     import onnxruntime as ort
 
     from qcompile import native
@@ -187,7 +188,7 @@ def test_native_fp8_activations_equal_the_stock_emission(compiled, model):
     want = helpers.run(ir.to_proto(stock.model), {"x": x}, "all")[0]
     so = native.session_options(helpers.session_options("all"))
     got = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) <= 1e-6
+    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) <= 1e-5
 
 
 def test_auto_lowers_two_planes_only_for_one_row_per_sample():
