@@ -98,8 +98,8 @@ def main() -> None:
 @click.option("--lowering", type=click.Choice(["auto", "function", "integer", "native"]), default="auto", show_default=True,
               help="Weights onnxruntime has no kernel for: qcompile function ops (function), exact MatMulNBits "
                    "digit planes (integer), integer where it is not slower than float (auto), or the optional C++ "
-                   "library: fused FP4 GEMV/GEMM for MXFP4/NVFP4 and native activation quantizers (native: the "
-                   "model then needs qcompile.native's library)")
+                   "library: fused GEMV/GEMM for MXFP4/NVFP4 and float8 weights and native activation quantizers "
+                   "(native: the model then needs qcompile.native's library)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")

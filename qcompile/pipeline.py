@@ -221,8 +221,9 @@ def compile(
     "function" (packed codes + a qcompile.Dequantize* function op), "integer" (exact MatMulNBits
     digit planes wherever possible), "auto" (integer for one plane, or two when the activation is
     one row per sample; `Capabilities.nbits_auto_max_planes*`), "native"
-    (MXFP4/NVFP4 MatMuls as the fused C++ op of `qcompile.native`, built on demand, other weights as
-    "auto"; every activation quantizer not fused into it as a native FakeQuant op; the compiled
+    (MXFP4/NVFP4 and float8 MatMul weights in the C++ ops of `qcompile.native`, built on demand,
+    other weights as "auto"; every activation quantizer not fused into them as a native FakeQuant
+    op; the compiled
     model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
     simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
