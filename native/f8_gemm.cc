@@ -2,9 +2,9 @@
 //
 // GEMV (one row): per column, 16 codes per step (8 on AVX2) become float16 bits by shifts and
 // masks, then float32 by vcvtph2ps, and one FMA with x; the column's scale (times 2**8 for E4M3)
-// multiplies the sum once. 2-15 rows: each column decoded once to a buffer and dotted with every
-// row. GEMM (>= 16 rows, AVX-512): columns decoded once per tile and fed to fp4_gemm.cc's panel
-// kernel (gemm_float_columns).
+// multiplies the sum once. More rows: each column decoded once to a buffer and dotted with every
+// row; from 16 rows on AVX-512 builds, columns decoded once per tile and fed to fp4_gemm.cc's
+// panel kernel (gemm_float_columns).
 #include "f8_gemm.h"
 
 #include <cmath>
@@ -123,7 +123,9 @@ void matmul_f8(const float* x, int64_t m, const F8Weight& w, float* y) {
     }, y);
     return;
   }
-  if (m > 1) {  // a few rows: decode each column once (to half(code), exact) and dot it with every row
+#endif
+#ifdef QCN_AVX2
+  if (m > 1) {  // several rows: decode each column once (to half(code), exact) and dot it with every row
     std::vector<float> col(static_cast<size_t>(w.k));
     for (int64_t n = 0; n < w.n; ++n) {
       const uint8_t* q = w.codes + n * w.k;
@@ -131,6 +133,10 @@ void matmul_f8(const float* x, int64_t m, const F8Weight& w, float* y) {
 #ifdef QCN_AVX512
       for (; i + 16 <= w.k; i += 16) _mm512_storeu_ps(&col[i], decode16(q + i, w.e5m2));
 #endif
+      for (; i + 8 <= w.k; i += 8) {
+        const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+        _mm256_storeu_ps(&col[i], _mm256_cvtph_ps(half_bits8(c, w.e5m2)));
+      }
       for (; i < w.k; ++i) col[i] = half_to_float(half_bits(q[i], w.e5m2));
       for (int64_t r = 0; r < m; ++r) y[r * w.n + n] = dot(x + r * w.k, col.data(), w.k) * (unit * w.scales[n]);
     }
