@@ -25,7 +25,7 @@ import pytest
 from qcompile import codec, functions, native, storage
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.formats import FORMATS, parse_format
-from helpers import LEVELS, assert_bitwise, block_probe, session
+from helpers import LEVELS, assert_bitwise, assert_pass_contract, block_probe, session
 
 ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidArgument,
               ort.capi.onnxruntime_pybind11_state.RuntimeException, ort.capi.onnxruntime_pybind11_state.InvalidGraph)
@@ -514,7 +514,7 @@ def test_float8_cast_pair_becomes_native(lib, dtype):
                      opset_imports={"": 21}, name="g")
     model = ir.Model(graph, ir_version=10)
     want = session(ir.to_proto(model), "disable").run(None, {"x": x})[0]
-    assert NativeFakeQuantPass()(model).modified
+    assert_pass_contract(NativeFakeQuantPass(), model, expect_modified=True)  # a second run changes nothing
     assert [(n.domain, n.op_type) for n in model.graph] == [(native.DOMAIN, "FakeQuantMinifloat")]
     got = native_session(lib, ir.to_proto(model)).run(None, {"x": x})[0]
     assert_bitwise(got, want, str(dtype))

@@ -29,9 +29,10 @@ _FLOAT8 = {f.onnx_dtype: f for f in (FORMATS["e4m3fn"], FORMATS["e4m3fnuz"], FOR
 class NativeFakeQuantPass(ir.passes.InPlacePass):
     def __init__(self) -> None:
         super().__init__()
-        self.moved = 0
+        self.moved = 0  # quantizers moved, over all runs
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = self.moved
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain == functions.DOMAIN and node.op_type in native.FAKE_QUANT_OPS:
                 node.domain = native.DOMAIN
@@ -40,10 +41,11 @@ class NativeFakeQuantPass(ir.passes.InPlacePass):
             match = _float8_cast_pair(node)
             if match is not None:
                 self._replace(model.graph, node, *match)
-        if self.moved:
+        modified = self.moved > before
+        if modified:
             model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             functions.attach(model)
-        return ir.passes.PassResult(model, modified=bool(self.moved))
+        return ir.passes.PassResult(model, modified=modified)
 
     def _replace(self, graph: ir.Graph, mul: ir.Node, x: ir.Value, scale: ir.Value, fmt) -> None:
         out = mul.outputs[0]
