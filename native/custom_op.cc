@@ -139,9 +139,49 @@ const void* data(const OrtValue* v) {
   OrtStatus* st = g_api->GetTensorMutableData(const_cast<OrtValue*>(v), &p);
   if (st != nullptr) {
     g_api->ReleaseStatus(st);
-    throw std::runtime_error("MatMulFp4: cannot read an input tensor");
+    throw std::runtime_error("qcompile.native: cannot read an input tensor");
   }
   return p;
+}
+
+// A float scalar or [1] input's value.
+OrtStatus* scalar_input(const OrtValue* v, const char* op, const char* what, float& out) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  QCN_RETURN_IF_ERROR(describe(v, type, dims));
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.size() > 1 || (dims.size() == 1 && dims[0] != 1))
+    return fail(std::string(op) + ": " + what + " must be a float scalar or [1], got " + dims_str(dims));
+  out = *static_cast<const float*>(data(v));
+  return nullptr;
+}
+
+// A MatMul's activation X float [..., K] and its output Y [..., N], allocated: m rows (the product
+// of X's leading dims); x and y are null when m == 0.
+struct MatMulIo {
+  int64_t m;
+  const float* x;
+  float* y;
+};
+
+OrtStatus* matmul_io(OrtKernelContext* ctx, const OrtValue* x, const char* op, int64_t k, int64_t n, MatMulIo& io) {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  QCN_RETURN_IF_ERROR(describe(x, type, dims));
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.empty() || dims.back() != k)
+    return fail(std::string(op) + ": X must be float [..., " + std::to_string(k) + "], got " + dims_str(dims));
+  io.m = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) io.m *= dims[i];
+  dims.back() = n;
+  OrtValue* y = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
+  io.x = nullptr;
+  io.y = nullptr;
+  if (io.m == 0) return nullptr;
+  void* yd = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  io.x = static_cast<const float*>(data(x));
+  io.y = static_cast<float*>(yd);
+  return nullptr;
 }
 
 OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
@@ -158,48 +198,24 @@ OrtStatus* compute(const Kernel& kern, OrtKernelContext* ctx) {
     return fail(kern.act == qcn::ActQuant::kNvfp4 ? "MatMulFp4: act 'nvfp4' needs the activation tensor scale A_T"
                                                    : "MatMulFp4: A_T is only used with act 'nvfp4'");
 
-  ONNXTensorElementDataType x_type;
-  std::vector<int64_t> x_dims;
-  QCN_RETURN_IF_ERROR(describe(x, x_type, x_dims));
-  if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x_dims.empty() || x_dims.back() != kern.k)
-    return fail("MatMulFp4: X must be float [..., " + std::to_string(kern.k) + "], got " + dims_str(x_dims));
   const int64_t kp = qcn::padded_k(kern.k, kern.block_size);
   QCN_RETURN_IF_ERROR(expect(w, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {kern.n, kp / 2}));
   QCN_RETURN_IF_ERROR(expect(s, "S", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {kern.n, kp / kern.block_size}));
-
-  float tensor_scale = 1.0f;
+  float tensor_scale = 1.0f, act_scale = 1.0f;
   if (t != nullptr) {
     QCN_RETURN_IF_ERROR(expect(t, "T", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {1}));
     tensor_scale = *static_cast<const float*>(data(t));
   }
-  float act_scale = 1.0f;
-  if (at != nullptr) {
-    ONNXTensorElementDataType at_type;
-    std::vector<int64_t> at_dims;
-    QCN_RETURN_IF_ERROR(describe(at, at_type, at_dims));
-    if (at_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || at_dims.size() > 1 || (at_dims.size() == 1 && at_dims[0] != 1))
-      return fail("MatMulFp4: A_T must be a float scalar or [1], got " + dims_str(at_dims));
-    act_scale = *static_cast<const float*>(data(at));
-  }
-
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x_dims.size(); ++i) m *= x_dims[i];
-  std::vector<int64_t> y_dims(x_dims);
-  y_dims.back() = kern.n;
-  OrtValue* y = nullptr;
-  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, y_dims.data(), y_dims.size(), &y));
-  if (m == 0) return nullptr;
-
-  const void *xd = data(x), *wd = data(w), *sd = data(s);
-  void* yd = nullptr;
-  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  if (at != nullptr) QCN_RETURN_IF_ERROR(scalar_input(at, "MatMulFp4", "A_T", act_scale));
+  MatMulIo io;
+  QCN_RETURN_IF_ERROR(matmul_io(ctx, x, "MatMulFp4", kern.k, kern.n, io));
+  if (io.m == 0) return nullptr;
 
   float lut[256];
   qcn::build_scale_lut(kern.scale_type, tensor_scale, lut);
-  const qcn::Fp4Weight weight{static_cast<const uint8_t*>(wd), static_cast<const uint8_t*>(sd), kern.k, kern.n,
-                              kern.block_size, lut, kern.scale_type, tensor_scale};
-  const float* xf = static_cast<const float*>(xd);
-  qcn::matmul_fp4(xf, m, weight, kern.act, act_scale, static_cast<float*>(yd));
+  const qcn::Fp4Weight weight{static_cast<const uint8_t*>(data(w)), static_cast<const uint8_t*>(data(s)), kern.k,
+                              kern.n, kern.block_size, lut, kern.scale_type, tensor_scale};
+  qcn::matmul_fp4(io.x, io.m, weight, kern.act, act_scale, io.y);
   return nullptr;
 }
 
@@ -246,17 +262,6 @@ OrtStatus* read_fake_quant(const OrtKernelInfo* info, FakeQuantKernel& kern) {
   if (kKind == FqKind::kNvfp4) return nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "emax_elem", &kern.emax_elem));
   return read_grid(info, op, kern.grid);
-}
-
-// A float scalar or [1] input's value.
-OrtStatus* scalar_input(const OrtValue* v, const char* op, const char* what, float& out) {
-  ONNXTensorElementDataType type;
-  std::vector<int64_t> dims;
-  QCN_RETURN_IF_ERROR(describe(v, type, dims));
-  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.size() > 1 || (dims.size() == 1 && dims[0] != 1))
-    return fail(std::string(op) + ": " + what + " must be a float scalar or [1], got " + dims_str(dims));
-  out = *static_cast<const float*>(data(v));
-  return nullptr;
 }
 
 OrtStatus* fake_quant_compute(const FakeQuantKernel& kern, OrtKernelContext* ctx) {
@@ -323,25 +328,14 @@ OrtStatus* f8_compute(const F8Kernel& kern, OrtKernelContext* ctx) {
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &w));
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 2, &s));
   if (x == nullptr || w == nullptr || s == nullptr) return fail("MatMulF8: X, W and S are required");
-  ONNXTensorElementDataType x_type;
-  std::vector<int64_t> x_dims;
-  QCN_RETURN_IF_ERROR(describe(x, x_type, x_dims));
-  if (x_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || x_dims.empty() || x_dims.back() != kern.k)
-    return fail("MatMulF8: X must be float [..., " + std::to_string(kern.k) + "], got " + dims_str(x_dims));
   QCN_RETURN_IF_ERROR(expect(w, "W", ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, {kern.n, kern.k}));
   QCN_RETURN_IF_ERROR(expect(s, "S", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {kern.n}));
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < x_dims.size(); ++i) m *= x_dims[i];
-  std::vector<int64_t> y_dims(x_dims);
-  y_dims.back() = kern.n;
-  OrtValue* y = nullptr;
-  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, y_dims.data(), y_dims.size(), &y));
-  if (m == 0) return nullptr;
-  void* yd = nullptr;
-  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  MatMulIo io;
+  QCN_RETURN_IF_ERROR(matmul_io(ctx, x, "MatMulF8", kern.k, kern.n, io));
+  if (io.m == 0) return nullptr;
   const qcn::F8Weight weight{static_cast<const uint8_t*>(data(w)), static_cast<const float*>(data(s)), kern.k, kern.n,
                              kern.e5m2};
-  qcn::matmul_f8(static_cast<const float*>(data(x)), m, weight, static_cast<float*>(yd));
+  qcn::matmul_f8(io.x, io.m, weight, io.y);
   return nullptr;
 }
 

@@ -59,17 +59,6 @@ inline __m512 decode16(const uint8_t* q, bool e5m2) {
 
 constexpr int64_t kPrefetch = 8192;  // bytes ahead in the (contiguous) code stream
 
-float dot(const float* a, const float* b, int64_t len) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < len; ++i) sum += a[i] * b[i];
-  return sum;
-}
 
 // sum_k x[k] * half(code[k]) for one column (the value / 2**8 for E4M3).
 float column_dot(const float* x, const uint8_t* q, int64_t k, bool e5m2) {

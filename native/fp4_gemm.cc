@@ -125,24 +125,28 @@ constexpr int64_t kTileCols = 8;
 constexpr int64_t kPrefetch = 2048;  // bytes ahead in the (contiguous) code stream
 constexpr int64_t kPrefetchInt = 16384;  // the same for the integer block path (measured best, 8-32 KiB)
 
-// kPerm[i]: which k (within a step) the i-th decoded float is. Vector v = nib*4 + up*2 + par,
-// lane L = 4h + j holds byte b = 16h + 8up + 2j + par, nibble nib -> k = 2b + nib.
+// Perm<L>::idx[i]: which k (within a step of 8 vectors of L floats) the i-th decoded float is.
+// Vector v = nib*4 + up*2 + par, lane = 4h + j holds byte b = 16h + 8up + 2j + par, nibble
+// nib -> k = 2b + nib (h: the 128-bit lane).
+template <int L>
 struct Perm {
-  int idx[kStep];
+  int idx[8 * L];
   Perm() {
     for (int v = 0; v < 8; ++v)
-      for (int lane = 0; lane < 8; ++lane) {
+      for (int lane = 0; lane < L; ++lane) {
         const int nib = v >> 2, up = (v >> 1) & 1, par = v & 1, h = lane >> 2, j = lane & 3;
-        idx[v * 8 + lane] = 2 * (16 * h + 8 * up + 2 * j + par) + nib;
+        idx[v * L + lane] = 2 * (16 * h + 8 * up + 2 * j + par) + nib;
       }
   }
 };
-const Perm kPerm;
+const Perm<8> kPerm;
 
-void permute_x(const float* x, int64_t k, int64_t kp, float* xp) {
-  for (int64_t base = 0; base < kp; base += kStep)
-    for (int i = 0; i < kStep; ++i) {
-      const int64_t src = base + kPerm.idx[i];
+// xp[0, kp) = x (length k) in the order of `perm` per step of 8 * L, zero past k.
+template <int L>
+void permute_x(const Perm<L>& perm, const float* x, int64_t k, int64_t kp, float* xp) {
+  for (int64_t base = 0; base < kp; base += 8 * L)
+    for (int i = 0; i < 8 * L; ++i) {
+      const int64_t src = base + perm.idx[i];
       xp[base + i] = src < k ? x[src] : 0.0f;
     }
 }
@@ -282,13 +286,6 @@ void decode_column(const Decoder& d, const uint8_t* q, const uint8_t* s, const f
   }
 }
 
-float dot(const float* a, const float* b, int64_t len) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t i = 0; i < len; i += 32)
-    for (int u = 0; u < 4; ++u)
-      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
 
 #ifdef QCN_AVX512
 // 512-bit float GEMV (weights x float activations): the same decode on 128 weights (64 code bytes)
@@ -297,17 +294,7 @@ float dot(const float* a, const float* b, int64_t len) {
 // of the up = 1 vectors block 2h + 1 or h.
 constexpr int64_t kStep512 = 128;
 
-struct Perm512 {
-  int idx[kStep512];
-  Perm512() {
-    for (int v = 0; v < 8; ++v)
-      for (int lane = 0; lane < 16; ++lane) {
-        const int nib = v >> 2, up = (v >> 1) & 1, par = v & 1, h = lane >> 2, j = lane & 3;
-        idx[v * 16 + lane] = 2 * (16 * h + 8 * up + 2 * j + par) + nib;
-      }
-  }
-};
-const Perm512 kPerm512;
+const Perm<16> kPerm512;
 
 struct Decoder512 {
   __m512i byte2, byte3, low_nibble, high_half;
@@ -378,11 +365,7 @@ void gemv512(const Decoder& d256, const float* x, const Fp4Weight& w, float* y) 
   const ScaleDecoder sd(w.scale_type, w.tensor_scale);
   const int64_t kp = padded_k(w.k, w.block_size), kx = (kp + kStep512 - 1) / kStep512 * kStep512, nb = kp / BS;
   std::vector<float> xp(static_cast<size_t>(kx));
-  for (int64_t base = 0; base < kx; base += kStep512)
-    for (int i = 0; i < kStep512; ++i) {
-      const int64_t src = base + kPerm512.idx[i];
-      xp[base + i] = src < w.k ? x[src] : 0.0f;
-    }
+  permute_x(kPerm512, x, w.k, kx, xp.data());
   for (int64_t n = 0; n < w.n; ++n) y[n] = dot_column512<BS>(d, sd, xp.data(), w.codes + n * (kp / 2), w.scales + n * nb, kp);
 }
 #endif  // QCN_AVX512
@@ -403,7 +386,7 @@ void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
 #endif
   const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
   std::vector<float> xp(static_cast<size_t>(m * kp));
-  for (int64_t r = 0; r < m; ++r) permute_x(x + r * w.k, w.k, kp, xp.data() + r * kp);
+  for (int64_t r = 0; r < m; ++r) permute_x(kPerm, x + r * w.k, w.k, kp, xp.data() + r * kp);
   if (m < kTileRows) {
     for (int64_t r = 0; r < m; ++r)
       for (int64_t n = 0; n < w.n; ++n)

@@ -5,6 +5,8 @@
 //   QCN_AVX512  512-bit paths (AVX512F/BW/VL + VNNI)
 #pragma once
 
+#include <cstdint>
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define QCN_AVX2 1
@@ -28,6 +30,18 @@ inline float hsum(__m256 v) {
   a = _mm_add_ps(a, _mm_movehl_ps(a, a));
   a = _mm_add_ss(a, _mm_shuffle_ps(a, a, 1));
   return _mm_cvtss_f32(a);
+}
+
+// sum_i a[i] * b[i] in float32 (four accumulators of 8 lanes, then the tail).
+inline float dot(const float* a, const float* b, int64_t len) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * u), _mm256_loadu_ps(b + i + 8 * u), acc[u]);
+  float sum = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; i < len; ++i) sum += a[i] * b[i];
+  return sum;
 }
 }  // namespace qcn
 #endif

@@ -564,14 +564,9 @@ def _used_ops(nodes) -> set[str]:
 def attach(model: ir.Model) -> None:
     """Make model.functions hold exactly the qcompile functions its nodes need (transitively), with
     the qcompile opset imported iff any: adds the missing ones, drops those a rewrite left unused."""
-    ours = {key for key in model.functions if key[0] == DOMAIN}
-    for key in ours:  # rebuilt below from the graph's uses
-        del model.functions[key]
     pending = _used_ops(ir.traversal.RecursiveGraphIterator(model.graph))
-    pending |= {op for f in model.functions.values() for op in _used_ops(ir.traversal.RecursiveGraphIterator(f))}
-    if not pending:
-        model.opset_imports.pop(DOMAIN, None)
-        return
+    pending |= {op for key, f in model.functions.items() if key[0] != DOMAIN  # ours count only if reached
+                for op in _used_ops(ir.traversal.RecursiveGraphIterator(f))}
     opset = model.opset_imports.get("", MIN_OPSET)
     done: set[str] = set()
     while pending:
@@ -587,7 +582,12 @@ def attach(model: ir.Model) -> None:
             function.opset_imports[""] = opset
             model.functions[key] = function
         pending |= _used_ops(ir.traversal.RecursiveGraphIterator(model.functions[key])) - done
-    model.opset_imports[DOMAIN] = VERSION
+    for key in [key for key in model.functions if key[0] == DOMAIN and key[1] not in done]:
+        del model.functions[key]
+    if done:
+        model.opset_imports[DOMAIN] = VERSION
+    else:
+        model.opset_imports.pop(DOMAIN, None)
 
 
 __all__ = [

@@ -338,8 +338,7 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, ac
     if act_name != "nvfp4" and act_tensor_scale is not None:
         raise ValueError(f"{name}: act_tensor_scale is only used with nvfp4 activations (act={act_name})")
     k, n = t.shape
-    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
-        raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
+    _check_x(x, k, name)
     e = Emitter(graph)
     inputs = [x, e.initializer(f"{name}_fp4_codes", pack_codes(t)), e.initializer(f"{name}_fp4_scales", pack_scales(t, one_code))]
     if t.tensor_scale is not None and scale_type == "e4m3":
@@ -351,11 +350,22 @@ def emit_matmul_fp4(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str, ac
     attrs = {"K": k, "N": n, "block_size": t.block_size, "scale_type": scale_type}
     if act_name != "none":
         attrs["act"] = act_name
+    return _append_matmul(e, OP, inputs, attrs, name)
+
+
+def _check_x(x: ir.Value, k: int, name: str) -> None:
+    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
+        raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
+
+
+def _append_matmul(e, op: str, inputs: list, attrs: dict, name: str) -> ir.Value:
+    """Append op(x = inputs[0], ...) <attrs> with its float32 output [..., N]."""
+    x, n = inputs[0], attrs["N"]
     shape = [*x.shape[:-1], n] if x.shape is not None and len(x.shape) else None
-    graph.opset_imports.setdefault(DOMAIN, VERSION)
+    e.graph.opset_imports.setdefault(DOMAIN, VERSION)
     out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),
                    type=ir.TensorType(ir.DataType.FLOAT))
-    graph.append(ir.node(OP, inputs, attrs, domain=DOMAIN, outputs=[out], name=out.name))
+    e.graph.append(ir.node(op, inputs, attrs, domain=DOMAIN, outputs=[out], name=out.name))
     return out
 
 
@@ -381,15 +391,9 @@ def emit_matmul_f8(graph: ir.Graph, x: ir.Value, t: PackedTensor, name: str) -> 
 
     fmt_attr = check_weight_f8(t)
     k, n = t.shape
-    if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != k:
-        raise ValueError(f"{name}: x's last dim {x.shape[-1]} != weight K {k}")
+    _check_x(x, k, name)
     e = Emitter(graph)
     codes = np.ascontiguousarray(np.asarray(t.codes, dtype=np.uint8).T)
     scales = np.broadcast_to(np.asarray(t.scale, dtype=np.float32).reshape(-1), (n,)).copy()
     inputs = [x, e.initializer(f"{name}_f8_codes", codes), e.initializer(f"{name}_f8_scales", scales)]
-    shape = [*x.shape[:-1], n] if x.shape is not None and len(x.shape) else None
-    graph.opset_imports.setdefault(DOMAIN, VERSION)
-    out = ir.Value(name=e.fresh(f"{name}_out"), shape=None if shape is None else ir.Shape(shape),
-                   type=ir.TensorType(ir.DataType.FLOAT))
-    graph.append(ir.node(F8_OP, inputs, {"K": k, "N": n, "fmt": fmt_attr}, domain=DOMAIN, outputs=[out], name=out.name))
-    return out
+    return _append_matmul(e, F8_OP, inputs, {"K": k, "N": n, "fmt": fmt_attr}, name)

@@ -223,8 +223,7 @@ def compile(
     one row per sample; `Capabilities.nbits_auto_max_planes*`), "native"
     (MXFP4/NVFP4 and float8 MatMul weights in the C++ ops of `qcompile.native`, built on demand,
     other weights as "auto"; every activation quantizer not fused into them as a native FakeQuant
-    op; the compiled
-    model then needs that library registered in its session).
+    op; the compiled model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
     simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
 

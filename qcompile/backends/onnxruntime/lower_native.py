@@ -89,8 +89,7 @@ def _float8_cast_pair(mul: ir.Node):
     if fmt is None or div is None or div.op_type != "Div":
         return None
     x, s = div.inputs
-    if s is not scale and (_scalar(s) is None or _scalar(s) != _scalar(scale)):
-        return None
-    if _scalar(s) is None:
+    value = _scalar(s)  # a constant scalar scale, the same for the division and the multiplication
+    if value is None or (s is not scale and _scalar(scale) != value):
         return None
     return x, s, fmt

@@ -92,7 +92,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
             return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
         if node.op_type == "Gemm" and _attr(node, "transB"):
             t = t.transposed()
-        if self.lowering == "native" and (_native_fp4(t) or _native_f8(t)):
+        if self.lowering == "native" and _native_kernel(t):
             return t
         reason = nbits.unsupported(node, t)
         gemv = x is not None and x.shape is not None and len(x.shape) == 2
@@ -106,10 +106,11 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
 
     def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
-        if self.lowering == "native" and _native_fp4(t):
+        kernel = _native_kernel(t) if self.lowering == "native" else None
+        if kernel == "fp4":
             x, act, act_scale = self._fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
-        elif self.lowering == "native" and _native_f8(t):
+        elif kernel == "f8":
             y = native.emit_matmul_f8(graph, node.inputs[0], t, name)
         else:
             e = functions.Emitter(graph)  # one scan of the graph for the three calls
@@ -147,22 +148,16 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         return x, None, None
 
 
-def _native_fp4(t: PackedTensor) -> bool:
-    """MatMulFp4 takes this weight (E2M1 blocks with E8M0 / E4M3 scales along K of a 2-D weight)."""
-    try:
-        native.check_weight(t)
-    except ValueError:
-        return False
-    return True
-
-
-def _native_f8(t: PackedTensor) -> bool:
-    """MatMulF8 takes this weight (E4M3FN / E5M2 with a scale per column or tensor)."""
-    try:
-        native.check_weight_f8(t)
-    except ValueError:
-        return False
-    return True
+def _native_kernel(t: PackedTensor) -> str | None:
+    """The native MatMul that takes this weight: "fp4" (MatMulFp4: E2M1 blocks with E8M0 / E4M3
+    scales along K), "f8" (MatMulF8: E4M3FN / E5M2 with a scale per column or tensor), or None."""
+    for kind, check in (("fp4", native.check_weight), ("f8", native.check_weight_f8)):
+        try:
+            check(t)
+        except ValueError:
+            continue
+        return kind
+    return None
 
 
 def _attr(node: ir.Node, name: str, default=0):
