@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from qcompile.formats import BlockFormat, parse_format
-from qcompile.plan import InputQuant, NodePlan, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
+from qcompile.formats import BlockFormat, IntFormat, parse_format
+from qcompile.plan import InputQuant, NodePlan, PairBound, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
 from qcompile.targets import Target
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class PlanOptions:
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
     keep_last: bool = False  # keep the final classifier (last quantizable node before an output) in float
+    cpu: str = "portable"  # the deployment CPU class (`qcompile.cpu.Cpu`, resolved): sets the int8 pair bounds
 
 
 def is_float(value: ir.Value | None) -> bool:
@@ -151,13 +152,47 @@ def candidate_nodes(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] 
     return out
 
 
-def _weight_spec(node: ir.Node, index: int, target: Target) -> QuantSpec | None:
+def is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one input and one output channel per group (onnxruntime's depthwise kernels)."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    attr = node.attributes.get("group")
+    group = attr.as_int() if attr is not None else 1
+    return (node.op_type == "Conv" and group > 1 and w is not None and w.shape is not None
+            and w.shape[1] == 1 and w.shape[0] == group)
+
+
+def pair_axis(node: ir.Node, index: int) -> int | None | bool:
+    """The reduction axis whose pairs the integer kernel adds for weight input `index` (see
+    `plan.PairBound`): K of a 2-D MatMul/Gemm weight, axis 1 of a Conv weight; None when the
+    pairing is not known (ConvTranspose, a constant first operand, batched weights); False when the
+    kernel has no pairs (depthwise Conv)."""
+    if node.op_type == "Conv" and index == 1:
+        return False if is_depthwise(node) else 1
+    axes = weight_axes(node, index)
+    if index == 1 and node.op_type in ("MatMul", "Gemm") and len(node.inputs[1].shape) == 2:
+        return axes[1]
+    return None
+
+
+def _pair_bound(node: ir.Node, index: int, target: Target, cpu: str, caps) -> PairBound | None:
+    if caps is None or target.activations is None:
+        return None
+    wfmt, afmt = parse_format(target.weights.format), parse_format(target.activations.format)
+    if not (isinstance(wfmt, IntFormat) and isinstance(afmt, IntFormat)):
+        return None
+    bound = caps.pair_bound(cpu, wfmt.onnx_dtype, afmt)
+    axis = pair_axis(node, index)
+    return None if bound is None or axis is False else PairBound(axis, bound)
+
+
+def _weight_spec(node: ir.Node, index: int, target: Target, cpu: str = "portable", caps=None) -> QuantSpec | None:
     pol = target.weights
     axes = weight_axes(node, index)
     if axes is None:
         log.debug("skip weight %d of %s: no channel axis", index, node.name)
         return None
     channel, reduce = axes
+    pairs = _pair_bound(node, index, target, cpu, caps)
     fmt = parse_format(pol.format)
     if isinstance(fmt, BlockFormat):  # intrinsic blocks along the reduction axis, for every op
         return QuantSpec(pol.format, PerBlock(reduce, fmt.block_size), True, "minmax")
@@ -166,8 +201,8 @@ def _weight_spec(node: ir.Node, index: int, target: Target) -> QuantSpec | None:
         if isinstance(k, int) and k >= pol.block_size:
             return QuantSpec(pol.format, PerBlock(reduce, pol.block_size), True, pol.method)
     if pol.granularity == "tensor":
-        return QuantSpec(pol.format, PerTensor(), True, pol.method)
-    return QuantSpec(pol.format, PerChannel(channel), True, pol.method)
+        return QuantSpec(pol.format, PerTensor(), True, pol.method, pairs=pairs)
+    return QuantSpec(pol.format, PerChannel(channel), True, pol.method, pairs=pairs)
 
 
 def _activation_spec(target: Target, node: ir.Node | None = None, index: int = 0) -> QuantSpec:
@@ -195,8 +230,11 @@ def _conv_output(node: ir.Node) -> ir.Value | None:
     return None if out.is_graph_output() else out
 
 
-def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOptions()) -> QuantPlan:
-    """The default plan of `target` for `model` (activation clips are filled by calibration)."""
+def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOptions(), caps=None) -> QuantPlan:
+    """The default plan of `target` for `model` (activation clips are filled by calibration).
+
+    `caps` (the backend's capability table) adds the integer-kernel pair bounds of `options.cpu` to
+    int8 weights; without it weights are unconstrained."""
     plan = QuantPlan(target.name)
     for node in candidate_nodes(model.graph, options, target.ops):
         np_ = NodePlan(node.op_type)
@@ -204,7 +242,7 @@ def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOption
             if not is_float(v):
                 continue
             if is_constant(v):
-                spec = _weight_spec(node, i, target)
+                spec = _weight_spec(node, i, target, options.cpu, caps)
                 if spec is not None:
                     np_.inputs[i] = InputQuant(v.name, "weight", spec)
             elif target.activations is not None:

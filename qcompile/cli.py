@@ -102,13 +102,18 @@ def main() -> None:
                    "(native: the model then needs qcompile.native's library)")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")
+@click.option("--cpu", type=click.Choice(["portable", "avx2", "avx512", "vnni", "native"]), default="portable",
+              show_default=True,
+              help="Deployment CPU. portable: int8 results identical on every CPU (no int16 pair saturation on x86 "
+                   "without VNNI); avx2/avx512: the same constraint; vnni: none (such a model loses accuracy on CPUs "
+                   "without VNNI); native: this machine's class")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, method, plan_in, save_plan,
-                exclude_node, exclude_op, keep_last, lowering, accuracy_level, no_validate, min_sqnr, as_json, verbose, quiet):
+                exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, no_validate, min_sqnr, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -130,7 +135,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, 
                 result = compile_model(model, tgt, calib=calib, eval=eval_, plan=plan_in, samples=samples, seed=seed,
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
                                        batch_size=batch_size, progress=progress.advance, lowering=lowering,
-                                       accuracy_level=accuracy_level)
+                                       accuracy_level=accuracy_level, cpu=cpu)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

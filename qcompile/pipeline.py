@@ -6,6 +6,7 @@ maps the typed exceptions of `qcompile.errors` to exit codes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -26,12 +27,14 @@ from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
 from qcompile.calibrate import choose_clip, collect, simulate, stream_values
+from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
+from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.targets import Target, get_target
@@ -214,6 +217,7 @@ def compile(
     progress: Callable | None = None,
     lowering: str = "auto",
     accuracy_level: int = 0,
+    cpu: str | Cpu = Cpu.PORTABLE,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -226,6 +230,11 @@ def compile(
     op; the compiled model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
     simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
+    cpu: the deployment CPU (`qcompile.cpu.Cpu`): "portable" (default) emits int8 layers whose
+    integer results are the same on every CPU (no int16 pair of the non-VNNI x86 kernels can
+    saturate: reduction channels renumbered where the graph allows, `PairPermutationPass`, else
+    the scale of the few offending weight channels grown, `weights.py`); "vnni" drops the
+    constraint; "native" is this machine's class.
 
     calib / eval: an `.npz` path, a directory of them, a {input: array} dict, or a Dataset.
     Without calib, inputs are synthesized (and a warning is logged); without eval, the last
@@ -234,6 +243,11 @@ def compile(
     """
     t0 = time.perf_counter()
     tgt = get_target(target) if isinstance(target, str) else target
+    try:
+        deploy = Cpu(cpu).resolve()
+    except ValueError:
+        raise InputError(f"unknown cpu {cpu!r}; one of {', '.join(c.value for c in Cpu if c is not Cpu.ARM64)}") from None
+    options = dataclasses.replace(options, cpu=deploy.value)
     if lowering == "native":
         from qcompile import native
 
@@ -278,7 +292,7 @@ def compile(
 
     replay = plan is not None
     if not replay:
-        plan = stages.run("plan", make_plan, m, tgt, options)
+        plan = stages.run("plan", make_plan, m, tgt, options, caps)
     else:
         graph_nodes = {n.name for n in m.graph}
         unknown = [n for n in plan.nodes if n not in graph_nodes]
@@ -290,6 +304,8 @@ def compile(
     if tgt.smooth and not replay:
         plan.smoothing = stages.run("smoothing-search", smoothing_scales, m, plan, calib_ds, batch_size)
     work = stages.run("SmoothQuantPass", apply_smoothing, m, plan) if plan.smoothing else plan
+    if any(q.spec.pairs is not None for n in work.nodes.values() for q in n.inputs.values()):
+        stages.run("PairPermutationPass", PairPermutationPass(work), m)
     work = stages.run("calibrate", calibrate_plan, m, work, calib_ds, batch_size, progress, caps)
     if tgt.bias_correction:
         stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size)
@@ -312,6 +328,7 @@ def compile(
         "qcompile": __version__,
         "input": source,
         "target": tgt.name,
+        "cpu": deploy.value,
         "calibration": {"samples": len(calib_ds), "synthesized": synthesized},
         "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": model_bytes(m)},
         "layers": layers,
@@ -322,7 +339,8 @@ def compile(
             ir.external_data.set_base_dir(float_model.graph, Path(source).resolve().parent)
         report["sizes"]["float_weight_bytes"] = model_bytes(float_model)
         report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
-        report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread"}
+        report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread",
+                                "host_cpu": host_description()}
         v = verdict(report["outputs"], tgt.min_sqnr_db if min_sqnr is None else min_sqnr)
         v["worst_layers"] = sorted(layers, key=_worst)[:5]
         report["verdict"] = v
@@ -358,6 +376,8 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
             row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
                        weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes),
                        emission="com.microsoft.MatMulNBits" if name in lowered else r.emission)
+            if r.pairs is not None:
+                row["int16_pairs"] = r.pairs
         acts = [q for q in node.inputs.values() if q.role == "activation"]
         if acts:
             row["activation_format"] = acts[0].spec.format

@@ -54,6 +54,26 @@ class PerBlock:
 Granularity = Union[PerTensor, PerChannel, PerBlock]
 
 
+@dataclass(frozen=True)
+class PairBound:
+    """A constraint of the integer kernel that will run a weight (see `weights.pair_sums`).
+
+    The kernel reads the reduction axis in pairs (2i, 2i+1) and adds the two u8 x s8 products in
+    int16 with saturation; with activation codes up to 255 no pair can saturate when, for every
+    output channel, |q_2i + q_2i+1| <= bound for the pairs whose codes have the same sign.
+    axis: the reduction axis of the weight. A Conv weight [Cout, Cin/g, k...] (axis 1) is reduced
+    over (k..., Cin/g) flattened with the channel innermost, so pairs run across kernel taps when
+    Cin/g is odd. None: the kernel's pairing is unknown, so every two codes of a channel count as
+    a pair (the two largest of each sign must fit).
+    """
+
+    axis: int | None
+    bound: int
+
+    def to_json(self) -> dict:
+        return {"axis": self.axis, "bound": self.bound}
+
+
 def granularity_from_json(d: dict) -> Granularity:
     kind = d.get("kind")
     if kind == "tensor":
@@ -73,6 +93,7 @@ class QuantSpec:
     symmetric:   zero point 0 (always true for float formats).
     method:      scale selection: minmax | percentile | entropy | mse (format-aware MSE clipping).
     clip:        calibrated (lo, hi) range of an activation; None until calibrated.
+    pairs:       a weight's integer-kernel pair bound (`PairBound`), None when unconstrained.
     """
 
     format: str
@@ -80,6 +101,7 @@ class QuantSpec:
     symmetric: bool = True
     method: str = "minmax"
     clip: tuple[float, float] | None = None
+    pairs: PairBound | None = None
 
     def __post_init__(self) -> None:
         parse_format(self.format)  # KeyError listing the known names
@@ -105,17 +127,21 @@ class QuantSpec:
         }
         if self.clip is not None:
             d["clip"] = [float(self.clip[0]), float(self.clip[1])]
+        if self.pairs is not None:
+            d["pairs"] = self.pairs.to_json()
         return d
 
     @classmethod
     def from_json(cls, d: dict) -> QuantSpec:
-        clip = d.get("clip")
+        clip, pairs = d.get("clip"), d.get("pairs")
         return cls(
             format=d["format"],
             granularity=granularity_from_json(d.get("granularity", {"kind": "tensor"})),
             symmetric=bool(d.get("symmetric", True)),
             method=d.get("method", "minmax"),
             clip=None if clip is None else (float(clip[0]), float(clip[1])),
+            pairs=None if pairs is None else PairBound(None if pairs.get("axis") is None else int(pairs["axis"]),
+                                                       int(pairs["bound"])),
         )
 
 

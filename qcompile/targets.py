@@ -69,9 +69,12 @@ TARGETS: dict[str, Target] = {
     for t in [
         Target(
             "int8",
-            "W8A8: per-channel symmetric int8 weights, per-tensor int8 activations (MSE clipping), int32 bias",
+            "W8A8: per-channel symmetric int8 weights, per-tensor asymmetric 8-bit activations (MSE clipping), int32 bias",
             WeightPolicy("int8"),
-            ActivationPolicy("int8"),
+            # An asymmetric 8-bit grid is stored as uint8: onnxruntime's u8 kernels run faster than its
+            # s8 ones (MiniLM 0.43x vs 0.54x float, EfficientNet-Lite0 0.57x vs 0.84x on a VNNI CPU), and
+            # u8 x u8 products (activation x activation MatMuls) are exact on every CPU (capabilities.py).
+            ActivationPolicy("uint8"),
             min_sqnr_db=15.0,
             quantize_conv_output=True,
             quantize_bias=True,
@@ -188,7 +191,11 @@ def compose(spec: str) -> Target:
         if isinstance(afmt, BlockFormat):
             acts = ActivationPolicy(parts["a"], True, "minmax")
         else:
-            acts = ActivationPolicy(parts["a"], symmetric=not isinstance(afmt, IntFormat) or afmt.bits < 8, method="mse")
+            symmetric = not isinstance(afmt, IntFormat) or afmt.bits < 8
+            name = parts["a"]
+            if isinstance(afmt, IntFormat) and afmt.bits == 8 and afmt.signed and not symmetric:
+                name = "uint8"  # the same asymmetric grid, unsigned (see the int8 target)
+            acts = ActivationPolicy(name, symmetric=symmetric, method="mse")
     narrow = min(_bits(f) for f in [wfmt] + ([parse_format(parts["a"])] if acts else []))
     return Target(spec, f"composed: weights {parts['w']}" + (f", activations {parts['a']}" if acts else " (weight-only)"),
                   weights, acts, min_sqnr_db=_GATE_BY_BITS.get(narrow, 15.0))

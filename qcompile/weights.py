@@ -8,6 +8,12 @@ Symmetric only (zero point 0): s = clip / qmax for INT formats, clip / max for f
 where clip is the absolute maximum of each group (tensor, channel, or block of `size` along the
 reduction axis) times a ratio r. method="minmax" takes r = 1; method="mse" searches r on a grid
 per group and keeps the r that minimises the group's squared error ||w - DQ(Q(w))||^2.
+
+Pair bound (`spec.pairs`, `plan.PairBound`): the integer kernels of x86 CPUs without VNNI add
+the products of code pairs (q_2i, q_2i+1) in int16 with saturation. For an integer weight with a
+pair bound B, every channel whose largest same-signed pair sum P = max |q_2i + q_2i+1| exceeds B
+gets its scale multiplied by P / B (repeated until rounding agrees), so no pair can saturate;
+channels that already fit keep their scale. `pair_sums` measures P.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import onnx_ir as ir
 from qcompile import codec, storage
 from qcompile.calibrate import fake_quant
 from qcompile.formats import BlockFormat, FloatFormat, IntFormat
-from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantSpec
+from qcompile.plan import PairBound, PerBlock, PerChannel, PerTensor, QuantSpec
 
 MSE_RATIOS = np.linspace(0.5, 1.0, 26)  # clip ratios tried (step 0.02)
 LOW_BIT_RATIOS = np.linspace(0.2, 1.0, 41)  # 2- and 3-bit grids often want a clip below 0.5
@@ -38,6 +44,7 @@ class QuantizedWeight:
     zero_point: np.ndarray | None
     axis: int | None
     block_size: int | None
+    grown: int = 0  # channels whose scale the pair bound made larger (see the module doc)
 
     def dequantize(self) -> np.ndarray:
         s = codec.expand_param(self.scale, self.codes.shape, self.axis, self.block_size)
@@ -105,6 +112,10 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
             best = np.where(better, e, best)
             ratio = np.where(better, r, ratio)
     scale = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
+    grown = 0
+    if spec.pairs is not None and isinstance(fmt, IntFormat) and block is None:
+        fitted = _fit_pairs(w, scale, fmt, spec.pairs, axis)
+        grown, scale = int(np.sum(fitted != scale)), fitted
     full = codec.expand_param(scale, w.shape, axis, block)
     if isinstance(fmt, IntFormat):
         codes = codec.round_to_grid(w / full, fmt).astype(fmt.storage_dtype)
@@ -113,7 +124,54 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         codes = codec.round_to_grid(w / full, fmt)
         codes = codes.astype(fmt.ml_dtype) if fmt.ml_dtype is not None else codes
         zp = None
-    return QuantizedWeight(codes, scale, zp, axis, block)
+    return QuantizedWeight(codes, scale, zp, axis, block, grown)
+
+
+def _pair_rows(q: np.ndarray, axis: int | None, channel: int) -> np.ndarray:
+    """Codes as [channels, reduction] in the kernel's order (Conv: taps then input channel, the
+    channel innermost); axis None: the channel's codes in any order."""
+    if axis is None:
+        return np.moveaxis(q, channel, 0).reshape(q.shape[channel], -1)
+    r = np.moveaxis(q, axis, -1)
+    r = np.moveaxis(r, channel if channel < axis else channel - 1, 0)
+    return r.reshape(r.shape[0], -1)
+
+
+def pair_channel_axis(w_ndim: int, pairs: PairBound, granularity) -> int:
+    """The output-channel axis of a pair-bounded weight: the per-channel axis, else the axis the
+    reduction is not (a 2-D weight), else 0 (Conv)."""
+    if isinstance(granularity, PerChannel):
+        return granularity.axis % w_ndim
+    return 1 if pairs.axis == 0 else 0
+
+
+def pair_sums(q: np.ndarray, pairs: PairBound, channel: int) -> np.ndarray:
+    """Per output channel, the largest |q_a + q_b| over the same-signed code pairs the kernel adds:
+    pairs (2i, 2i+1) of the reduction (see `_pair_rows`), or, for an unknown pairing (axis None),
+    the two largest codes of each sign."""
+    r = _pair_rows(np.asarray(q, dtype=np.int32), pairs.axis, channel)
+    if pairs.axis is None:
+        top = lambda a: np.sort(a, axis=1)[:, -2:].sum(axis=1) if a.shape[1] >= 2 else a.max(axis=1, initial=0)  # noqa: E731
+        return np.maximum(top(np.maximum(r, 0)), top(np.maximum(-r, 0)))
+    if r.shape[1] % 2:
+        r = np.pad(r, ((0, 0), (0, 1)))
+    a, b = r[:, 0::2], r[:, 1::2]
+    return np.where(a * b > 0, np.abs(a + b), 0).max(axis=1, initial=0)
+
+
+def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBound, axis: int | None) -> np.ndarray:
+    """Grow the scale of each channel whose codes break the pair bound (see the module doc)."""
+    channel = pair_channel_axis(w.ndim, pairs, PerChannel(axis) if axis is not None else PerTensor())
+    for _ in range(64):
+        q = codec.round_to_grid(w / codec.expand_param(scale, w.shape, axis, None), fmt)
+        p = pair_sums(q, pairs, channel).astype(np.float64)
+        if axis is None:
+            p = p.max(initial=0)
+        over = p > pairs.bound
+        if not np.any(over):
+            return scale
+        scale = np.where(over, scale * (p / pairs.bound) * (1 + 1e-6), scale).astype(np.float32)
+    raise AssertionError("pair bound not reached")  # P / B shrinks every step; unreachable
 
 
 def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:

@@ -191,3 +191,80 @@ def block_probe(rng, shape, axis) -> np.ndarray:
     x[1, 0, ..., 5] = np.nan
     x[-1, -1, ..., :16] = np.arange(16) + 0.5  # ties within a block of amax 15.5
     return np.moveaxis(x, -1, axis).astype(np.float32)
+
+
+# --- other CPUs ------------------------------------------------------------------------------
+# onnxruntime picks its kernels from CPUID. qemu-user with a Haswell CPU model (AVX2, FMA, F16C; no
+# AVX-512, no VNNI) makes it dispatch the AVX2 kernels on any x86-64 host; the feature removals only
+# silence qemu's warnings about host features TCG does not emulate.
+QEMU_CPU = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"
+_AVX2_RUNNER = r"""
+import sys, numpy as np, onnxruntime as ort
+levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+out = {}
+for i, (path, feed_path, level) in enumerate(zip(sys.argv[2::3], sys.argv[3::3], sys.argv[4::3])):
+    feeds = np.load(feed_path)
+    so = ort.SessionOptions(); so.graph_optimization_level = levels[level]
+    so.intra_op_num_threads = 1; so.inter_op_num_threads = 1; so.log_severity_level = 3
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = [v.name for v in sess.get_inputs()]
+    for j, o in enumerate(sess.run(None, {n: feeds[n] for n in names})):
+        out[f"{i}:{j}"] = o
+np.savez(sys.argv[1], **out)
+"""
+
+
+def host_has_avx512_or_vnni() -> bool:
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return bool(flags & {"avx512f", "avx512_vnni", "avx_vnni"})
+
+
+def avx2_command() -> list[str]:
+    """The command prefix that runs this Python on onnxruntime's AVX2 kernels: the interpreter itself
+    on a CPU without AVX-512/VNNI, else qemu-x86_64 -cpu Haswell (skip without it; fail under CI,
+    whose .ci/run installs Debian's qemu-user)."""
+    import shutil
+    import sys
+
+    import pytest
+
+    if not host_has_avx512_or_vnni():
+        return [sys.executable]
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-x86_64 (Debian package qemu-user) is needed to test the AVX2 kernels under CI")
+        pytest.skip("qemu-x86_64 not installed (Debian package qemu-user): cannot run the AVX2 kernels here")
+    return [qemu, "-cpu", QEMU_CPU, sys.executable]
+
+
+def run_avx2(models: list, feeds: dict | list[dict], tmp_path, level: str = "all") -> list[list[np.ndarray]]:
+    """Outputs of each model (path, ModelProto or ir.Model) on `feeds` (one dict for all, or one per
+    model), computed by onnxruntime's AVX2 kernels at `level` (1 thread), in one child process."""
+    import subprocess
+
+    tmp_path = Path(tmp_path)
+    feeds = feeds if isinstance(feeds, list) else [feeds] * len(models)
+    args = []
+    for i, (m, f) in enumerate(zip(models, feeds)):
+        path = Path(m) if isinstance(m, (str, os.PathLike)) else tmp_path / f"avx2_model_{i}.onnx"
+        if not isinstance(m, (str, os.PathLike)):
+            onnx.save(to_proto(m), path)
+        np.savez(tmp_path / f"avx2_feeds_{i}.npz", **f)
+        args += [str(path), str(tmp_path / f"avx2_feeds_{i}.npz"), level]
+    script = tmp_path / "avx2_runner.py"
+    script.write_text(_AVX2_RUNNER)
+    out_path = tmp_path / "avx2_out.npz"
+    r = subprocess.run([*avx2_command(), str(script), str(out_path), *args], capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, f"AVX2 run failed:\n{r.stderr[-3000:]}"
+    out = np.load(out_path)
+    return [[out[k] for k in sorted((k for k in out.files if k.startswith(f"{i}:")), key=lambda k: int(k.split(":")[1]))]
+            for i in range(len(models))]

@@ -8,10 +8,11 @@ import pytest
 
 import tiny_models
 from qcompile.analyze import PlanOptions, make_plan
+from qcompile.backends.onnxruntime.capabilities import CAPABILITIES
 from qcompile.errors import InputError
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.normalize import NormalizePass
-from qcompile.plan import SCHEMA, InputQuant, NodePlan, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
+from qcompile.plan import SCHEMA, InputQuant, NodePlan, PairBound, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
 from qcompile.targets import TARGETS, get_target
 
 
@@ -27,13 +28,42 @@ def test_int8_plan_of_mlp():
     plan = make_plan(_prepared("mlp"), get_target("int8"))
     assert list(plan.nodes) == ["fc1", "fc2"]
     fc1, fc2 = plan.nodes["fc1"], plan.nodes["fc2"]
-    assert fc1.inputs[0] == InputQuant("x", "activation", QuantSpec("int8", PerTensor(), False, "mse"))
+    # an asymmetric 8-bit grid is stored unsigned (faster onnxruntime kernels; exact u8 x u8 products)
+    assert fc1.inputs[0] == InputQuant("x", "activation", QuantSpec("uint8", PerTensor(), False, "mse"))
     # MatMul B [K, N]: one scale per output column N (axis 1)
     assert fc1.inputs[1] == InputQuant("w1", "weight", QuantSpec("int8", PerChannel(1), True, "minmax"))
     assert not fc1.bias, "MatMul has no bias input (the bias is a separate Add)"
     # Gemm with transB=1: B is [N, K], output channel on axis 0; int32 bias for integer kernels
     assert fc2.inputs[1].spec.granularity == PerChannel(0)
     assert fc2.bias and fc2.output is None
+
+
+@pytest.mark.parametrize("cpu", ["portable", "avx2", "avx512"])
+def test_int8_plan_bounds_weight_pairs_for_cpus_without_vnni(cpu):
+    """int8 weights read by u8 x s8 kernels carry the pair bound of their reduction axis."""
+    plan = make_plan(_prepared("mlp"), get_target("int8"), PlanOptions(cpu=cpu), CAPABILITIES)
+    assert plan.nodes["fc1"].inputs[1].spec.pairs == PairBound(0, 128)  # MatMul B [K, N]: pairs along K
+    assert plan.nodes["fc2"].inputs[1].spec.pairs == PairBound(1, 128)  # Gemm transB: [N, K]
+    cnn = make_plan(_prepared("cnn"), get_target("int8"), PlanOptions(cpu=cpu), CAPABILITIES)
+    assert cnn.nodes["conv1"].inputs[1].spec.pairs == PairBound(1, 128)  # Conv [Cout, Cin, k, k]
+
+
+def test_int8_plan_has_no_pair_bound_for_vnni_or_weight_only():
+    plan = make_plan(_prepared("mlp"), get_target("int8"), PlanOptions(cpu="vnni"), CAPABILITIES)
+    assert all(q.spec.pairs is None for n in plan.nodes.values() for q in n.inputs.values())
+    for target in ("w8", "a16w8", "fp8", "w4"):  # no u8 x s8 integer kernel reads these weights
+        plan = make_plan(_prepared("mlp"), get_target(target), PlanOptions(cpu="portable"), CAPABILITIES)
+        assert all(q.spec.pairs is None for n in plan.nodes.values() for q in n.inputs.values()), target
+
+
+def test_depthwise_conv_weights_have_no_pair_bound():
+    """onnxruntime's depthwise kernels widen to 16 bits (tests/backends/test_pair_saturation.py)."""
+    m = ir.from_proto(tiny_models.depthwise_cnn())
+    NormalizePass(21, 26)(m)
+    plan = make_plan(m, get_target("int8"), PlanOptions(cpu="portable"), CAPABILITIES)
+    dw = [n.name for n in m.graph if n.op_type == "Conv" and "group" in n.attributes]
+    assert dw and all(plan.nodes[name].inputs[1].spec.pairs is None for name in dw)
+    assert any(n.inputs[1].spec.pairs is not None for name, n in plan.nodes.items() if name not in dw)
 
 
 def test_w4_plan_blocks_along_the_reduction_axis():
@@ -62,7 +92,7 @@ def test_plan_options_exclude_and_keep_last():
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("model", ["mlp", "cnn", "attention"])
 def test_plan_json_round_trip(tmp_path, model, target):
-    plan = make_plan(_prepared(model), get_target(target))
+    plan = make_plan(_prepared(model), get_target(target), PlanOptions(cpu="portable"), CAPABILITIES)
     assert plan.nodes
     # with calibrated clips on the activations
     plan = plan.with_clips({v: (-1.5, 2.25) for v in plan.activation_specs()})

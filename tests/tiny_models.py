@@ -103,6 +103,46 @@ def convnet(seed=0) -> onnx.ModelProto:
     )
 
 
+def depthwise_cnn(seed=0, c=16, expand=3) -> onnx.ModelProto:
+    """An inverted-residual (MobileNetV2 / EfficientNet-Lite) block: x[N,3,12,12] -> stem Conv 3x3 -> Relu ->
+    expand Conv 1x1 -> Clip(0, 6) -> depthwise Conv 3x3 -> Clip(0, 6) -> project Conv 1x1 -> + stem ->
+    GlobalAveragePool -> Flatten -> Gemm. Weights have heavy-tailed rows (a few large entries per output
+    channel, as trained CNNs do), so many int8 reduction pairs are large."""
+    rng = np.random.default_rng(seed)
+    ce = c * expand
+
+    def heavy(*s):
+        return rng.standard_t(3, size=s) / np.sqrt(np.prod(s[1:]))
+
+    inits = [
+        _init("k0", heavy(c, 3, 3, 3)), _init("b0", 0.1 * rng.standard_normal(c)),
+        _init("ke", heavy(ce, c, 1, 1)), _init("be", 0.1 * rng.standard_normal(ce)),
+        _init("kd", heavy(ce, 1, 3, 3)), _init("bd", 0.1 * rng.standard_normal(ce)),
+        _init("kp", heavy(c, ce, 1, 1)), _init("bp", 0.1 * rng.standard_normal(c)),
+        _init("fc_w", heavy(c, 10)), _init("fc_b", 0.1 * rng.standard_normal(10)),
+        _init("lo", np.array(0.0)), _init("hi", np.array(6.0)),
+    ]
+    nodes = [
+        h.make_node("Conv", ["x", "k0", "b0"], ["y0"], name="stem", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["y0"], ["r0"], name="stem_relu"),
+        h.make_node("Conv", ["r0", "ke", "be"], ["ye"], name="expand"),
+        h.make_node("Clip", ["ye", "lo", "hi"], ["re"], name="expand_relu6"),
+        h.make_node("Conv", ["re", "kd", "bd"], ["yd"], name="depthwise", group=ce, pads=[1, 1, 1, 1]),
+        h.make_node("Clip", ["yd", "lo", "hi"], ["rd"], name="depthwise_relu6"),
+        h.make_node("Conv", ["rd", "kp", "bp"], ["yp"], name="project"),
+        h.make_node("Add", ["yp", "r0"], ["res"], name="residual"),
+        h.make_node("GlobalAveragePool", ["res"], ["gap"], name="gap"),
+        h.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        h.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="fc"),
+    ]
+    return _model(
+        nodes,
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 12, 12])],
+        [h.make_tensor_value_info("logits", T.FLOAT, ["N", 10])],
+        inits,
+    )
+
+
 def attention(seed=0, seq=16, d=32, heads=2) -> onnx.ModelProto:
     """One pre-norm self-attention block with residual: x[N,S,D] -> LN -> QKV -> softmax(QK^T/sqrt(dh))V -> proj + x."""
     rng = np.random.default_rng(seed)

@@ -56,6 +56,7 @@ class LayerRecord:
     float_bytes: int
     quant_bytes: float
     emission: str = "DequantizeLinear"  # the op that decodes the stored weight
+    pairs: str | None = None  # how an int16 pair bound was met: permuted channels, grown channel scales
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
@@ -170,20 +171,24 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key in cache:
             return cache[key]
         arr = w.const_value.numpy()
+        pairs = None
         if native:
-            out, scale, t = self._native_weight(graph, w, q.spec)
+            out, scale, t, grown = self._native_weight(graph, w, q.spec)
+            if q.spec.pairs is not None:
+                permuted = node.metadata_props.get("qcompile.pairs")
+                pairs = "; ".join(x for x in (permuted, f"{grown} channel scales grown" if grown else None) if x) or "fits"
         else:
             t = quantize(arr, q.spec)
             out, scale = functions.dequantize(self._emit, t, self._name(w.name)), None
         self.stored[out.name] = t
         self.records.append(
             LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, t.dequantize()), arr.nbytes, t.nbytes,
-                        _op_name(out.producer()))
+                        _op_name(out.producer()), pairs)
         )
         cache[key] = (out, scale)
         return cache[key]
 
-    def _native_weight(self, graph, w: ir.Value, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor]:
+    def _native_weight(self, graph, w: ir.Value, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor, int]:
         """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of a weight."""
         fmt = spec.fmt
         qw = quantize_weight(w.const_value.numpy(), spec)
@@ -202,7 +207,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = w.shape
         graph.append(dq)
-        return dq.outputs[0], qw.scale, storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
+        return dq.outputs[0], qw.scale, storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size), qw.grown
 
     def _activation(self, graph, v: ir.Value, spec: QuantSpec, cache, consumer: str | None = None) -> tuple[ir.Value, float, float]:
         """Q/DQ of v with spec; one pair per quantized consumer (onnxruntime fuses a MatMul only when

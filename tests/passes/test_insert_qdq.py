@@ -75,11 +75,11 @@ def test_structure_int8_mlp():
     helpers.assert_pass_contract(p, model, expect_modified=True)
 
     fc1, fc2 = helpers.node_by_name(model, "fc1"), helpers.node_by_name(model, "fc2")
-    # activation: x -> Q -> DQ -> fc1, int8 affine with the plan's clip
+    # activation: x -> Q -> DQ -> fc1, 8-bit affine (stored as uint8) with the plan's clip
     dq = _producer(fc1.inputs[0])
     q = _producer(dq.inputs[0])
     assert (dq.op_type, q.op_type) == ("DequantizeLinear", "QuantizeLinear")
-    assert q.inputs[0].name == "x" and q.outputs[0].dtype == D.INT8
+    assert q.inputs[0].name == "x" and q.outputs[0].dtype == D.UINT8
     lo, hi = plan.nodes["fc1"].inputs[0].spec.clip
     sx = float(q.inputs[1].const_value.numpy())
     assert sx == pytest.approx((hi - min(lo, 0.0)) / 255, rel=1e-6)
@@ -169,7 +169,7 @@ def test_conv_output_is_quantized_after_relu_for_every_consumer():
     assert after.inputs[0] is pool.outputs[0]
     np.testing.assert_array_equal(after.inputs[1].const_value.numpy(), q.inputs[1].const_value.numpy())
     np.testing.assert_array_equal(after.inputs[2].const_value.numpy(), q.inputs[2].const_value.numpy())
-    assert int(q.inputs[2].const_value.numpy()) == -128, "post-Relu range: zero point at qmin (Relu folds)"
+    assert int(q.inputs[2].const_value.numpy()) == 0, "post-Relu range: zero point at qmin (Relu folds)"
 
 
 # --- numerics against the float graph ----------------------------------------------------------

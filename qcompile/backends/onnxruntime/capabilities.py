@@ -49,6 +49,18 @@ class Capabilities:
     # GEMV but 1.8x slower on MiniLM, where the function path (folded to float) runs at 1.0x.
     nbits_auto_max_planes: int = 1
     nbits_auto_max_planes_gemv: int = 2
+    # int16 pair saturation (MLAS u8 x s8 GEMM/conv kernels on x86 without VNNI: VPMADDUBSW adds the
+    # products of the reduction pairs (2i, 2i+1) into int16 with saturation, then sums pairs of those in
+    # int32). Activations reach the kernel as u8 codes 0..255 (s8 activations are shifted by 128), so a
+    # pair |x_2i w_2i + x_2i+1 w_2i+1| <= 32767 for every input exactly when the same-signed weight pairs
+    # have |w_2i + w_2i+1| <= 32767 // 255 = 128 (`pair_bound`). Pairs run along K of MatMul/Gemm and, for
+    # Conv, along the per-group reduction ordered (taps, input channels) with the channel innermost;
+    # depthwise Conv (one input and one output channel per group) uses a kernel that widens to 16 bits
+    # first, and u8 x u8 (both activations of an activation x activation MatMul) uses VPMADDWD on 16-bit
+    # values: both are exact. VNNI (VPDPBUSD, AVX-512 VNNI and AVX-VNNI) sums in int32, and ARM64 kernels
+    # widen too. Measured under `qemu-x86_64 -cpu Haswell`; tests/backends/test_pair_saturation.py.
+    int16_pair_saturation: frozenset = frozenset({"portable", "avx2", "avx512"})
+    int16_pair_limit: int = 32767
 
     def qdq_native(self, dtype: ir.DataType | None, opset: int | None = None) -> bool:
         first = self.qdq_min_opset.get(dtype)
@@ -56,6 +68,16 @@ class Capabilities:
 
     def min_opset(self, dtype: ir.DataType) -> int:
         return self.qdq_min_opset[dtype]
+
+    def pair_bound(self, cpu: str, weight_dtype: ir.DataType | None, activation_fmt) -> int | None:
+        """The bound on same-signed int8 weight pairs that keeps the integer kernels of `cpu` from
+        saturating, for activations of `activation_fmt` (None: no constraint)."""
+        if cpu not in self.int16_pair_saturation or weight_dtype != D.INT8:
+            return None
+        if activation_fmt.onnx_dtype not in self.integer_fusion:
+            return None
+        span = activation_fmt.qmax - activation_fmt.qmin  # the u8 codes the kernel sees: 0..span
+        return self.int16_pair_limit // span if span * 2 * 128 > self.int16_pair_limit else None
 
 
 CAPABILITIES = Capabilities()
