@@ -112,7 +112,7 @@ def round_robin(sessions: dict, feed: dict, runs: int, warmup: int) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lib", action="append", default=[], metavar="LABEL=PATH", help="an extra library build")
-    ap.add_argument("--isa", action="append", help="ISA builds of these sources (default: all this CPU runs)")
+    ap.add_argument("--isa", action="append", help="ISA builds of these sources (default: all this CPU runs; '' for none)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--rows", type=int, default=128)
     ap.add_argument("--runs", type=int, default=30)
@@ -126,7 +126,7 @@ def main() -> None:
     if os.path.exists("/proc/cpuinfo"):
         line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "flags:")
         flags = set(line.split(":", 1)[1].split())
-    isas = args.isa or [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags]
+    isas = [i for i in args.isa if i] if args.isa else [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags]
     libs = {label: Path(path) for label, path in (s.split("=", 1) for s in args.lib)}
     libs |= {isa: native.build(isa=isa) for isa in isas}
     rows = []

@@ -6,11 +6,12 @@
 //     dot_column       one row: decode 64 weights per step (below), FMA with x in kPerm order;
 //     gemv512          the same on 128 weights per 512-bit step (AVX-512 builds);
 //     decode_column    4-15 rows: a tile of columns decoded once (scaled) and dotted per row;
-//     gemm_float       >= 16 rows (AVX-512): rows in the lanes, columns decoded to w * s once.
+//     gemm_float       >= 16 rows: rows in the lanes (16 or 8), columns decoded to w * s once.
 //   integer paths      act = mxfp4 / nvfp4 (W4A4): exact int32 block sums (matmul_int):
 //     lane_dot_column  weight and activation blocks that differ: per 8-k lane scales;
 //     block_dot_rows   coinciding blocks: a group of blocks decoded once per 1 or 4 rows;
-//     gemm_int         >= 8 rows (AVX-512): rows in the int32 lanes, weight dwords broadcast.
+//     gemm_int         >= half a panel (8 / 4 rows): rows in the int32 lanes, weight dwords
+//                      broadcast (vpdpbusd; vpmaddubsw + vpmaddwd without VNNI).
 //
 // The float decode: 64 weights (32 bytes of one column) per step.
 //   1. nibbles: lo = byte & 15 (even k), hi = byte >> 4 (odd k).
@@ -753,8 +754,8 @@ struct Lanes {  // 8 lanes of 256 bits (16 registers)
   using F = __m256;
   using I = __m256i;
   static constexpr int kWidth = 8;
-  static constexpr int kIntCols = 4;    // measured: 4 (13 registers) beats 3, 5 and 6
-  static constexpr int kFloatCols = 6;  // 2 panels x 6 columns: 12 accumulators, 2 rows, 1 broadcast
+  static constexpr int kIntCols = 4;    // measured: 4 (13 registers) ~ 5, ahead of 3 and 6
+  static constexpr int kFloatCols = 6;  // 2 panels x 6: 12 accumulators + 2 rows + 1 broadcast (measured: 4-7)
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
@@ -782,7 +783,9 @@ struct Lanes {  // 8 lanes of 256 bits (16 registers)
 };
 #endif
 constexpr int64_t kPanel = Lanes::kWidth;
-constexpr int64_t kGemmMinRows = 8;  // measured (W4A4): from 8 rows on this beats 4-row blocks on both widths
+// W4A4: from half a panel on this beats the 4-row blocks (measured: 8 rows on AVX-512, 1.5x there;
+// 4 on AVX2, 2.4x at 6 rows)
+constexpr int64_t kGemmMinRows = kPanel / 2;
 
 // --- W4A4 GEMM (coinciding blocks) ---------------------------------------------------------------
 // x is packed per panel of kPanel rows as [k / 4][row][4 bytes] (natural k order), so one

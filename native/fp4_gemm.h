@@ -57,7 +57,8 @@ int64_t act_block_size(ActQuant act);
 void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out);
 
 // From this many rows on, the AVX builds' float paths use gemm_float_columns (measured: below it
-// the 4-row column tiles are faster, on 256- and 512-bit builds alike).
+// the 4-row column tiles are faster, on 256- and 512-bit builds alike: one or two 8-row panels
+// do not repay decoding every column to float).
 constexpr int64_t kFloatGemmMinRows = 16;
 
 // Shared with the other kernels (AVX2 builds): y[M, N] = x[M, K] @ W, W given column by column:
