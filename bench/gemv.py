@@ -143,6 +143,7 @@ def main() -> None:
                                  lowering=lowering, accuracy_level=level)
             if level == "auto":
                 row["accuracy_level"] = chosen = r.report["accuracy_level"]["level"]
+                row["accuracy_level_reason"] = r.report["accuracy_level"]["reason"]
                 row["config"] = f"{label}: level {chosen}"
             out = work / "q.onnx"
             file_bytes = qcompile.save_model(r.model, out)
