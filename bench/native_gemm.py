@@ -53,10 +53,10 @@ def node_model(config: str, k: int, n: int, seed: int = 0):
         y = node.outputs[0]
         y.dtype = ir.DataType.FLOAT
         graph.append(node)
-    elif config == "fp8":
+    elif config == "fp8":  # E4M3FN values with a scale per output column
         scale = (np.abs(w).max(axis=0) / 448.0).astype(np.float32)
-        codes = (w / scale).astype(ml_dtypes.float8_e4m3fn)
-        y = _emit_f8(graph, x, codes.view(np.uint8), scale)
+        values = (w / scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        y = native.emit_matmul_f8(graph, x, storage.from_scalar(values, scale, FORMATS["e4m3fn"], 1, None), "mm")
     else:
         fmt = FORMATS[config.removeprefix("w:")]
         t = storage.from_block(codec.quantize_block(w, fmt, axis=0), fmt)
@@ -66,23 +66,6 @@ def node_model(config: str, k: int, n: int, seed: int = 0):
     y.name = "y"
     graph.outputs.append(y)
     return ir.to_proto(ir.Model(graph, ir_version=10))
-
-
-def _emit_f8(graph, x, codes_kn: np.ndarray, scale: np.ndarray):
-    import onnx_ir as ir
-
-    from qcompile import native
-
-    k, n = codes_kn.shape
-    wc = ir.Value(name="w", const_value=ir.tensor(np.ascontiguousarray(codes_kn.T), name="w"))
-    ws = ir.Value(name="s", const_value=ir.tensor(scale, name="s"))
-    graph.register_initializer(wc)
-    graph.register_initializer(ws)
-    graph.opset_imports[native.DOMAIN] = native.VERSION
-    node = ir.node(native.F8_OP, [x, wc, ws], {"K": k, "N": n, "fmt": "e4m3fn"}, domain=native.DOMAIN, name="mm")
-    node.outputs[0].dtype = ir.DataType.FLOAT
-    graph.append(node)
-    return node.outputs[0]
 
 
 def session(proto, lib: Path | None):

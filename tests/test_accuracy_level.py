@@ -26,6 +26,7 @@ from onnx import numpy_helper as nh
 import qcompile
 import tiny_models
 from qcompile.backends.onnxruntime.accuracy_level import MARGIN_DB
+from qcompile.backends.onnxruntime.session import make_session
 from qcompile.errors import InputError
 
 QEMU_CPU = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"  # AVX2 + FMA + F16C, no AVX-512
@@ -191,6 +192,6 @@ def test_level_4_choice_holds_on_avx2(mlp, tmp_path):
     f, y0, y4 = out["f"].astype(np.float64), out["y0"], out["y4"]
     weight_error, change = np.sum((f - y0) ** 2), np.sum((y0.astype(np.float64) - y4) ** 2)
     assert change <= weight_error * 10 ** (-MARGIN_DB / 10), 10 * np.log10(weight_error / change)
-    here = qcompile.backends.onnxruntime.session.make_session(r.model).run(None, {"x": x})[0]
+    here = make_session(r.model).run(None, {"x": x})[0]
     assert abs(sqnr(f, y4) - sqnr(f, here)) < 0.1
     assert sqnr(here, y4) > sqnr(f, here) + 2 * MARGIN_DB, (sqnr(here, y4), sqnr(f, here))

@@ -651,3 +651,22 @@ def test_fp8_native_lowering_runs_weights_in_matmul_f8():
     got = ort.InferenceSession(out.SerializeToString(), native.session_options(session_options("all")),
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
+def test_prefill_bench_runs(lib, tmp_path):
+    """bench/native_gemm.py (the README's per-ISA prefill table) runs end to end: every row has a
+    positive median for the library and for onnxruntime's float MatMul."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "native_gemm.py"
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(script), "--isa", native.detect_isa(), "--configs", "mxfp4,fp8",
+                        "--runs", "2", "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["config"], row["k"], row["n"]) for row in rows][:3] == [("mxfp4", 384, 384), ("mxfp4", 384, 1536),
+                                                                        ("mxfp4", 1536, 384)]
+    assert len(rows) == 6 and all(min(row["ms"].values()) > 0 for row in rows), rows
