@@ -670,3 +670,57 @@ def test_prefill_bench_runs(lib, tmp_path):
     assert [(row["config"], row["k"], row["n"]) for row in rows][:3] == [("mxfp4", 384, 384), ("mxfp4", 384, 1536),
                                                                         ("mxfp4", 1536, 384)]
     assert len(rows) == 6 and all(min(row["ms"].values()) > 0 for row in rows), rows
+
+
+QEMU_AVX2 = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"  # AVX2 + FMA + F16C, no AVX-512 / VNNI
+QEMU_SCRIPT = r"""
+import sys
+import numpy as np, onnxruntime as ort
+from numpy._core._multiarray_umath import __cpu_features__ as cpu
+
+lib, out, *models = sys.argv[1:]
+feeds = np.load("feeds.npz")
+so = ort.SessionOptions()
+so.intra_op_num_threads = 1
+so.register_custom_ops_library(lib)
+ys = {f"{i}_{r}": ort.InferenceSession(m, so, providers=["CPUExecutionProvider"]).run(None, {"x": feeds[r]})[0]
+      for i, m in enumerate(models) for r in feeds.files}
+np.savez(out, avx512=cpu["AVX512F"], **ys)
+"""
+
+
+def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
+    """The avx2 build (the AVX2 GEMMs included) on an emulated Haswell (`qemu-x86_64 -cpu Haswell`:
+    no AVX-512, no VNNI) returns the same bits as on this CPU for W4A4, weight-only and float8
+    weights at 1, 5 and 37 rows: it needs nothing beyond AVX2 + FMA + F16C."""
+    import shutil
+    import subprocess
+    import sys
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-x86_64 (Debian package qemu-user) is needed under CI")
+        pytest.skip("qemu-x86_64 not installed")
+    avx2 = native.build(isa="avx2")
+    k = 200
+    protos = [model(weight_bs("mxfp4", k, 11, 32, seed=1), ["M", k], act="mxfp4"),
+              model(weight_bs("nvfp4", k, 11, 16, seed=2), ["M", k], act="nvfp4", act_tensor_scale=0.0123),
+              model(weight_bs("nvfp4", k, 11, 16, seed=3), ["M", k]),
+              f8_model(np.random.default_rng(4).integers(0, 0x7E, (11, k)).astype(np.uint8),
+                       np.full(11, 0.5, np.float32), "e4m3fn", ["M", k])]
+    feeds = {str(r): act_inputs("mxfp4", r, k, seed=r, magnitudes=(-3, 0, 1)) for r in (1, 5, 37)}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    paths = []
+    for i, p in enumerate(protos):
+        paths.append(tmp_path / f"m{i}.onnx")
+        onnx.save(p, paths[-1])
+    (tmp_path / "run.py").write_text(QEMU_SCRIPT)
+    r = subprocess.run([qemu, "-cpu", QEMU_AVX2, sys.executable, "run.py", str(avx2), "out.npz", *map(str, paths)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert not got.pop("avx512"), "the emulated CPU must hide AVX-512"
+    for i, p in enumerate(protos):
+        for rows, x in feeds.items():
+            assert_bits_equal(got[f"{i}_{rows}"], native_session(avx2, p).run(None, {"x": x})[0], f"model {i}, {rows} rows")
