@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -109,10 +108,7 @@ def main() -> None:
 
     from qcompile import native
 
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
+    flags = native.cpu_flags()
     isas = [i for i in args.isa if i] if args.isa else [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags]
     libs = {label: Path(path) for label, path in (s.split("=", 1) for s in args.lib)}
     libs |= {isa: native.build(isa=isa) for isa in isas}

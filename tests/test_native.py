@@ -297,10 +297,7 @@ def test_act_matches_numpy(lib, act, tensor_scale, wfmt, k, n, rows):
 
 def cpu_isas() -> list[str]:
     """Every native build this CPU runs: each ISA_FLAGS entry whose CPU flags it has, and scalar."""
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
+    flags = native.cpu_flags()
     return [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags] + ["scalar"]
 
 
@@ -685,14 +682,16 @@ so.intra_op_num_threads = 1
 so.register_custom_ops_library(lib)
 ys = {f"{i}_{r}": ort.InferenceSession(m, so, providers=["CPUExecutionProvider"]).run(None, {"x": feeds[r]})[0]
       for i, m in enumerate(models) for r in feeds.files}
-np.savez(out, avx512=cpu["AVX512F"], **ys)
+from qcompile import native
+np.savez(out, avx512=cpu["AVX512F"], isa=native.detect_isa(), **ys)
 """
 
 
 def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
     """The avx2 build (the AVX2 GEMMs included) on an emulated Haswell (`qemu-x86_64 -cpu Haswell`:
     no AVX-512, no VNNI) returns the same bits as on this CPU for W4A4, weight-only and float8
-    weights at 1, 5 and 37 rows: it needs nothing beyond AVX2 + FMA + F16C."""
+    weights at 1, 5 and 37 rows: it needs nothing beyond AVX2 + FMA + F16C. There `detect_isa()`
+    says avx2, though qemu shows the host's /proc/cpuinfo (cpuid decides)."""
     import shutil
     import subprocess
     import sys
@@ -721,6 +720,7 @@ def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     got = dict(np.load(tmp_path / "out.npz"))
     assert not got.pop("avx512"), "the emulated CPU must hide AVX-512"
+    assert str(got.pop("isa")) == "avx2"
     for i, p in enumerate(protos):
         for rows, x in feeds.items():
             assert_bits_equal(got[f"{i}_{rows}"], native_session(avx2, p).run(None, {"x": x})[0], f"model {i}, {rows} rows")
