@@ -2,7 +2,7 @@
 
 Issue 9 ("What to build", portable emission, last sentence): the default `w4` ran MatMulNBits at
 accuracy level 0 (float activations), 1.1x float at batch 1 on AVX2 CPUs. `auto` keeps level 4
-(int8 activations, 2.5x faster at batch 1 here) iff validation measures its change to every output
+(int8 activations, 2.3-2.6x faster at batch 1 here) iff validation measures its change to every output
 >= 20 dB below the 4-bit weight error, reports the choice and why, and keeps level 0 where int8
 activations would cost (an outlier channel setting a block's int8 scale). The level-4 choice made on
 this CPU also holds on AVX2: the same model run under `qemu-x86_64 -cpu Haswell` (onnxruntime's

@@ -4,7 +4,7 @@ MatMulNBits at accuracy_level 0 multiplies the float activation by the dequantiz
 the output equals qcompile's simulation. At level 4 onnxruntime's MLAS first quantizes each row
 of the activation to int8 per block of the weight's block size along K (symmetric, scale = block
 amax / 127) and sums each block as int32 dot products of int8 activations and 4-bit weights, scaled
-once per block: ~2.5x faster at batch 1 on this machine (the GEMV chain, README "Decode speed"),
+once per block: 2.3-2.6x faster at batch 1 on this machine (the GEMV chain, README "Decode speed"),
 because it does 32 multiply-adds per vector instruction (vpdpbusd, or vpmaddubsw + vpmaddwd)
 where level 0 converts every weight to float for 8 (AVX2) or 16 (AVX-512) FMAs.
 
