@@ -6,7 +6,8 @@
 
 Each configuration (target x lowering x MatMulNBits accuracy level) compiles the chain with
 `qcompile.compile` (its own validation off: every row measures output SQNR against the float model
-on 4 held-out vectors). Then the float and the compiled model run at batch 1 in onnxruntime
+on 4 held-out vectors; the `auto` level needs the validation run, with no floor, and the row
+records the level it chose). Then the float and the compiled model run at batch 1 in onnxruntime
 ENABLE_ALL sessions with one thread, alternately (`qcompile.bench.latency`: `--warmup` runs each,
 then `--runs` pairs whose order flips every pair); medians. speedup = median float ms / median compiled ms.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import tempfile
@@ -52,6 +54,7 @@ CONFIGS = [
     # FP8 (E4M3 weights and activations): onnxruntime dequantizes the weights every run
     ("fp8, DequantizeLinear + MatMul", "fp8", "auto", 0),
     ("fp8, native MatMulF8", "fp8", "native", 0),
+    ("w4 (int4, 1 plane), auto level (the default)", "w4", "auto", "auto"),
 ]
 KERNEL_OPS = ("MatMul", "MatMulNBits", "MatMulFp4", "MatMulF8", "Gemm", "FusedMatMul", "DequantizeLinear")
 
@@ -136,8 +139,12 @@ def main() -> None:
                     rows.append(row | {"error": str(e)})
                     continue
             t0 = time.perf_counter()
-            r = qcompile.compile(model, target, calib=calib, eval=ev, validate=False, lowering=lowering,
-                                 accuracy_level=level)
+            r = qcompile.compile(model, target, calib=calib, eval=ev, validate=level == "auto", min_sqnr=-math.inf,
+                                 lowering=lowering, accuracy_level=level)
+            if level == "auto":
+                row["accuracy_level"] = chosen = r.report["accuracy_level"]["level"]
+                row["accuracy_level_reason"] = r.report["accuracy_level"]["reason"]
+                row["config"] = f"{label}: level {chosen}"
             out = work / "q.onnx"
             file_bytes = qcompile.save_model(r.model, out)
             row["compile_s"] = round(time.perf_counter() - t0, 1)

@@ -3,8 +3,8 @@
 // GEMV (one row): per column, 16 codes per step (8 on AVX2) become float16 bits by shifts and
 // masks, then float32 by vcvtph2ps, and one FMA with x; the column's scale (times 2**8 for E4M3)
 // multiplies the sum once. More rows: each column decoded once to a buffer and dotted with every
-// row; from 16 rows on AVX-512 builds, columns decoded once per tile and fed to fp4_gemm.cc's
-// panel kernel (gemm_float_columns).
+// row; from kFloatGemmMinRows rows on (AVX2 builds), columns decoded once per tile and fed to
+// fp4_gemm.cc's panel kernel (gemm_float_columns).
 #include "f8_gemm.h"
 
 #include <cmath>
@@ -98,22 +98,26 @@ float decode_f8(uint8_t code, bool e5m2) {
 
 void matmul_f8(const float* x, int64_t m, const F8Weight& w, float* y) {
   const float unit = w.e5m2 ? 1.0f : 256.0f;  // half(code) * unit is the code's value, exactly
-#ifdef QCN_AVX512
-  if (m >= 16) {
+#ifdef QCN_AVX2
+  if (m >= kFloatGemmMinRows) {  // every element (half(code) * unit) * scale: the same bits on every path
     const int64_t kp = (w.k + 15) / 16 * 16;
     gemm_float_columns(x, m, w.k, kp, w.n, [&](int64_t n, float* dst) {
       const uint8_t* q = w.codes + n * w.k;
-      const __m512 s = _mm512_set1_ps(w.scales[n]);
-      const __m512 u = _mm512_set1_ps(unit);
       int64_t i = 0;
-      for (; i + 16 <= w.k; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(decode16(q + i, w.e5m2), u), s));
+#ifdef QCN_AVX512
+      const __m512 s16 = _mm512_set1_ps(w.scales[n]), u16 = _mm512_set1_ps(unit);
+      for (; i + 16 <= w.k; i += 16) _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_mul_ps(decode16(q + i, w.e5m2), u16), s16));
+#endif
+      const __m256 s8 = _mm256_set1_ps(w.scales[n]), u8 = _mm256_set1_ps(unit);
+      for (; i + 8 <= w.k; i += 8) {
+        const __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(half_bits8(c, w.e5m2)), u8), s8));
+      }
       for (; i < w.k; ++i) dst[i] = decode_f8(q[i], w.e5m2) * w.scales[n];
       for (; i < kp; ++i) dst[i] = 0.0f;
     }, y);
     return;
   }
-#endif
-#ifdef QCN_AVX2
   if (m > 1) {  // several rows: decode each column once (to half(code), exact) and dot it with every row
     std::vector<float> col(static_cast<size_t>(w.k));
     for (int64_t n = 0; n < w.n; ++n) {

@@ -7,7 +7,7 @@
 //           included); 0x7F / 0xFF are NaN,
 // converted with F16C (vcvtph2ps, which honours half subnormals regardless of MXCSR.DAZ).
 // The sum over k is float32: per column, y = scale * sum_k x_k * decode(code_k) (GEMV), or
-// sum_k x_k * (decode(code_k) * scale) with a decoded column (GEMM, AVX-512, >= 16 rows).
+// sum_k x_k * (decode(code_k) * scale) with a decoded column (GEMM, AVX2 builds, >= 16 rows).
 #pragma once
 
 #include <cstdint>

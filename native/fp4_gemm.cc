@@ -6,11 +6,12 @@
 //     dot_column       one row: decode 64 weights per step (below), FMA with x in kPerm order;
 //     gemv512          the same on 128 weights per 512-bit step (AVX-512 builds);
 //     decode_column    4-15 rows: a tile of columns decoded once (scaled) and dotted per row;
-//     gemm_float       >= 16 rows (AVX-512): rows in the lanes, columns decoded to w * s once.
+//     gemm_float       >= 16 rows: rows in the lanes (16 or 8), columns decoded to w * s once.
 //   integer paths      act = mxfp4 / nvfp4 (W4A4): exact int32 block sums (matmul_int):
 //     lane_dot_column  weight and activation blocks that differ: per 8-k lane scales;
 //     block_dot_rows   coinciding blocks: a group of blocks decoded once per 1 or 4 rows;
-//     gemm_int         >= 8 rows (AVX-512): rows in the int32 lanes, weight dwords broadcast.
+//     gemm_int         >= half a panel (8 / 4 rows): rows in the int32 lanes, weight dwords
+//                      broadcast (vpdpbusd; vpmaddubsw + vpmaddwd without VNNI).
 //
 // The float decode: 64 weights (32 bytes of one column) per step.
 //   1. nibbles: lo = byte & 15 (even k), hi = byte >> 4 (odd k).
@@ -370,9 +371,7 @@ void gemv512(const Decoder& d256, const float* x, const Fp4Weight& w, float* y) 
 }
 #endif  // QCN_AVX512
 
-#ifdef QCN_AVX512
 void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y);
-#endif
 
 template <int BS>
 void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
@@ -382,8 +381,8 @@ void matmul_avx2(const float* x, int64_t m, const Fp4Weight& w, float* y) {
     for (int64_t r = 0; r < m; ++r) gemv512<BS == 0 ? 16 : BS>(d, x + r * w.k, w, y + r * w.n);
     return;
   }
-  if (m >= 16) return gemm_float(x, m, w, y);  // a full panel: fewer rows do not repay the float decode
 #endif
+  if (m >= kFloatGemmMinRows) return gemm_float(x, m, w, y);
   const int64_t kp = padded_k(w.k, w.block_size), steps = kp / kStep, nb = kp / w.block_size;
   std::vector<float> xp(static_cast<size_t>(m * kp));
   for (int64_t r = 0; r < m; ++r) permute_x(kPerm, x + r * w.k, w.k, kp, xp.data() + r * kp);
@@ -719,15 +718,80 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int64_t kx, int64_t chu
   }
 }
 
+// --- GEMM paths: rows in the vector lanes -------------------------------------------------------
+// From kGemmMinRows (W4A4) / kFloatGemmMinRows (float activations) rows on, one vector holds one
+// value of each of kPanel rows (16 on AVX-512 builds, 8 on AVX2 ones), so a broadcast weight (one
+// float, or one dword of 4 weight bytes) times one vector load updates every row's lane with no
+// horizontal sums, and each weight column is decoded once per call. Both widths run the same
+// operations per lane in the same order: every AVX build computes the same bits here.
 #ifdef QCN_AVX512
-// --- W4A4 GEMM (M >= kGemmMinRows, coinciding blocks): 16 rows in the 16 int32 lanes ------------
-// x is packed per panel of 16 rows as [k / 4][row][4 bytes] (natural k order), so one vpdpbusd of
-// a broadcast weight dword (4 consecutive k of one column, as u8 2w + 12) adds 4 products to every
-// row's lane, with no horizontal sums: per (block, column) the lanes are offset-corrected,
-// converted and scaled once. Columns are decoded to such bytes once per tile of kGemmCols.
-constexpr int64_t kPanel = 16;
-constexpr int kGemmCols = 8;          // 8 independent vpdpbusd chains hide their latency
-constexpr int64_t kGemmMinRows = 8;   // measured: from 8 rows on this beats 4-row blocks (1.5x at 8)
+struct Lanes {  // 16 lanes of 512 bits
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kWidth = 16;
+  static constexpr int kIntCols = 8;    // 8 vpdpbusd chains + 8 float accumulators hide the latencies
+  static constexpr int kFloatCols = 8;  // 2 panels x 8 columns: 16 FMA accumulators
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F bytes(const uint8_t* p) {  // kWidth unsigned bytes as floats
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static I izero() { return _mm512_setzero_si512(); }
+  static I iload(const void* p) { return _mm512_loadu_si512(p); }
+  static I iset1(int32_t v) { return _mm512_set1_epi32(v); }
+  // acc + per 32-bit lane the 4 products u8(w) * s8(x); finish: the int32 lane sums
+  static I dot4(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static I finish(I acc) { return acc; }
+  static F minus_to_float(I a, I b) { return _mm512_cvtepi32_ps(_mm512_sub_epi32(a, b)); }
+};
+#else
+struct Lanes {  // 8 lanes of 256 bits (16 registers)
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kWidth = 8;
+  static constexpr int kIntCols = 4;    // measured: 4 (13 registers) ~ 5, ahead of 3 and 6
+  static constexpr int kFloatCols = 6;  // 2 panels x 6: 12 accumulators + 2 rows + 1 broadcast (measured: 4-7)
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F bytes(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static I izero() { return _mm256_setzero_si256(); }
+  static I iload(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
+#ifdef QCN_VNNI
+  static I dot4(I acc, I w, I x) { return QCN_DPBUSD(acc, w, x); }
+  static I finish(I acc) { return acc; }
+#else
+  // Without VNNI: vpmaddubsw adds each pair u * x + u' * x' in int16, then the block's pairs are
+  // added in int16 and vpmaddwd widens once per block. |pair| <= 2 * 24 * 12 = 576 and a block
+  // has at most 32 / 4 = 8 pairs per lane: |sum| <= 4608 < 2**15, so nothing saturates or wraps.
+  static I dot4(I acc, I w, I x) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x)); }
+  static I finish(I acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+#endif
+  static F minus_to_float(I a, I b) { return _mm256_cvtepi32_ps(_mm256_sub_epi32(a, b)); }
+};
+#endif
+constexpr int64_t kPanel = Lanes::kWidth;
+// W4A4: from half a panel on this beats the 4-row blocks (measured: 8 rows on AVX-512, 1.5x there;
+// 4 on AVX2, 2.4x at 6 rows)
+constexpr int64_t kGemmMinRows = kPanel / 2;
+
+// --- W4A4 GEMM (coinciding blocks) ---------------------------------------------------------------
+// x is packed per panel of kPanel rows as [k / 4][row][4 bytes] (natural k order), so one
+// dot4 of a broadcast weight dword (4 consecutive k of one column, as u8 2w + 12) adds 4 products
+// to every row's lane: per (block, column) the lanes are offset-corrected, converted and scaled
+// once. Columns are decoded to such bytes once per tile of kIntCols.
 
 // The u8 bytes 2w + 12 of kp weights (kp / 2 code bytes at q), in natural k order.
 void decode_natural(const IntDecoder& d, const uint8_t* q, int64_t kp, uint8_t* out) {
@@ -745,32 +809,33 @@ void decode_natural(const IntDecoder& d, const uint8_t* q, int64_t kp, uint8_t* 
 template <int BS, int C>
 void gemm_panel(const int8_t* xc, const int32_t* xo, const float* xs, const uint8_t* const* w,
                 const float* const* ws, int64_t nblocks, float (*out)[kPanel]) {
-  __m512 acc[C];
-  for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+  using L = Lanes;
+  L::F acc[C];
+  for (int c = 0; c < C; ++c) acc[c] = L::zero();
   for (int64_t b = 0; b < nblocks; ++b) {
-    __m512i sums[C];
-    for (int c = 0; c < C; ++c) sums[c] = _mm512_setzero_si512();
+    L::I sums[C];
+    for (int c = 0; c < C; ++c) sums[c] = L::izero();
     for (int t = 0; t < BS / 4; ++t) {
-      const __m512i xv = _mm512_loadu_si512(xc + (b * (BS / 4) + t) * 64);
+      const L::I xv = L::iload(xc + (b * (BS / 4) + t) * kPanel * 4);
       for (int c = 0; c < C; ++c) {
         int32_t dword;
         std::memcpy(&dword, w[c] + b * BS + 4 * t, 4);
-        sums[c] = _mm512_dpbusd_epi32(sums[c], _mm512_set1_epi32(dword), xv);
+        sums[c] = L::dot4(sums[c], L::iset1(dword), xv);
       }
     }
-    const __m512i offset = _mm512_loadu_si512(xo + b * kPanel);
-    const __m512 sx = _mm512_loadu_ps(xs + b * kPanel);
+    const L::I offset = L::iload(xo + b * kPanel);
+    const L::F sx = L::load(xs + b * kPanel);
     for (int c = 0; c < C; ++c)
-      acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sums[c], offset)),
-                               _mm512_mul_ps(_mm512_set1_ps(ws[c][b]), sx), acc[c]);
+      acc[c] = L::fma(L::minus_to_float(L::finish(sums[c]), offset), L::mul(L::set1(ws[c][b]), sx), acc[c]);
   }
-  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[c], acc[c]);
+  for (int c = 0; c < C; ++c) L::store(out[c], acc[c]);
 }
 
 // y = fq(x) @ W for m >= kGemmMinRows; x's rows quantized as in quantize_rows (natural order, group BS).
 template <int BS>
 void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, const int32_t* offset,
               const float* scale, int64_t m, int64_t kx, const Fp4Weight& w, float* y) {
+  constexpr int kCols = Lanes::kIntCols;
   const int64_t kp = padded_k(w.k, w.block_size), nb = kp / BS, panels = (m + kPanel - 1) / kPanel;
   // Pack: panel p, k / 4 = j, row r: 4 codes; offsets and scales [block][row]; rows past m are 0.
   std::vector<int8_t> xc(static_cast<size_t>(panels * kp * kPanel), 0);
@@ -785,13 +850,13 @@ void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, 
       xs[(p * nb + b) * kPanel + lane] = scale[r * (kx / BS) + b];
     }
   }
-  std::vector<uint8_t> wdec(static_cast<size_t>(kGemmCols * kp));
-  std::vector<float> wsc(static_cast<size_t>(kGemmCols * nb));
-  float out[kGemmCols][kPanel];
-  for (int64_t n0 = 0; n0 < w.n; n0 += kGemmCols) {
-    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, w.n - n0));
-    const uint8_t* wp[kGemmCols];
-    const float* sp[kGemmCols];
+  std::vector<uint8_t> wdec(static_cast<size_t>(kCols * kp));
+  std::vector<float> wsc(static_cast<size_t>(kCols * nb));
+  float out[kCols][kPanel];
+  for (int64_t n0 = 0; n0 < w.n; n0 += kCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kCols, w.n - n0));
+    const uint8_t* wp[kCols];
+    const float* sp[kCols];
     for (int c = 0; c < cols; ++c) {
       decode_natural(d, w.codes + (n0 + c) * (kp / 2), kp, &wdec[c * kp]);
       const uint8_t* s = w.scales + (n0 + c) * nb;
@@ -805,8 +870,8 @@ void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, 
       const int8_t* pc = &xc[p * (kp / 4) * kPanel * 4];
       const int32_t* po = &xo[p * nb * kPanel];
       const float* ps = &xs[p * nb * kPanel];
-      if (cols == kGemmCols) {
-        gemm_panel<BS, kGemmCols>(pc, po, ps, wp, sp, nb, out);
+      if (cols == kCols) {
+        gemm_panel<BS, kCols>(pc, po, ps, wp, sp, nb, out);
       } else {
         for (int c = 0; c < cols; ++c) gemm_panel<BS, 1>(pc, po, ps, wp + c, sp + c, nb, out + c);
       }
@@ -816,12 +881,12 @@ void gemm_int(const IntDecoder& d, const ScaleDecoder& sd, const int8_t* codes, 
   }
 }
 
-// --- float GEMM (weights x float activations, M >= kPanel rows) ---------------------------------
-// The same layout in float: x packed per panel as [k][16 rows], each column decoded once per tile
-// to float32 w * s in natural k order, and one FMA of a broadcast weight per (k, column, panel).
-// Two panels share each broadcast: 16 accumulators, FMA-bound.
+// --- float GEMM (weights x float activations) ----------------------------------------------------
+// The same layout in float: x packed per panel as [k][kPanel rows], each column decoded once per
+// tile to float32 w * s in natural k order, and one FMA of a broadcast weight per (k, column,
+// panel). Two panels share each broadcast: FMA-bound.
 
-// x rows r0 .. r0 + 16 (those < m) as [kp][16], zero past k and m.
+// x rows r0 .. r0 + kPanel (those < m) as [kp][kPanel], zero past k and m.
 void pack_panel(const float* x, int64_t m, int64_t k, int64_t kp, int64_t r0, float* out) {
   std::fill(out, out + kp * kPanel, 0.0f);
   for (int64_t r = r0; r < std::min(m, r0 + kPanel); ++r)
@@ -830,33 +895,35 @@ void pack_panel(const float* x, int64_t m, int64_t k, int64_t kp, int64_t r0, fl
 
 template <int P, int C>
 void gemm_float_panels(const float* xp, int64_t kp, const float* const* w, float (*out)[C][kPanel]) {
-  __m512 acc[P][C];
+  using L = Lanes;
+  L::F acc[P][C];
   for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) acc[p][c] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) acc[p][c] = L::zero();
   for (int64_t j = 0; j < kp; ++j) {
-    __m512 xv[P];
-    for (int p = 0; p < P; ++p) xv[p] = _mm512_loadu_ps(xp + (p * kp + j) * kPanel);
+    L::F xv[P];
+    for (int p = 0; p < P; ++p) xv[p] = L::load(xp + (p * kp + j) * kPanel);
     for (int c = 0; c < C; ++c) {
-      const __m512 wv = _mm512_set1_ps(w[c][j]);
-      for (int p = 0; p < P; ++p) acc[p][c] = _mm512_fmadd_ps(wv, xv[p], acc[p][c]);
+      const L::F wv = L::set1(w[c][j]);
+      for (int p = 0; p < P; ++p) acc[p][c] = L::fma(wv, xv[p], acc[p][c]);
     }
   }
   for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[p][c], acc[p][c]);
+    for (int c = 0; c < C; ++c) L::store(out[p][c], acc[p][c]);
 }
 
 }  // namespace
 
 void gemm_float_columns(const float* x, int64_t m, int64_t k, int64_t kp, int64_t n,
                         const std::function<void(int64_t, float*)>& decode, float* y) {
+  constexpr int kCols = Lanes::kFloatCols;
   const int64_t panels = (m + kPanel - 1) / kPanel;
   std::vector<float> xp(static_cast<size_t>(panels * kp * kPanel));
   for (int64_t p = 0; p < panels; ++p) pack_panel(x, m, k, kp, p * kPanel, &xp[p * kp * kPanel]);
-  std::vector<float> wf(static_cast<size_t>(kGemmCols * kp));
-  float out[2][kGemmCols][kPanel];
-  for (int64_t n0 = 0; n0 < n; n0 += kGemmCols) {
-    const int cols = static_cast<int>(std::min<int64_t>(kGemmCols, n - n0));
-    const float* wp[kGemmCols];
+  std::vector<float> wf(static_cast<size_t>(kCols * kp));
+  float out[2][kCols][kPanel];
+  for (int64_t n0 = 0; n0 < n; n0 += kCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kCols, n - n0));
+    const float* wp[kCols];
     for (int c = 0; c < cols; ++c) {
       decode(n0 + c, &wf[c * kp]);
       wp[c] = &wf[c * kp];
@@ -864,10 +931,10 @@ void gemm_float_columns(const float* x, int64_t m, int64_t k, int64_t kp, int64_
     for (int64_t p = 0; p < panels; p += 2) {
       const int np = static_cast<int>(std::min<int64_t>(2, panels - p));
       const float* pp = &xp[p * kp * kPanel];
-      if (cols == kGemmCols && np == 2) {
-        gemm_float_panels<2, kGemmCols>(pp, kp, wp, out);
-      } else if (cols == kGemmCols) {
-        gemm_float_panels<1, kGemmCols>(pp, kp, wp, out);
+      if (cols == kCols && np == 2) {
+        gemm_float_panels<2, kCols>(pp, kp, wp, out);
+      } else if (cols == kCols) {
+        gemm_float_panels<1, kCols>(pp, kp, wp, out);
       } else {
         for (int q = 0; q < np; ++q)
           for (int c = 0; c < cols; ++c) {
@@ -889,19 +956,16 @@ void gemm_float(const float* x, int64_t m, const Fp4Weight& w, float* y) {
   static const IntDecoder d;
   const int64_t kp = padded_k(w.k, w.block_size);
   std::vector<uint8_t> bytes(static_cast<size_t>(kp));
-  const __m512 twelve = _mm512_set1_ps(12.0f);
+  const Lanes::F twelve = Lanes::set1(12.0f);
   gemm_float_columns(x, m, w.k, kp, w.n, [&](int64_t n, float* dst) {
     // w * s = (u - 12) * (s / 2), u = 2w + 12: one rounding, as the table's
     decode_natural(d, w.codes + n * (kp / 2), kp, bytes.data());
     const uint8_t* s = w.scales + n * (kp / w.block_size);
-    for (int64_t j = 0; j < kp; j += 16) {
-      const __m512 u = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(&bytes[j]))));
-      const __m512 half_scale = _mm512_set1_ps(0.5f * w.scale_lut[s[j / w.block_size]]);
-      _mm512_storeu_ps(dst + j, _mm512_mul_ps(_mm512_sub_ps(u, twelve), half_scale));
-    }
+    for (int64_t j = 0; j < kp; j += kPanel)  // a block (>= 16) holds whole vectors
+      Lanes::store(dst + j, Lanes::mul(Lanes::sub(Lanes::bytes(&bytes[j]), twelve),
+                                       Lanes::set1(0.5f * w.scale_lut[s[j / w.block_size]])));
   }, y);
 }
-#endif  // QCN_AVX512
 
 template <int BS>
 void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, float act_scale, float* y) {
@@ -913,18 +977,12 @@ void matmul_int(const float* x, int64_t m, const Fp4Weight& w, ActQuant act, flo
   std::vector<int8_t> codes(static_cast<size_t>(m * kx));
   std::vector<int32_t> offset(static_cast<size_t>(m * kx / group));
   std::vector<float> scale(static_cast<size_t>(m * kx / group));
-#ifdef QCN_AVX512
   const bool gemm = blocks && m >= kGemmMinRows;
   // the GEMM packs natural k order (chunks of 2: one even k, one odd); the block path reads 128 k
-  // per 512-bit step
-  const int64_t chunk = gemm ? 2 : blocks ? 2 * kStep : kStep;
-#else
-  const int64_t chunk = kStep;
-#endif
+  // per 512-bit step on AVX-512 builds
+  const int64_t chunk = gemm ? 2 : blocks && Lanes::kWidth == 16 ? 2 * kStep : kStep;
   quantize_rows(x, m, w.k, kx, chunk, group, act, act_scale, codes.data(), offset.data(), scale.data());
-#ifdef QCN_AVX512
   if (gemm) return gemm_int<BS == 0 ? 16 : BS>(d, sd, codes.data(), offset.data(), scale.data(), m, kx, w, y);
-#endif
   std::vector<ActRow> rows(static_cast<size_t>(m));
   for (int64_t r = 0; r < m; ++r) rows[r] = {codes.data() + r * kx, offset.data() + r * kx / group, scale.data() + r * kx / group};
   // Column tiles stay in cache while every row passes over them; with coinciding blocks, each

@@ -56,9 +56,15 @@ int64_t act_block_size(ActQuant act);
 // act == kNone copies. out may not alias x.
 void fake_quant_act(const float* x, int64_t m, int64_t k, ActQuant act, float tensor_scale, float* out);
 
-// Shared with the other kernels (AVX-512 builds only): y[M, N] = x[M, K] @ W for M >= 16 rows,
-// W given column by column: decode(n, out) writes column n's kp float32 values (0 past K). Rows
-// are packed into 16-row panels and each column is decoded once.
+// From this many rows on, the AVX builds' float paths use gemm_float_columns (measured: below it
+// the 4-row column tiles are faster, on 256- and 512-bit builds alike: one or two 8-row panels
+// do not repay decoding every column to float).
+constexpr int64_t kFloatGemmMinRows = 16;
+
+// Shared with the other kernels (AVX2 builds): y[M, N] = x[M, K] @ W, W given column by column:
+// decode(n, out) writes column n's kp float32 values (0 past K; kp a multiple of 16). Rows are
+// packed into panels of 16 (AVX-512) or 8 (AVX2) in the vector lanes and each column is decoded
+// once; every AVX build computes the same bits.
 void gemm_float_columns(const float* x, int64_t m, int64_t k, int64_t kp, int64_t n,
                         const std::function<void(int64_t, float*)>& decode, float* y);
 

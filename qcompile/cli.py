@@ -100,8 +100,9 @@ def main() -> None:
                    "digit planes (integer), integer where it is not slower than float (auto), or the optional C++ "
                    "library: fused GEMV/GEMM for MXFP4/NVFP4 and float8 weights and native activation quantizers "
                    "(native: the model then needs qcompile.native's library)")
-@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
-              help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster)")
+@click.option("--accuracy-level", type=click.Choice(["auto", "0", "1", "2", "3", "4"]), default="auto", show_default=True,
+              help="MatMulNBits accuracy_level: 0 = float compute (exact), 4 = int8 activations (faster), auto = 4 "
+                   "where validation measures its change >= 20 dB below the weight error, else 0")
 @click.option("--cpu", type=click.Choice(["portable", "avx2", "avx512", "vnni", "native"]), default="portable",
               show_default=True,
               help="Deployment CPU. portable: int8 results identical on every CPU (no int16 pair saturation on x86 "
@@ -135,7 +136,8 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, 
                 result = compile_model(model, tgt, calib=calib, eval=eval_, plan=plan_in, samples=samples, seed=seed,
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
                                        batch_size=batch_size, progress=progress.advance, lowering=lowering,
-                                       accuracy_level=accuracy_level, cpu=cpu)
+                                       accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
+                                       cpu=cpu)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None
@@ -189,6 +191,9 @@ def _print_summary(report: dict) -> None:
     for name, m in report.get("outputs", {}).items():
         extra = f", top-1 {m['top1_agreement']:.4f}" if "top1_agreement" in m else ""
         click.echo(f"qcompile: {name}: SQNR {m['sqnr_db']:.2f} dB, cosine {m['cosine_mean']:.5f} (min {m['cosine_min']:.5f}){extra}", err=True)
+    level = report.get("accuracy_level") or {}
+    if level.get("nodes"):
+        click.echo(f"qcompile: MatMulNBits accuracy level {level['level']} (auto: {level['reason']})", err=True)
     s = report["sizes"]
     if s.get("float_weight_bytes"):
         click.echo(f"qcompile: weights {s['float_weight_bytes'] / 1e6:.2f} MB -> {s['quantized_weight_bytes'] / 1e6:.2f} MB, "

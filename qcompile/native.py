@@ -104,17 +104,37 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "qcompile") / "native"
 
 
+# /proc/cpuinfo flag -> numpy's name for it. numpy's CPU dispatch asks cpuid (and the OS, xgetbv),
+# which an emulator answers for the CPU it emulates; qemu-user passes the host's /proc/cpuinfo through.
+_CPUID_NAMES = {"avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "avx512f": "AVX512F", "avx512bw": "AVX512BW",
+                "avx512vl": "AVX512VL", "avx512_vnni": "AVX512VNNI"}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's /proc/cpuinfo flags, checked against cpuid where numpy reports the feature: when
+    cpuid denies one the file claims (the file describes another CPU, e.g. under qemu-user), only
+    the features cpuid confirms are kept (so also no AVX-VNNI, which numpy does not report)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpuid
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as cpuid
+    if any(f in flags and not cpuid.get(name, True) for f, name in _CPUID_NAMES.items()):
+        flags = {f for f, name in _CPUID_NAMES.items() if cpuid.get(name)}
+    return flags
+
+
 def detect_isa() -> str:
     """The best ISA_FLAGS entry the CPU supports ($QCOMPILE_NATIVE_ISA overrides), else 'scalar'."""
     forced = os.environ.get("QCOMPILE_NATIVE_ISA")
     if forced:
         return forced
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "scalar"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return next((isa for isa, need in ISA_CPU_FLAGS.items() if need <= set(flags)), "scalar")
+    flags = cpu_flags()
+    return next((isa for isa, need in ISA_CPU_FLAGS.items() if need <= flags), "scalar")
 
 
 def _compiler() -> str:

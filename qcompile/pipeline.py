@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from qcompile import __version__
 from qcompile.analyze import PlanOptions, make_plan, tie_heads
+from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
@@ -216,7 +217,7 @@ def compile(
     caps: Capabilities = CAPABILITIES,
     progress: Callable | None = None,
     lowering: str = "auto",
-    accuracy_level: int = 0,
+    accuracy_level: int | str = "auto",
     cpu: str | Cpu = Cpu.PORTABLE,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
@@ -229,7 +230,9 @@ def compile(
     other weights as "auto"; every activation quantizer not fused into them as a native FakeQuant
     op; the compiled model then needs that library registered in its session).
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
-    simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error).
+    simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error),
+    "auto" is 4 where validation measures its change >= 20 dB below the weight error, else 0
+    (`backends/onnxruntime/accuracy_level.py`; report["accuracy_level"] says which and why).
     cpu: the deployment CPU (`qcompile.cpu.Cpu`): "portable" (default) emits int8 layers whose
     integer results are the same on every CPU (no int16 pair of the non-VNNI x86 kernels can
     saturate: reduction channels renumbered where the graph allows, `PairPermutationPass`, else
@@ -242,6 +245,8 @@ def compile(
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
+    if accuracy_level != "auto" and accuracy_level not in range(5):
+        raise InputError(f"accuracy_level must be 'auto' or 0..4, got {accuracy_level!r}")
     tgt = get_target(target) if isinstance(target, str) else target
     try:
         deploy = Cpu(cpu).resolve()
@@ -315,7 +320,8 @@ def compile(
     insert = InsertQDQPass(work, caps)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
-    nb = LowerToMatMulNBitsPass(insert.stored, lowering, accuracy_level, insert.block_activations, caps)
+    nb = LowerToMatMulNBitsPass(insert.stored, lowering, 0 if accuracy_level == "auto" else accuracy_level,
+                                insert.block_activations, caps)
     stages.run(repr(nb), nb, m)
     if lowering == "native":
         stages.run("NativeFakeQuantPass", NativeFakeQuantPass(), m)
@@ -338,6 +344,10 @@ def compile(
         if source is not None:  # weights left in the input's external data file
             ir.external_data.set_base_dir(float_model.graph, Path(source).resolve().parent)
         report["sizes"]["float_weight_bytes"] = model_bytes(float_model)
+    if accuracy_level == "auto":
+        report["accuracy_level"] = stages.run("accuracy-level", choose_accuracy_level,
+                                              float_model if validate else None, m, eval_ds, batch_size)
+    if validate:
         report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
         report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread",
                                 "host_cpu": host_description()}

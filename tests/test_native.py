@@ -227,12 +227,12 @@ def reference_fq(x: np.ndarray, act: str, tensor_scale: float) -> np.ndarray:
         return codec.fake_quant(x, FORMATS[act], -1, tensor_scale if act == "nvfp4" else None)
 
 
-def assert_bits_equal(got: np.ndarray, ref: np.ndarray) -> None:
+def assert_bits_equal(got: np.ndarray, ref: np.ndarray, what: str = "") -> None:
     """Identical float32 bit patterns (signed zeros included), any NaN matching any NaN."""
     same = (got.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(got) & np.isnan(ref))
     if not same.all():
         i = tuple(np.argwhere(~same)[0])
-        raise AssertionError(f"{(~same).sum()} of {same.size} differ, first at {i}: got {got[i]!r}, want {ref[i]!r}")
+        raise AssertionError(f"{what}: {(~same).sum()} of {same.size} differ, first at {i}: got {got[i]!r}, want {ref[i]!r}")
 
 
 ACT_CASES = [("mxfp4", 1.0)] + [("nvfp4", s) for s in TENSOR_SCALES]
@@ -297,10 +297,7 @@ def test_act_matches_numpy(lib, act, tensor_scale, wfmt, k, n, rows):
 
 def cpu_isas() -> list[str]:
     """Every native build this CPU runs: each ISA_FLAGS entry whose CPU flags it has, and scalar."""
-    flags = set()
-    if os.path.exists("/proc/cpuinfo"):
-        line = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "flags:")
-        flags = set(line.split(":", 1)[1].split())
+    flags = native.cpu_flags()
     return [isa for isa, need in native.ISA_CPU_FLAGS.items() if need <= flags] + ["scalar"]
 
 
@@ -322,13 +319,14 @@ ISA_CASES = [("mxfp4", 32, "mxfp4"), ("nvfp4", 16, "nvfp4"), ("nvfp4", 16, "mxfp
 def test_every_isa_build_matches_numpy(lib, isa):
     """Each build this CPU runs (AVX2 vpmaddubsw, VNNI vpdpbusd, scalar) computes fq(x) @ W within
     1e-5 of float64 for coinciding and differing weight/activation blocks, ragged K, 1, 5, 9 and
-    37 rows (GEMV, 4-row blocks, 16-row GEMM panels), and propagates a NaN in x to its row only."""
+    37 rows (GEMV, 4-row blocks, the GEMMs: W4A4 from 4 rows on AVX2 and 8 on AVX-512, float from
+    16; 37 rows end in a short panel), and propagates a NaN in x to its row only."""
     library = lib if isa == native.detect_isa() else native.build(isa=isa)
     for (wfmt, bs, act), k in itertools.product(ISA_CASES, (192, 100)):
         t = weight_bs(wfmt, k, 11, bs, seed=k + bs)
         st = 0.0123 if act == "nvfp4" else None
         proto = model(t, ["M", k], act=act, act_tensor_scale=st)
-        for rows in (1, 5, 9, 37):  # 5: 4-row blocks + 1; 9, 37: 16-row GEMM panels (AVX-512 builds)
+        for rows in (1, 5, 9, 37):
             x = act_inputs(act or wfmt, rows, k, seed=rows * k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
             xq = x if act is None else reference_fq(x, act, st or 1.0)
             ref = xq.astype(np.float64) @ t.dequantize().astype(np.float64)
@@ -337,6 +335,65 @@ def test_every_isa_build_matches_numpy(lib, isa):
         x[0, k // 2] = np.nan
         y = native_session(library, proto).run(None, {"x": x})[0]
         assert np.isnan(y[0]).all() and not np.isnan(y[1:]).any(), (isa, wfmt, bs, act, k)
+
+
+def avx_builds() -> dict:
+    """The vector (AVX2 / AVX2-VNNI / AVX-512 VNNI) builds this CPU runs, by name."""
+    return {isa: native.build(isa=isa) for isa in cpu_isas() if isa != "scalar"}
+
+
+# The cases the GEMMs take (weight and activation blocks coincide, or float activations).
+GEMM_CASES = [("mxfp4", 32, "mxfp4"), ("nvfp4", 16, "nvfp4"), ("mxfp4", 32, None), ("nvfp4", 16, None),
+              ("mxfp4", 64, None)]
+
+
+def test_gemm_paths_give_the_same_bits_on_every_avx_build(lib):
+    """Issue 9 (AVX2 GEMM paths): the prefill GEMMs (rows in the vector lanes: 16 per 512-bit
+    vector, 8 per 256-bit one) run the same per-lane operations in the same order on every width,
+    so from 16 rows on (where every build takes them) the avx2 (vpmaddubsw), avx2-vnni and
+    avx512-vnni builds return identical bits for MatMulFp4 (W4A4 and weight-only) and MatMulF8.
+    On e10cd69 the AVX2 builds had no GEMM (4-row blocks summed in another order): bits differed."""
+    builds = avx_builds()
+    if len(builds) < 2:
+        pytest.skip(f"this CPU runs {len(builds)} AVX build(s)")
+    protos = []
+    for (wfmt, bs, act), k in itertools.product(GEMM_CASES, (1536, 100)):
+        st = 0.0123 if act == "nvfp4" else None
+        protos.append((model(weight_bs(wfmt, k, 13, bs, seed=k + bs), ["M", k], act=act, act_tensor_scale=st),
+                       k, act or wfmt, st, (wfmt, bs, act, k)))
+    rng = np.random.default_rng(9)
+    for k in (1536, 83):
+        codes = rng.integers(0, 256, (13, k)).astype(np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0x11  # finite E4M3FN codes
+        protos.append((f8_model(codes, rng.uniform(0.5, 2, 13).astype(np.float32), "e4m3fn", ["M", k]), k, "mxfp4",
+                       None, ("e4m3fn", k)))
+    for (proto, k, fmt, st, case), rows in itertools.product(protos, (16, 37)):
+        x = act_inputs(fmt, rows, k, seed=rows + k, tensor_scale=st or 1.0, magnitudes=(-3, 0, 1))
+        ys = {isa: native_session(b, proto).run(None, {"x": x})[0] for isa, b in builds.items()}
+        first, y0 = next(iter(ys.items()))
+        for isa, y in ys.items():
+            assert_bits_equal(y, y0, f"{case} at {rows} rows: {isa} vs {first}")
+
+
+@pytest.mark.parametrize("isa", [i for i in cpu_isas() if i != "scalar"])
+def test_w4a4_extreme_blocks_are_exact(lib, isa):
+    """No int16 saturation on any build (the AVX2 GEMM adds a block's vpmaddubsw pairs in int16):
+    weights and activations all +-6 (u8 2w + 12 = 24 or 0, s8 2x = +-12) in sign patterns that
+    drive every pair to +-576 and every 32-block to +-4608, at 1, 4, 9 and 37 rows (GEMV, 4-row
+    blocks, both GEMMs). Every product is a small integer, so y must equal the float64 result exactly."""
+    library = native.build(isa=isa)
+    k, n = 256, 8
+    signs = np.where(np.random.default_rng(3).random((k, n)) < 0.5, -1.0, 1.0)
+    signs[:, 0], signs[:, 1] = 1.0, -1.0  # columns whose every product has the row's sign
+    t = weight_bs("mxfp4", k, n, 32, seed=0)
+    t = storage.from_block(codec.quantize_block((6.0 * signs).astype(np.float32), t.fmt, axis=0), t.fmt)
+    assert np.array_equal(t.dequantize(), 6.0 * signs)
+    proto = model(t, ["M", k], act="mxfp4")
+    for rows in (1, 4, 9, 37):
+        x = np.where(np.random.default_rng(rows).random((rows, k)) < 0.5, -6.0, 6.0).astype(np.float32)
+        x[0], x[-1] = 6.0, -6.0
+        y = native_session(library, proto).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(y, x.astype(np.float64) @ (6.0 * signs), err_msg=f"{isa} rows {rows}")
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -544,8 +601,8 @@ def f8_model(codes: np.ndarray, scales: np.ndarray, fmt: str, x_shape: list) -> 
 def test_matmul_f8_every_code_every_isa(lib, fmt, isa):
     """MatMulF8 = float64 x @ (ml_dtypes-decoded codes * scale) within 1e-5, for every one of the
     256 codes (each column holds one code and zeros, so each is checked on its own: subnormals, the
-    extremes, NaN and E5M2 infinities) and for random weights, at 1, 5 and 37 rows (GEMV and, on
-    AVX-512 builds, the 16-row GEMM), K ragged against the vector width."""
+    extremes, NaN and E5M2 infinities) and for random weights, at 1, 5 and 37 rows (GEMV, columns
+    decoded once, and on AVX builds the GEMM), K ragged against the vector width."""
     library = lib if isa == native.detect_isa() else native.build(isa=isa)
     dtype = {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
     rng = np.random.default_rng(12)
@@ -591,3 +648,79 @@ def test_fp8_native_lowering_runs_weights_in_matmul_f8():
     got = ort.InferenceSession(out.SerializeToString(), native.session_options(session_options("all")),
                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-5
+
+
+def test_prefill_bench_runs(lib, tmp_path):
+    """bench/native_gemm.py (the README's per-ISA prefill table) runs end to end: every row has a
+    positive median for the library and for onnxruntime's float MatMul."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "native_gemm.py"
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, str(script), "--isa", native.detect_isa(), "--configs", "mxfp4,fp8",
+                        "--runs", "2", "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["config"], row["k"], row["n"]) for row in rows][:3] == [("mxfp4", 384, 384), ("mxfp4", 384, 1536),
+                                                                        ("mxfp4", 1536, 384)]
+    assert len(rows) == 6 and all(min(row["ms"].values()) > 0 for row in rows), rows
+
+
+QEMU_AVX2 = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"  # AVX2 + FMA + F16C, no AVX-512 / VNNI
+QEMU_SCRIPT = r"""
+import sys
+import numpy as np, onnxruntime as ort
+from numpy._core._multiarray_umath import __cpu_features__ as cpu
+
+lib, out, *models = sys.argv[1:]
+feeds = np.load("feeds.npz")
+so = ort.SessionOptions()
+so.intra_op_num_threads = 1
+so.register_custom_ops_library(lib)
+ys = {f"{i}_{r}": ort.InferenceSession(m, so, providers=["CPUExecutionProvider"]).run(None, {"x": feeds[r]})[0]
+      for i, m in enumerate(models) for r in feeds.files}
+from qcompile import native
+np.savez(out, avx512=cpu["AVX512F"], isa=native.detect_isa(), **ys)
+"""
+
+
+def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
+    """The avx2 build (the AVX2 GEMMs included) on an emulated Haswell (`qemu-x86_64 -cpu Haswell`:
+    no AVX-512, no VNNI) returns the same bits as on this CPU for W4A4, weight-only and float8
+    weights at 1, 5 and 37 rows: it needs nothing beyond AVX2 + FMA + F16C. There `detect_isa()`
+    says avx2, though qemu shows the host's /proc/cpuinfo (cpuid decides)."""
+    import shutil
+    import subprocess
+    import sys
+
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-x86_64 (Debian package qemu-user) is needed under CI")
+        pytest.skip("qemu-x86_64 not installed")
+    avx2 = native.build(isa="avx2")
+    k = 200
+    protos = [model(weight_bs("mxfp4", k, 11, 32, seed=1), ["M", k], act="mxfp4"),
+              model(weight_bs("nvfp4", k, 11, 16, seed=2), ["M", k], act="nvfp4", act_tensor_scale=0.0123),
+              model(weight_bs("nvfp4", k, 11, 16, seed=3), ["M", k]),
+              f8_model(np.random.default_rng(4).integers(0, 0x7E, (11, k)).astype(np.uint8),
+                       np.full(11, 0.5, np.float32), "e4m3fn", ["M", k])]
+    feeds = {str(r): act_inputs("mxfp4", r, k, seed=r, magnitudes=(-3, 0, 1)) for r in (1, 5, 37)}
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    paths = []
+    for i, p in enumerate(protos):
+        paths.append(tmp_path / f"m{i}.onnx")
+        onnx.save(p, paths[-1])
+    (tmp_path / "run.py").write_text(QEMU_SCRIPT)
+    r = subprocess.run([qemu, "-cpu", QEMU_AVX2, sys.executable, "run.py", str(avx2), "out.npz", *map(str, paths)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert not got.pop("avx512"), "the emulated CPU must hide AVX-512"
+    assert str(got.pop("isa")) == "avx2"
+    for i, p in enumerate(protos):
+        for rows, x in feeds.items():
+            assert_bits_equal(got[f"{i}_{rows}"], native_session(avx2, p).run(None, {"x": x})[0], f"model {i}, {rows} rows")

@@ -1,0 +1,95 @@
+"""MatMulNBits accuracy level `auto` (the default): int8 activations where the error they add is negligible.
+
+MatMulNBits at accuracy_level 0 multiplies the float activation by the dequantized 4-bit weight:
+the output equals qcompile's simulation. At level 4 onnxruntime's MLAS first quantizes each row
+of the activation to int8 per block of the weight's block size along K (symmetric, scale = block
+amax / 127) and sums each block as int32 dot products of int8 activations and 4-bit weights, scaled
+once per block: 2.3-2.6x faster at batch 1 on this machine (the GEMV chain, README "Decode speed"),
+because it does 32 multiply-adds per vector instruction (vpdpbusd, or vpmaddubsw + vpmaddwd)
+where level 0 converts every weight to float for 8 (AVX2) or 16 (AVX-512) FMAs.
+
+The only new error is the activation rounding; the integer sums are exact on every x86 ISA MLAS
+dispatches to: the AVX2 kernels (no VNNI) add pairs of u8 x s8 products in int16, but one operand
+is a 4-bit weight (|w| <= 15) and the other |a| <= 128, so a pair (<= 3840) and the two pairs
+vphaddw adds (<= 7680) stay far below 2**15: no saturation, unlike the u8 x s8 int8 GEMMs of issue
+9's first item. So level 4 computes the same numbers on AVX2 as here, up to float summation order
+(checked under `qemu-x86_64 -cpu Haswell` in tests/test_accuracy_level.py).
+
+Policy (per model). The compiled model's MatMulNBits nodes are emitted at level 0; `choose`
+runs the float model, that model and the same graph at level 4 on the first SAMPLES (64)
+held-out samples (onnxruntime ENABLE_ALL, 1 thread, this CPU's kernels) and, per output, compares
+the energy of level 4's change P = sum (y0 - y4)**2 with that of the weight quantization error
+E = sum (y_float - y0)**2. Level 4 is kept iff P <= E * 10**(-MARGIN_DB / 10) on every output: its
+change is at least MARGIN_DB = 20 dB below the 4-bit error already there. Then, by the triangle
+inequality |y_float - y4| <= |y_float - y0| + |y0 - y4|, the level-4 error is at most 1.1x the
+level-0 one in RMS (SQNR at most 0.83 dB lower, were the change aligned with the weight error),
+and ~0.04 dB lower when it is uncorrelated with it, as rounding noise is (measured: MiniLM w4
+21.6 dB, SQNR 11.888 -> 11.875 dB; tiny models 24-33 dB, -0.00..-0.03 dB). An exact model
+(E = 0) keeps level 0 unless level 4 changes nothing. Without validation nothing is measured and
+level 0 stays. One decision per model: a layer whose activations int8 cannot carry (an outlier
+channel setting its blocks' scale) keeps the whole model at level 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompile.backends.onnxruntime.session import make_session
+
+MARGIN_DB = 20.0
+LEVEL = 4  # the fast level: int8 activations (MLAS CompInt8)
+SAMPLES = 64  # held-out samples measured: an energy ratio over whole outputs, not a per-sample statistic
+
+
+def _nbits_nodes(model: ir.Model) -> list[ir.Node]:
+    """MatMulNBits nodes at accuracy level 0 (subgraphs included)."""
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            if n.op_type == "MatMulNBits" and n.domain == "com.microsoft"
+            and getattr(n.attributes.get("accuracy_level"), "value", 0) == 0]
+
+
+def _set_level(nodes: list[ir.Node], level: int) -> None:
+    for n in nodes:
+        n.attributes["accuracy_level"] = ir.Attr("accuracy_level", ir.AttributeType.INT, level)
+
+
+def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, batch_size: int = 8) -> dict:
+    """Set `model`'s level-0 MatMulNBits nodes to level 4 when that is measured negligible (module
+    doc); returns the report entry: the level, why, and per output SQNR at both levels and the margin."""
+    nodes = _nbits_nodes(model)
+    entry = {"policy": "auto", "nodes": len(nodes), "margin_db": MARGIN_DB}
+    if not nodes:
+        return entry | {"level": None, "reason": "no MatMulNBits node"}
+    if float_model is None or data is None:
+        return entry | {"level": 0, "reason": "not measured (no validation): level 0, exact"}
+    _set_level(nodes, LEVEL)
+    fast = make_session(model, level="all")
+    _set_level(nodes, 0)
+    exact = make_session(model, level="all")
+    ref = make_session(float_model, level="all")
+    names = [v.name for v in model.graph.outputs if v.name in {o.name for o in float_model.graph.outputs}]
+    sums = {name: np.zeros(4) for name in names}  # signal, level-0 error, level-4 error, level-4 change
+    for batch in data.take(0, SAMPLES).batches(batch_size):
+        for name, f, y0, y4 in zip(names, ref.run(names, batch), exact.run(names, batch), fast.run(names, batch)):
+            f, y0, y4 = (np.asarray(a, dtype=np.float64) for a in (f, y0, y4))
+            sums[name] += [np.sum(f**2), np.sum((f - y0) ** 2), np.sum((f - y4) ** 2), np.sum((y0 - y4) ** 2)]
+    outputs = {name: {"sqnr_level0_db": _db(s[0], s[1]), "sqnr_level4_db": _db(s[0], s[2]),
+                      "weight_error_over_level4_change_db": _db(s[1], s[3])} for name, s in sums.items()}
+    worst = min(outputs, key=lambda n: outputs[n]["weight_error_over_level4_change_db"], default=None)
+    ok = all(s[3] <= s[1] * 10 ** (-MARGIN_DB / 10) for s in sums.values())
+    if ok:
+        _set_level(nodes, LEVEL)
+    gap = outputs[worst]["weight_error_over_level4_change_db"] if worst else math.inf
+    relation = ">=" if ok else "<"
+    reason = (f"weight quantization error / level-4 change = {gap:.1f} dB on output {worst!r} (the worst), "
+              f"{relation} the {MARGIN_DB:.0f} dB margin")
+    return entry | {"level": LEVEL if ok else 0, "reason": reason, "outputs": outputs}
+
+
+def _db(num: float, den: float) -> float:
+    """10 log10(num / den), rounded; inf when den is 0."""
+    if den == 0:
+        return math.inf
+    return round(10 * math.log10(max(num, 1e-300) / den), 3)
