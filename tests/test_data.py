@@ -32,7 +32,7 @@ def _two_input_model(batch_dim):
 
 def test_input_info_of_model():
     (info,) = _inputs(tiny_models.cnn())
-    assert info == InputInfo("x", np.dtype(np.float32), (None, 3, 16, 16))
+    assert info == InputInfo("x", np.dtype(np.float32), (None, 3, 16, 16), batch_axis=0)
 
 
 def test_npz_file(tmp_path):
