@@ -54,7 +54,7 @@ def weight_axes(node: ir.Node, index: int) -> tuple[int, int] | None:
     Conv W [Cout, Cin/g, k..]: channel 0, reduce 1.   ConvTranspose W [Cin, Cout/g, k..]: 1, 0.
     """
     shape = node.inputs[index].shape
-    rank = len(shape) if shape is not None else 0
+    rank = len(shape) if shape is not None else 2 if node.op_type == "Gemm" else 0  # Gemm operands are 2-D by definition
     if rank < 2:
         return None
     op = node.op_type

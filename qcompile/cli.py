@@ -29,10 +29,33 @@ class _DefaultToCompile(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _OneLine(logging.Formatter):
+    """`qcompile: LEVEL: message`, one line: a record's traceback or stack (third-party loggers log
+    them, e.g. onnx_ir's failed shape inference) becomes `(ExcType: first line)`; -v shows them."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__("qcompile: %(levelname)s: %(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return super().format(record)
+        lines = record.getMessage().strip().splitlines()
+        msg = lines[0] if lines else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            first = str(e).strip().splitlines()
+            msg += f" ({type(e).__name__}: {first[0] if first else ''})"
+        return f"qcompile: {record.levelname}: {msg}"
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="qcompile: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(verbose))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("qcompile").setLevel(logging.INFO if verbose else level)
+    logging.captureWarnings(True)  # Python warnings (numpy, torch, ...) go through the same one-line handler
 
 
 def _run(fn, verbose: bool):

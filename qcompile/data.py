@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -142,6 +143,10 @@ def _integer_values(v: ir.Value) -> tuple[tuple[int, int] | None, tuple[int, ...
     return ((0, hi) if hi else None), tuple(sorted(choices))
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+
+
 def _const(v: ir.Value | None) -> np.ndarray | None:
     """The value of an initializer or of a Constant node's output (before NormalizePass lifts it)."""
     if v is None:
@@ -186,7 +191,7 @@ def _check_array(a: np.ndarray, info: InputInfo, where: str) -> int:
     _layout(a, info, where)
     if not np.can_cast(a.dtype, info.dtype, casting="same_kind"):
         raise InputError(f"{where}input {info.name!r}: data is {a.dtype}, the model wants {info.dtype}")
-    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+    if (_is_float(a.dtype) or a.dtype.kind == "c") and not np.isfinite(a).all():
         bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
         raise InputError(f"{where}input {info.name!r}: {bad} NaN/Inf value(s) in the data")
     return a.shape[0]
@@ -296,7 +301,7 @@ def synthesize(inputs: list[InputInfo], n: int, seed: int, dim: int = 32) -> Bat
                              f"pass --input-shape {i.name}:DIMS or calibration data")
         dims = i.row_shape() if i.free_batch() else i.shape
         shape = (n,) + tuple(d if d is not None else dim for d in dims)
-        if np.issubdtype(i.dtype, np.floating):
+        if _is_float(i.dtype):
             out[i.name] = rng.standard_normal(shape).astype(i.dtype)
         elif np.issubdtype(i.dtype, np.integer):
             if i.int_choices:

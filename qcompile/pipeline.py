@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from qcompile import __version__
@@ -32,6 +33,7 @@ from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, c
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
+from qcompile.passes.promote_float import PromoteFloatPass, StoreHalfPass
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
@@ -293,6 +295,9 @@ def compile(
     else:
         specs = [q.spec for n in plan.nodes.values() for q in [*n.inputs.values(), *([n.output] if n.output else [])]]
         opset = _required_opset([s.fmt for s in specs], any(isinstance(s.granularity, PerBlock) for s in specs), caps)
+    stages.run("InlinePass", common_passes.InlinePass(), m)  # model-local functions: their nodes become the graph's
+    promote = PromoteFloatPass()
+    stages.run(repr(promote), promote, m)
     stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
@@ -330,6 +335,8 @@ def compile(
     stages.run(repr(nb), nb, m)
     if lowering == "native":
         stages.run("NativeFakeQuantPass", NativeFakeQuantPass(), m)
+    if promote.source_type is not None:
+        stages.run("StoreHalfPass", StoreHalfPass(promote.source_type), m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)
 

@@ -107,14 +107,22 @@ def _fresh(base: str, taken: set[str]) -> str:
 
 
 def _thread_out(node: ir.Node, attr: str, body: ir.Graph, v: ir.Value, taken: set[str], undo: list) -> ir.Value:
-    """Make `v` (computed in `body`, owned by `node`) an extra output of `node`; returns that output."""
+    """Make `v` (computed in `body`, owned by `node`) an extra output of `node`; returns that output.
+    The value goes out through an Identity of its own: onnxruntime's Scan returns zeros for a body
+    output that is a body input, and breaks the state when a state output is also a scan output."""
+    dtype = v.dtype if v.dtype is not None else ir.DataType.FLOAT  # before shape inference: calibrated values are float
+    ident = ir.node("Identity", [v], name=_fresh(f"{v.name}_expose", taken))
+    ident.outputs[0].name, ident.outputs[0].dtype, ident.outputs[0].shape = ident.name, dtype, v.shape
+    body.append(ident)
+    undo.append(lambda: body.remove(ident))
+    v = ident.outputs[0]
     body.outputs.append(v)
     undo.append(body.outputs.pop)
     if node.op_type == "If":
         other = node.attributes["else_branch" if attr == "then_branch" else "then_branch"].as_graph()
-        empty = ir.tensor(np.zeros([0], dtype=v.dtype.numpy()), name=_fresh(f"{v.name}_empty", taken))
+        empty = ir.tensor(np.zeros([0], dtype=dtype.numpy()), name=_fresh(f"{v.name}_empty", taken))
         const = ir.node("Constant", [], {"value": empty}, name=empty.name)
-        const.outputs[0].name, const.outputs[0].dtype = empty.name, v.dtype
+        const.outputs[0].name, const.outputs[0].dtype = empty.name, dtype
         other.append(const)
         other.outputs.append(const.outputs[0])
         undo.extend([lambda: other.remove(const), other.outputs.pop])
@@ -127,6 +135,6 @@ def _thread_out(node: ir.Node, attr: str, body: ir.Graph, v: ir.Value, taken: se
     n = len(node.outputs)
     node.resize_outputs(n + 1)
     out = node.outputs[n]
-    out.name, out.dtype = _fresh(f"{v.name}_out", taken), v.dtype
+    out.name, out.dtype = _fresh(f"{v.name}_out", taken), dtype
     undo.append(lambda: node.resize_outputs(n))
     return out
