@@ -69,7 +69,9 @@ class InputInfo:
             dims = list(v.shape) if v.shape is not None else None
             shape = _resolved_shape(v.name, dims, shapes.get(v.name), bound)
             lo_hi, choices = _integer_values(v) if v.dtype.is_integer() else (None, ())
-            out.append(cls(v.name, v.dtype.numpy(), shape, _batch_axis(dims, batch_symbol), lo_hi, choices))
+            # bfloat16 inputs are fed as float32 (onnxruntime's Python API takes no bfloat16 arrays; see PromoteFloatPass)
+            dtype = np.dtype(np.float32) if v.dtype == ir.DataType.BFLOAT16 else v.dtype.numpy()
+            out.append(cls(v.name, dtype, shape, _batch_axis(dims, batch_symbol), lo_hi, choices))
         return out
 
     def free_batch(self) -> bool:

@@ -33,7 +33,7 @@ from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, c
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
-from qcompile.passes.promote_float import PromoteFloatPass, StoreHalfPass
+from qcompile.passes.promote_float import HalfInterfacePass, PromoteFloatPass, StoreHalfPass
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
@@ -364,6 +364,8 @@ def compile(
     report["passes"] = stages.entries
     report["compile_seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_bytes"] = _rss_peak()
+    if promote.interface:
+        stages.run("HalfInterfacePass", HalfInterfacePass(promote.interface), m)
     result = CompileResult(m, plan, report)
     if validate and not report["verdict"]["passed"]:
         worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in report["verdict"]["worst_layers"][:3])

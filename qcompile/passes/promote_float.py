@@ -14,6 +14,9 @@ After:   x:fp16 -> Cast(to=float) -> Conv(., W:float) -> ... -> Cast(to=float) -
   name float32, and tensor attributes (Constant, ConstantOfShape values) are converted;
 - graph inputs and outputs keep their types: a half-precision input is read through a Cast to
   float32, a half-precision output is a Cast of the float32 value (under the output's name).
+  bfloat16 ones are float32 while qcompile runs the model (onnxruntime's Python API takes and
+  returns no bfloat16 arrays) and get their Casts from `HalfInterfacePass` after validation, so
+  validation measures all but the final rounding of the outputs to bfloat16 (~2**-9 relative).
 
 `StoreHalfPass` runs after quantization: the weights left in float go back to the source type in
 the file, read through a Cast that onnxruntime folds at load, so the float parts of the output are
@@ -42,9 +45,11 @@ def _float32(t: ir.TensorProtocol, name: str | None = None) -> ir.Tensor:
 
 
 class PromoteFloatPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
+    def __init__(self, keep: tuple[ir.DataType, ...] = (ir.DataType.FLOAT16,)) -> None:
         super().__init__()
+        self.keep = keep  # interface types kept through the whole compile (onnxruntime takes numpy float16)
         self.promoted: dict[str, ir.DataType] = {}  # initializer name -> its source type
+        self.interface: list[tuple[str, str, ir.DataType]] = []  # I/O made float32 for now: HalfInterfacePass
 
     @property
     def source_type(self) -> ir.DataType | None:
@@ -77,22 +82,67 @@ class PromoteFloatPass(ir.passes.InPlacePass):
                 if o.dtype in HALF:
                     o.dtype = ir.DataType.FLOAT
                     changed += 1
-        for x in boundary_in:  # keep the input's type: read it through a Cast
-            uses = list(x.uses())
-            cast = ir.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{x.name}_to_float")
-            y = cast.outputs[0]
-            y.name, y.dtype, y.shape = f"{x.name}_float", ir.DataType.FLOAT, x.shape
-            for use in uses:
-                use.node.replace_input_with(use.idx, y)
-            main.insert_before(main.node(0), cast) if len(main) else main.append(cast)
-        for k, v, src in boundary_out:  # keep the output's type and name: a Cast back to it
-            name = v.name
-            v.name, v.dtype = f"{name}_float", ir.DataType.FLOAT
-            cast = ir.node("Cast", [v], {"to": src}, name=f"{name}_to_{src.name.lower()}")
-            cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = name, src, v.shape
-            main.append(cast)
-            main.outputs[k] = cast.outputs[0]
+        for x in boundary_in:
+            if x.dtype in self.keep:
+                _read_as_float(main, x)
+            else:
+                self.interface.append(("input", x.name, x.dtype))
+                x.dtype = ir.DataType.FLOAT
+        for k, v, src in boundary_out:
+            if src in self.keep:
+                _write_as(main, k, src)
+            else:
+                self.interface.append(("output", v.name, src))
         return ir.passes.PassResult(model, modified=changed + len(boundary_in) + len(boundary_out) > 0)
+
+
+def _read_as_float(graph: ir.Graph, x: ir.Value) -> None:
+    """Input x keeps its type; its readers read Cast(x, to=FLOAT)."""
+    uses = list(x.uses())
+    cast = ir.node("Cast", [x], {"to": ir.DataType.FLOAT}, name=f"{x.name}_to_float")
+    y = cast.outputs[0]
+    y.name, y.dtype, y.shape = f"{x.name}_float", ir.DataType.FLOAT, x.shape
+    for use in uses:
+        use.node.replace_input_with(use.idx, y)
+    graph.insert_before(graph.node(0), cast) if len(graph) else graph.append(cast)
+
+
+def _write_as(graph: ir.Graph, k: int, dtype: ir.DataType) -> None:
+    """Graph output k (a float32 value) becomes Cast(., to=dtype) under the same name."""
+    v = graph.outputs[k]
+    name = v.name
+    v.name, v.dtype = f"{name}_float", ir.DataType.FLOAT
+    cast = ir.node("Cast", [v], {"to": dtype}, name=f"{name}_to_{dtype.name.lower()}")
+    cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = name, dtype, v.shape
+    graph.append(cast)
+    graph.outputs[k] = cast.outputs[0]
+
+
+class HalfInterfacePass(ir.passes.InPlacePass):
+    """Give the model back the interface types PromoteFloatPass left float32 (`interface`: (kind,
+    name, type) records), through the same boundary Casts."""
+
+    def __init__(self, interface: list[tuple[str, str, ir.DataType]]) -> None:
+        super().__init__()
+        self.interface = interface
+
+    def __repr__(self) -> str:
+        return f"HalfInterfacePass({len(self.interface)} values)"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        inputs = {v.name: v for v in graph.inputs}
+        outputs = {v.name: k for k, v in enumerate(graph.outputs)}
+        done = 0
+        for kind, name, dtype in self.interface:
+            if kind == "input" and name in inputs and inputs[name].dtype == ir.DataType.FLOAT:
+                inputs[name].dtype = dtype
+                _read_as_float(graph, inputs[name])
+                done += 1
+            elif kind == "output" and name in outputs and graph.outputs[outputs[name]].dtype == ir.DataType.FLOAT:
+                _write_as(graph, outputs[name], dtype)
+                done += 1
+        return ir.passes.PassResult(model, modified=done > 0)
 
 
 def _promote_attributes(node: ir.Node) -> int:
