@@ -166,3 +166,16 @@ def test_expose_reads_body_values_and_restores_the_model(models):
     with expose(m, ["s"]) as outs:
         assert outs["s"] in {v.name for v in m.graph.outputs}
     assert helpers.snapshot(m) == before
+
+
+def test_deterministic_and_input_untouched(models, tmp_path):
+    """Same model, data and seed -> identical output bytes; the input file is never modified
+    (the calibration instrumentation of bodies is undone)."""
+    digest = helpers.sha256(models["vad"])
+    outs = []
+    for k in range(2):
+        r = qcompile.compile(models["vad"], "int8", calib=fm.vad_data(48, seed=1), eval=fm.vad_data(16, seed=2))
+        qcompile.save_model(r.model, tmp_path / f"q{k}.onnx")
+        outs.append((tmp_path / f"q{k}.onnx").read_bytes())
+    assert outs[0] == outs[1]
+    assert helpers.sha256(models["vad"]) == digest
