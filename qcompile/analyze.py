@@ -17,11 +17,12 @@ import onnx_ir as ir
 
 from qcompile.formats import BlockFormat, IntFormat, parse_format
 from qcompile.plan import InputQuant, NodePlan, PairBound, PerBlock, PerChannel, PerTensor, QuantPlan, QuantSpec
-from qcompile.targets import Target
+from qcompile.targets import TARGETS, Target
 
 log = logging.getLogger(__name__)
 
 QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")  # compute with weights that no target quantizes (listed as kept in float)
 # Ops whose output values are a subset (or rearrangement, or convex combination) of their data
 # input's values: quantizing input and output with the same scale lets onnxruntime run them on
 # integers and drop the Q/DQ pair in between.
@@ -54,7 +55,7 @@ def weight_axes(node: ir.Node, index: int) -> tuple[int, int] | None:
     Conv W [Cout, Cin/g, k..]: channel 0, reduce 1.   ConvTranspose W [Cin, Cout/g, k..]: 1, 0.
     """
     shape = node.inputs[index].shape
-    rank = len(shape) if shape is not None else 0
+    rank = len(shape) if shape is not None else 2 if node.op_type == "Gemm" else 0  # Gemm operands are 2-D by definition
     if rank < 2:
         return None
     op = node.op_type
@@ -131,25 +132,67 @@ def _last_quantizable(graph: ir.Graph, candidates: list[ir.Node]) -> ir.Node | N
     return None
 
 
-def candidate_nodes(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] = QUANTIZABLE_OPS) -> list[ir.Node]:
-    """Quantizable nodes (of op types `ops`) of the main graph, in graph order, honouring exclusions."""
-    out = []
-    for node in graph:
-        if node.domain != "" or node.op_type not in ops:
+def screen(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] = QUANTIZABLE_OPS
+           ) -> tuple[list[ir.Node], dict[str, tuple[str, str]]]:
+    """Quantizable nodes (of op types `ops`) of the graph and of every If / Loop / Scan body in it,
+    in graph order, honouring exclusions; and node name -> (op type, reason) for the compute nodes
+    (QUANTIZABLE_OPS, RECURRENT_OPS) left in float."""
+    out, skipped = [], {}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.domain != "" or node.op_type not in QUANTIZABLE_OPS + RECURRENT_OPS:
             continue
-        if _excluded(node, options):
-            log.debug("skip %s: excluded by options", node.name)
-            continue
-        if not any(is_float(v) for v in node.inputs[:2]):
-            log.debug("skip %s: no float input", node.name)
-            continue
-        out.append(node)
+        reason = None
+        if node.op_type in RECURRENT_OPS:
+            reason = f"no quantized {node.op_type} in onnxruntime's QDQ kernels"
+        elif node.op_type not in ops:
+            reason = f"the target quantizes {'/'.join(ops)} only"
+        elif _excluded(node, options):
+            reason = "excluded (--exclude-op / --exclude-node)"
+        elif not any(is_float(v) for v in node.inputs[:2]):
+            reason = "no float32 input"
+        if reason is None:
+            out.append(node)
+        else:
+            log.debug("skip %s: %s", node.name, reason)
+            skipped[node.name] = (node.op_type, reason)
     if options.keep_last and out:
         last = _last_quantizable(graph, out)
         if last is not None:
             log.debug("skip %s: final classifier kept in float (keep_last)", last.name)
+            skipped[last.name] = (last.op_type, "final layer kept in float (--keep-last)")
             out = [n for n in out if n is not last]
-    return out
+    return out, skipped
+
+
+def candidate_nodes(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] = QUANTIZABLE_OPS) -> list[ir.Node]:
+    """The quantizable nodes of `screen`."""
+    return screen(graph, options, ops)[0]
+
+
+def kept_in_float(model: ir.Model, target: Target, options: PlanOptions, plan: QuantPlan) -> dict[str, tuple[str, str]]:
+    """Compute node -> (op type, reason) for every Conv/ConvTranspose/MatMul/Gemm/LSTM/GRU/RNN the
+    plan leaves in float (the report's layer table lists them)."""
+    candidates, skipped = screen(model.graph, options, target.ops)
+    left = "no constant weight (the target is weight-only)" if target.activations is None else "no input the target quantizes"
+    skipped.update({n.name: (n.op_type, left) for n in candidates if n.name not in plan.nodes})
+    return skipped
+
+
+def nothing_to_quantize(target: Target, kept: dict[str, tuple[str, str]]) -> str:
+    """The refusal when the plan is empty, naming why each kind of node stays float and, for op
+    types the target does not handle, the targets that quantize them."""
+    if not kept:
+        return (f"nothing to quantize for target {target.name}: the model has no "
+                f"{', '.join(QUANTIZABLE_OPS[:-1])} or {QUANTIZABLE_OPS[-1]} node")
+    groups: dict[tuple[str, str], int] = {}
+    for op, reason in kept.values():
+        groups[(op, reason)] = groups.get((op, reason), 0) + 1
+    parts = []
+    for (op, reason), count in sorted(groups.items(), key=lambda kv: -kv[1]):
+        others = [t.name for t in TARGETS.values() if op in t.ops] if op in QUANTIZABLE_OPS and op not in target.ops else []
+        hint = f" ({', '.join(others[:4])} quantize {op})" if others else ""
+        parts.append(f"{count} {op}: {reason}{hint}")
+    return f"nothing to quantize for target {target.name}: " + "; ".join(parts)
 
 
 def is_depthwise(node: ir.Node) -> bool:

@@ -246,29 +246,20 @@ def choose_clip(h: Histogram, fmt_name: str, symmetric: bool, method: str) -> tu
 def stream_values(model, names: list[str], batches):
     """Yield {name: array} for each batch: the float model with `names` exposed as outputs.
 
-    The model is instrumented once (the values become extra graph outputs, removed again right
-    after the session is built) and runs in one onnxruntime session at ENABLE_BASIC, so no fusion
-    hides a value. Only one batch of values is alive at a time.
+    The model is instrumented once (the values become extra graph outputs, threaded out of If /
+    Loop / Scan bodies by `subgraphs.expose`, and removed again right after the session is built)
+    and runs in one onnxruntime session at ENABLE_BASIC, so no fusion hides a value. Only one
+    batch of values is alive at a time. A value inside a body is empty for a sample that does not
+    run it, stacked over iterations for a Loop / Scan.
     """
     from qcompile.backends.onnxruntime.session import make_session
+    from qcompile.subgraphs import expose
 
-    by_name = {v.name: v for v in model.graph.inputs}
-    for node in model.graph:
-        for out in node.outputs:
-            by_name[out.name] = out
-    missing = [h for h in names if h not in by_name]
-    if missing:
-        raise KeyError(f"values not in graph: {missing[:5]}")
-    existing = {v.name for v in model.graph.outputs}
-    added = [by_name[h] for h in names if h not in existing]
-    model.graph.outputs.extend(added)
-    try:
+    with expose(model, names) as outputs:
         sess = make_session(model, level="basic")
-    finally:
-        for _ in added:
-            model.graph.outputs.pop()
+    fetch = [outputs[h] for h in names]
     for batch in batches:
-        yield batch, dict(zip(names, sess.run(names, batch)))
+        yield batch, dict(zip(names, sess.run(fetch, batch)))
 
 
 def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:

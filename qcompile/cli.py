@@ -29,10 +29,33 @@ class _DefaultToCompile(click.Group):
         return super().parse_args(ctx, args)
 
 
+class _OneLine(logging.Formatter):
+    """`qcompile: LEVEL: message`, one line: a record's traceback or stack (third-party loggers log
+    them, e.g. onnx_ir's failed shape inference) becomes `(ExcType: first line)`; -v shows them."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__("qcompile: %(levelname)s: %(message)s")
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.verbose:
+            return super().format(record)
+        lines = record.getMessage().strip().splitlines()
+        msg = lines[0] if lines else ""
+        if record.exc_info and record.exc_info[1] is not None:
+            e = record.exc_info[1]
+            first = str(e).strip().splitlines()
+            msg += f" ({type(e).__name__}: {first[0] if first else ''})"
+        return f"qcompile: {record.levelname}: {msg}"
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="qcompile: %(levelname)s: %(message)s", stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine(verbose))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("qcompile").setLevel(logging.INFO if verbose else level)
+    logging.captureWarnings(True)  # Python warnings (numpy, torch, ...) go through the same one-line handler
 
 
 def _run(fn, verbose: bool):
@@ -88,6 +111,8 @@ def main() -> None:
 @click.option("--eval", "eval_", type=click.Path(path_type=Path), help="Held-out data (default: part of --calib)")
 @click.option("--samples", type=click.IntRange(min=1), help="Calibration samples to use")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--input-shape", "input_shape", multiple=True, callback=lambda ctx, p, v: _input_shapes(v), metavar="NAME:DIMS",
+              help="Fix the dims an input leaves free for synthesized data, e.g. input:1,512 (repeatable; NAME: for a scalar)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), help="Activation range method (default: the target's)")
 @click.option("--plan", "plan_in", type=click.Path(dir_okay=False, path_type=Path), help="Replay a saved plan")
@@ -113,8 +138,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
-def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, method, plan_in, save_plan,
-                exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, no_validate, min_sqnr, as_json, verbose, quiet):
+def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
+                exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, no_validate, min_sqnr, as_json, verbose,
+                quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -137,7 +163,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, batch_size, 
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
                                        batch_size=batch_size, progress=progress.advance, lowering=lowering,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
-                                       cpu=cpu)
+                                       cpu=cpu, input_shapes=input_shape)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None
@@ -295,6 +321,20 @@ def _target(name: str):
         return get_target(name)
     except KeyError as e:
         raise click.BadParameter(str(e).strip('"')) from None
+
+
+def _input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """--input-shape NAME:D0,D1,... (a usage error, exit 2, when malformed)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for v in values:
+        name, sep, dims = v.rpartition(":")
+        parts = [d.strip() for d in dims.replace("x", ",").split(",") if d.strip()]
+        if not sep or not name or not all(d.isdigit() for d in parts):
+            raise click.BadParameter(f"{v!r}: expected NAME:DIMS with DIMS non-negative integers, e.g. input:1,512")
+        if name in out:
+            raise click.BadParameter(f"{name!r} given twice")
+        out[name] = tuple(int(d) for d in parts)
+    return out
 
 
 def _bench_targets(value: str | None) -> tuple[str, ...] | None:

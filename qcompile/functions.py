@@ -427,7 +427,7 @@ class Emitter:
 
     def node(self, op_type: str, inputs: list[ir.Value], attrs: dict, out: str, dtype: ir.DataType, shape,
              domain: str = DOMAIN) -> ir.Value:
-        value = ir.Value(name=self.fresh(out), shape=ir.Shape(shape), type=ir.TensorType(dtype))
+        value = ir.Value(name=self.fresh(out), shape=None if shape is None else ir.Shape(shape), type=ir.TensorType(dtype))
         self.graph.append(ir.node(op_type, inputs, attrs, domain=domain, outputs=[value], name=value.name))
         return value
 

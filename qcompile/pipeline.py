@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from qcompile import __version__
-from qcompile.analyze import PlanOptions, make_plan, tie_heads
+from qcompile.analyze import PlanOptions, kept_in_float, make_plan, nothing_to_quantize, tie_heads
 from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
@@ -36,8 +37,10 @@ from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
+from qcompile.passes.promote_float import HalfInterfacePass, PromoteFloatPass, StoreHalfPass
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
+from qcompile.subgraphs import all_values, location
 from qcompile.targets import Target, get_target
 from qcompile.validate import compare, verdict
 
@@ -110,11 +113,12 @@ class Stages:
 def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
                    caps: Capabilities = CAPABILITIES) -> QuantPlan:
     """Fill the clip of every activation spec without one, from histograms of the value itself or,
-    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads."""
+    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads.
+    A value the data never computes (in an If branch no sample takes) keeps no clip (`uncalibrated`)."""
     specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None and not s.dynamic}
     if not specs:
         return plan
-    by_name = {o.name: o for n in model.graph for o in n.outputs} | {v.name: v for v in model.graph.inputs}
+    by_name = all_values(model.graph)
     heads = {
         v: [h.name for h in tie_heads(by_name[v])[1]] if getattr(s.fmt, "onnx_dtype", None) in caps.shape_op_qdq_drop else [v]
         for v, s in specs.items()
@@ -125,8 +129,24 @@ def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: 
         h = hists[heads[v][0]]
         for other in heads[v][1:]:
             h.merge(hists[other])
-        clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
+        if h.count:
+            clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
     return plan.with_clips(clips)
+
+
+def uncalibrated(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str]]:
+    """Plan node -> (op type, reason) for nodes with an activation that calibration never saw."""
+    out = {}
+    for name, node in plan.nodes.items():
+        quants = [*node.inputs.values(), *([node.output] if node.output else [])]
+        if any(q.role == "activation" and q.spec.clip is None and not q.spec.dynamic for q in quants):
+            where = next((location(n, model.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name == name), None)
+            out[name] = (node.op_type, "not computed on the calibration data" + (f" (in {where})" if where else ""))
+    return out
+
+
+def _without(plan: QuantPlan, names) -> QuantPlan:
+    return QuantPlan(plan.target, {k: v for k, v in plan.nodes.items() if k not in names}, plan.smoothing)
 
 
 def smoothing_scales(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, list[float]]:
@@ -219,6 +239,7 @@ def compile(
     lowering: str = "auto",
     accuracy_level: int | str = "auto",
     cpu: str | Cpu = Cpu.PORTABLE,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -238,6 +259,8 @@ def compile(
     saturate: reduction channels renumbered where the graph allows, `PairPermutationPass`, else
     the scale of the few offending weight channels grown, `weights.py`); "vnni" drops the
     constraint; "native" is this machine's class.
+    input_shapes: {input name: dims} fixing dims the model leaves free, for synthesized data
+    (`qcompile.data`).
 
     calib / eval: an `.npz` path, a directory of them, a {input: array} dict, or a Dataset.
     Without calib, inputs are synthesized (and a warning is logged); without eval, the last
@@ -263,7 +286,7 @@ def compile(
     stages = Stages()
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     m = stages.run("load", load_model, model)
-    inputs = InputInfo.of_model(m)
+    inputs = InputInfo.of_model(m, input_shapes)
 
     calib_ds = _as_dataset(calib, inputs)
     synthesized = calib_ds is None
@@ -291,6 +314,9 @@ def compile(
     else:
         specs = [q.spec for n in plan.nodes.values() for q in [*n.inputs.values(), *([n.output] if n.output else [])]]
         opset = _required_opset([s.fmt for s in specs], any(isinstance(s.granularity, PerBlock) for s in specs), caps)
+    stages.run("InlinePass", common_passes.InlinePass(), m)  # model-local functions: their nodes become the graph's
+    promote = PromoteFloatPass()
+    stages.run(repr(promote), promote, m)
     stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
@@ -299,19 +325,25 @@ def compile(
     if not replay:
         plan = stages.run("plan", make_plan, m, tgt, options, caps)
     else:
-        graph_nodes = {n.name for n in m.graph}
+        graph_nodes = {n.name for n in ir.traversal.RecursiveGraphIterator(m.graph)}
         unknown = [n for n in plan.nodes if n not in graph_nodes]
         if unknown:
             raise InputError(f"plan names nodes not in the model: {unknown[:3]}")
+    kept = kept_in_float(m, tgt, options, plan)
     if not plan.nodes:
-        raise UnsupportedModelError(f"nothing to quantize for target {tgt.name}: the model has no quantizable op "
-                                    "(Conv, ConvTranspose, MatMul, Gemm with float inputs)")
+        raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
     if tgt.smooth and not replay:
         plan.smoothing = stages.run("smoothing-search", smoothing_scales, m, plan, calib_ds, batch_size)
     work = stages.run("SmoothQuantPass", apply_smoothing, m, plan) if plan.smoothing else plan
     if any(q.spec.pairs is not None for n in work.nodes.values() for q in n.inputs.values()):
         stages.run("PairPermutationPass", PairPermutationPass(work), m)
     work = stages.run("calibrate", calibrate_plan, m, work, calib_ds, batch_size, progress, caps)
+    unseen = uncalibrated(m, work)
+    if unseen:
+        kept.update(unseen)
+        work, plan = _without(work, unseen), _without(plan, unseen)
+        if not work.nodes:
+            raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
     if tgt.bias_correction:
         stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size)
     plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
@@ -325,10 +357,13 @@ def compile(
     stages.run(repr(nb), nb, m)
     if lowering == "native":
         stages.run("NativeFakeQuantPass", NativeFakeQuantPass(), m)
+    if promote.source_type is not None:
+        stages.run("StoreHalfPass", StoreHalfPass(promote.source_type), m)
     stages.run("emit", _emit, m, caps)
     stages.run("onnx.checker", check_model, m)
 
     layers = _layer_table(work, insert, act_sqnr, nb.lowered)
+    layers += [{"node": name, "op_type": op, "kept_float": reason} for name, (op, reason) in kept.items()]
     report = {
         "schema": REPORT_SCHEMA,
         "qcompile": __version__,
@@ -357,6 +392,8 @@ def compile(
     report["passes"] = stages.entries
     report["compile_seconds"] = round(time.perf_counter() - t0, 3)
     report["peak_rss_bytes"] = _rss_peak()
+    if promote.interface:
+        stages.run("HalfInterfacePass", HalfInterfacePass(promote.interface), m)
     result = CompileResult(m, plan, report)
     if validate and not report["verdict"]["passed"]:
         worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in report["verdict"]["worst_layers"][:3])

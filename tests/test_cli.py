@@ -310,3 +310,65 @@ def test_zoo_commands(tmp_path):
     path = Path(data.stdout.strip())
     with np.load(path) as z:
         assert set(z.files) == {"input_ids", "attention_mask"} and z["input_ids"].shape[0] == 4
+
+
+# --- foreign models (issue 9, "What was seen" 3) -----------------------------------------------------
+def test_third_party_warning_prints_no_traceback(tmp_path):
+    """A model whose declared value_info contradicts shape inference: onnx_ir logs the failure with
+    its traceback (logger.warning(..., exc_info=e)); without -v that is one line. On e10cd69 the
+    full traceback reached stderr."""
+    rng = np.random.default_rng(0)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y0"], name="mm"), h.make_node("Relu", ["y0"], ["y"], name="r")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])], [h.make_tensor_value_info("y", T.FLOAT, ["N", 4])],
+                     [nh.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")],
+                     value_info=[h.make_tensor_value_info("y0", T.FLOAT, ["N", 5])])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    r = qcompile("m.onnx", "-t", "int8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and "File \"" not in r.stderr
+    warning = [line for line in r.stderr.splitlines() if "Shape inference failed" in line]
+    assert len(warning) == 1 and "InferenceError" in warning[0]
+    v = qcompile("m.onnx", "-t", "int8", "-o", "v.onnx", "-v", cwd=tmp_path)
+    assert "Traceback" in v.stderr  # -v keeps everything
+
+
+def _cnn_of_convs(path: Path, n: int = 6) -> None:
+    rng = np.random.default_rng(1)
+    nodes, inits, x = [], [], "x"
+    for i in range(n):
+        inits.append(nh.from_array((rng.standard_normal((8, 8 if i else 3, 3, 3)) / 6).astype(np.float32), f"k{i}"))
+        nodes += [h.make_node("Conv", [x, f"k{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  h.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],
+                     [h.make_tensor_value_info(x, T.FLOAT, ["N", 8, 8, 8])], inits)
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), path)
+
+
+def test_refusals_name_their_reason(tmp_path):
+    """w4 on an all-Conv CNN says it quantizes MatMul/Gemm only and which targets take the Convs
+    (e10cd69: 'no quantizable op (Conv, ConvTranspose, MatMul, Gemm ...)' about a model full of Convs)."""
+    _cnn_of_convs(tmp_path / "cnn.onnx")
+    r, excluded = qcompile_many(["cnn.onnx", "-t", "w4"], ["cnn.onnx", "-t", "int8", "--exclude-op", "Conv"], cwd=tmp_path)
+    assert r.returncode == 1
+    line = _error_line(r.stderr)
+    assert line == ("qcompile: error: nothing to quantize for target w4: 6 Conv: the target quantizes MatMul/Gemm only "
+                    "(int8, a16w8, w8, fp8 quantize Conv)"), line
+    assert excluded.returncode == 1
+    assert "6 Conv: excluded (--exclude-op / --exclude-node)" in _error_line(excluded.stderr)
+
+
+def test_input_shape_option(tmp_path):
+    """--input-shape fixes a free dim for synthesized data; malformed values are usage errors."""
+    rng = np.random.default_rng(2)
+    g = h.make_graph([h.make_node("Conv", ["x", "k"], ["y"], strides=[16], name="stft")], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["batch", 1, "samples"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, ["batch", 8, None])],
+                     [nh.from_array(rng.standard_normal((8, 1, 32)).astype(np.float32), "k")])
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    ok, bad, unknown = qcompile_many(["m.onnx", "-t", "int8", "--input-shape", "x:1,1,512", "--json"],
+                                     ["m.onnx", "-t", "int8", "--input-shape", "x=1,512"],
+                                     ["m.onnx", "-t", "int8", "--input-shape", "y:1,8,3"], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode == 2 and "expected NAME:DIMS" in bad.stderr
+    assert unknown.returncode == 1 and "--input-shape names ['y'], not inputs of the model" in _error_line(unknown.stderr)

@@ -32,7 +32,7 @@ def _two_input_model(batch_dim):
 
 def test_input_info_of_model():
     (info,) = _inputs(tiny_models.cnn())
-    assert info == InputInfo("x", np.dtype(np.float32), (None, 3, 16, 16))
+    assert info == InputInfo("x", np.dtype(np.float32), (None, 3, 16, 16), batch_axis=0)
 
 
 def test_npz_file(tmp_path):
@@ -136,3 +136,95 @@ def test_synthesize_follows_input_types():
     assert d["ids"].shape == (5, 7) and d["ids"].dtype == np.int64 and d["ids"].min() >= 0
     assert (d["attention_mask"] == 1).all()
     np.testing.assert_array_equal(synthesize(inputs, 5, seed=0, dim=7)["x"], d["x"])  # seeded
+
+
+# --- foreign input layouts (issue 9, "What was seen" 3: "synthesized data against dynamic or fixed
+# leading dims: input 'x': model batch dim is -1, data gives 1; a recurrent-state input of shape
+# [2, batch, 128] read as batch dim is 2"). On e10cd69 these raise that InputError or feed wrong shapes.
+def _model(inputs, outputs=None, nodes=None):
+    nodes = nodes or [h.make_node("Identity", [inputs[0].name], ["y"])]
+    g = h.make_graph(nodes, "g", inputs, outputs or [h.make_tensor_value_info("y", T.FLOAT, None)])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def _vad_like(state_batch="batch"):
+    return _model([h.make_tensor_value_info("input", T.FLOAT, ["batch", "samples"]),
+                   h.make_tensor_value_info("state", T.FLOAT, [2, state_batch, 128]),
+                   h.make_tensor_value_info("sr", T.INT64, [])])
+
+
+def test_state_tensor_batch_axis_is_not_its_leading_dim():
+    inputs = _inputs(_vad_like())
+    assert [i.batch_axis for i in inputs] == [0, 1, None]
+    d = synthesize(inputs, 5, seed=0, dim=16)
+    assert d["input"].shape == (5, 16) and d["state"].shape == (5, 2, 128) and d["sr"].shape == (5,)
+    batches = list(ArrayDataset(d, inputs).batches(8))  # sr is one whole scalar per sample: one sample per batch
+    assert len(batches) == 5
+    assert batches[0]["state"].shape == (2, 1, 128) and batches[0]["input"].shape == (1, 16) and batches[0]["sr"].shape == ()
+    np.testing.assert_array_equal(batches[3]["state"][:, 0], d["state"][3])
+
+
+def test_unnamed_free_dims_and_rows_along_the_batch_axis():
+    # Silero's export leaves the dims unnamed: [?, ?] and [2, ?, 128]; rows go along each input's first free dim
+    inputs = _inputs(_model([h.make_tensor_value_info("input", T.FLOAT, [None, None]),
+                             h.make_tensor_value_info("state", T.FLOAT, [2, None, 128])]))
+    assert [i.batch_axis for i in inputs] == [0, 1]
+    data = {"input": np.zeros((10, 512), np.float32), "state": np.arange(10 * 256, dtype=np.float32).reshape(10, 2, 128)}
+    batches = list(ArrayDataset(data, inputs).batches(4))
+    assert [b["state"].shape for b in batches] == [(2, 4, 128), (2, 4, 128), (2, 2, 128)]
+    np.testing.assert_array_equal(batches[1]["state"][:, 2], data["state"][6])
+
+
+def test_fixed_batch_larger_than_one(tmp_path):
+    inputs = _inputs(_two_input_model(2))
+    d = synthesize(inputs, 6, seed=0)  # whole inputs [6, 2, 4]
+    assert d["a"].shape == (6, 2, 4)
+    assert [b["a"].shape for b in ArrayDataset(d, inputs).batches(8)] == [(2, 4)] * 6
+    rows = {"a": np.arange(24, dtype=np.float32).reshape(6, 4), "b": np.zeros((6, 4), np.float32)}
+    batches = list(ArrayDataset(rows, inputs).batches(8))  # rows: two per batch
+    assert [b["a"].shape for b in batches] == [(2, 4)] * 3
+    np.testing.assert_array_equal(batches[2]["a"], rows["a"][4:6])
+
+
+def test_input_shape_fixes_free_dims_across_inputs():
+    m = _model([h.make_tensor_value_info("ids", T.INT64, ["batch", "seq"]), h.make_tensor_value_info("mask", T.INT64, ["batch", "seq"])])
+    inputs = InputInfo.of_model(ir.from_proto(m), {"ids": (1, 12)})
+    assert [i.shape for i in inputs] == [(1, 12), (1, 12)]  # the symbols batch and seq are fixed on mask too
+    d = synthesize(inputs, 3, seed=0)
+    assert d["ids"].shape == (3, 1, 12) and d["mask"].shape == (3, 1, 12)  # whole inputs: the batch dim is fixed
+    assert [b["ids"].shape for b in ArrayDataset(d, inputs).batches(8)] == [(1, 12)] * 3
+    with pytest.raises(InputError, match=r"--input-shape names \['idz'\], not inputs of the model"):
+        InputInfo.of_model(ir.from_proto(m), {"idz": (1, 2)})
+    with pytest.raises(InputError, match="--input-shape ids: 3 dims given, the input has rank 2"):
+        InputInfo.of_model(ir.from_proto(m), {"ids": (1, 2, 3)})
+    with pytest.raises(InputError, match="--input-shape state: dim 2 is fixed to 128 by the model, 64 given"):
+        InputInfo.of_model(ir.from_proto(_vad_like()), {"state": (2, 1, 64)})
+
+
+def test_integer_inputs_in_the_range_the_graph_uses():
+    table = h.make_tensor("emb", T.FLOAT, [30, 4], np.zeros(120, np.float32))
+    nodes = [h.make_node("Gather", ["emb", "ids"], ["e"]), h.make_node("Equal", ["sr", "k16"], ["is16"]),
+             h.make_node("Identity", ["e"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("ids", T.INT64, ["N", 7]), h.make_tensor_value_info("sr", T.INT64, [])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [table, h.make_tensor("k16", T.INT64, [], [16000])])
+    ids, sr = InputInfo.of_model(ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 17)])))
+    assert ids.int_range == (0, 30) and sr.int_choices == (16000,)
+    d = synthesize([ids, sr], 200, seed=0)
+    assert d["ids"].min() >= 0 and d["ids"].max() < 30 and (d["sr"] == 16000).all()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"x": np.full((4, 64), np.nan, np.float32)}, r"input 'x': 256 NaN/Inf value\(s\) in the data"),
+    ({"x": np.zeros((4, 63), np.float32)}, r"input 'x': a sample has shape \[63\], the model wants \[64\]"),
+    ({"x": np.zeros((4, 2, 3, 64), np.float32)}, r"input 'x': data of shape \[4, 2, 3, 64\] does not fit the model's \[\?, 64\]"),
+    ({"x": np.zeros((4, 64), np.complex64)}, r"input 'x': data is complex64, the model wants float32"),
+    ({"x": np.float32(1.0)}, r"input 'x': a 0-d array has no sample axis"),
+])
+def test_calibration_data_that_does_not_fit_is_one_line_naming_the_input(bad, match, tmp_path):
+    inputs = _inputs(tiny_models.mlp())
+    with pytest.raises(InputError, match=match) as e:
+        ArrayDataset(bad, inputs)
+    assert "\n" not in str(e.value)
+    np.savez(tmp_path / "d.npz", **bad)
+    with pytest.raises(InputError, match=match):
+        Dataset(tmp_path / "d.npz", inputs)

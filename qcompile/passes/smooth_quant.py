@@ -199,6 +199,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             # Folding may have replaced weights of other planned nodes too: re-read every name.
             for name, np_ in plan.nodes.items():
                 for i, q in np_.inputs.items():
+                    if name not in nodes:  # inside an If / Loop / Scan body: never smoothed
+                        continue
                     current = nodes[name].inputs[i]
                     if current is not None and current.name != q.value:
                         np_.inputs[i] = dataclasses.replace(q, value=current.name)

@@ -128,6 +128,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         graph.remove(node, safe=True)
         out.name = None
         y.name = out_name
+        y.shape = y.shape or out.shape  # a graph output keeps its declared shape (the input's may be unknown)
         self.lowered.append(node.name)
 
 

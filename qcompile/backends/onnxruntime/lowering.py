@@ -34,11 +34,11 @@ class LowerForOnnxruntimePass(ir.passes.InPlacePass):
         return "LowerForOnnxruntimePass()"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
         rewritten = 0
-        for q in list(graph):
+        for q in list(ir.traversal.RecursiveGraphIterator(model.graph)):  # If / Loop / Scan bodies too
             if q.op_type != "QuantizeLinear" or not self._unsafe(q):
                 continue
+            graph = q.graph
             x, scale = q.inputs[0], q.inputs[1]
             qout = q.outputs[0]
             qtype = _quantized_type(q)
@@ -67,7 +67,7 @@ class LowerForOnnxruntimePass(ir.passes.InPlacePass):
             graph.remove(q, safe=True)
             rewritten += 1
         if rewritten:
-            drop_unused_initializers(graph)  # the float8 zero points (onnxruntime warns about each)
+            drop_unused_initializers(model.graph)  # the float8 zero points (onnxruntime warns about each)
         return ir.passes.PassResult(model, modified=rewritten > 0)
 
     def _unsafe(self, q: ir.Node) -> bool:
