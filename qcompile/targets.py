@@ -188,6 +188,11 @@ def compose(spec: str) -> Target:
     acts = None
     if "a" in parts:
         afmt = parse_format(parts["a"])
+        if isinstance(afmt, IntFormat) and not isinstance(wfmt, IntFormat):
+            # onnxruntime fuses an INT activation Q/DQ next to a float weight into its integer kernels as if
+            # the weight were INT: float8 weights fail to load (QLinearConv), folded ones lose 1e-2 (QGemm).
+            raise KeyError(f"target {spec!r}: integer activations need integer weights (onnxruntime has no kernel "
+                           f"for {parts['a']} activations with {wname} weights); try a:e4m3fn, or w:int8")
         if isinstance(afmt, BlockFormat):
             acts = ActivationPolicy(parts["a"], True, "minmax")
         else:
