@@ -4,7 +4,7 @@ For y = W x + b with quantized weights Q(W) = W - dW, the expected output moves 
 With E[x] per input channel measured on the calibration data, the bias absorbs it:
 
     b' = b + dW E[x]        Conv:  b'_o = b_o + sum_{j,k} dW[o, j, k] * E[x_{g(o)*Cin/g + j}]
-                            Gemm:  b'_n = b_n + sum_k dW[k, n] * E[x_k]
+                            Gemm:  b'_n = b_n + (alpha / beta) sum_k dW[k, n] * E[x_k]
 
 (the DFQ "analytic" correction with empirical means; zero-padding at Conv borders is ignored).
 
@@ -117,7 +117,10 @@ def _output_shift(node: ir.Node, dw: np.ndarray, mean: np.ndarray) -> np.ndarray
             return None
         m = mean.reshape(groups, cin_g)[np.arange(cout) // (cout // groups)]  # [Cout, Cin/g]
         return np.einsum("oj,oj->o", dw.reshape(cout, cin_g, -1).sum(axis=2), m)
-    if node.op_type == "Gemm":
+    if node.op_type == "Gemm":  # Y = alpha A B + beta C: C moves by alpha / beta times the shift
         k_by_n = dw.T if _attr(node, "transB") else dw
-        return mean @ k_by_n if mean.size == k_by_n.shape[0] else None
+        alpha, beta = (node.attributes[a].as_float() if a in node.attributes else 1.0 for a in ("alpha", "beta"))
+        if mean.size != k_by_n.shape[0] or beta == 0:
+            return None
+        return (mean @ k_by_n) * (alpha / beta)
     return None

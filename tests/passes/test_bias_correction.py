@@ -76,3 +76,28 @@ def test_matmul_is_not_corrected():
                      [nh.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")])
     model = ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10))
     assert correctable(model.graph, make_plan(model, get_target("w4"))) == {}
+
+
+def test_gemm_alpha_and_beta_scale_the_correction():
+    """Y = alpha A B + beta C: the correction of C is alpha / beta times dW E[x] (it ignored both)."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 8)) * 0.2).astype(np.float32)
+    c = (rng.standard_normal(8) * 0.1).astype(np.float32)
+    g = h.make_graph([h.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", alpha=2.0, beta=0.5)], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])], [h.make_tensor_value_info("y", T.FLOAT, ["N", 8])],
+                     [nh.from_array(w, "w"), nh.from_array(c, "c")])
+    proto = h.make_model(g, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    model = ir.from_proto(proto)
+    plan = make_plan(model, get_target("w4"))  # 4-bit blocks: a visible rounding shift
+    x = (2.0 + rng.standard_normal((256, 16))).astype(np.float32)
+    means = channel_means(stream_values(model, ["x"], [{"x": x}]), ["x"], {"x": -1})
+    BiasCorrectionPass(plan, means)(model)
+    node = next(iter(model.graph))
+    qw = quantize_weight(w, plan.nodes["fc"].inputs[1].spec).dequantize()
+    c_new = node.inputs[2].const_value.numpy()
+    ref = 2.0 * x @ w + 0.5 * c
+    got = 2.0 * x @ qw + 0.5 * c_new
+    uncorrected = 2.0 * x @ qw + 0.5 * c
+    # the mean output shift is cancelled (up to float noise), and it was not small before
+    assert np.abs((got - ref).mean(axis=0)).max() < 1e-5
+    assert np.abs((uncorrected - ref).mean(axis=0)).max() > 1e-3
