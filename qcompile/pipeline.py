@@ -32,6 +32,7 @@ from qcompile.calibrate import choose_clip, collect, simulate, stream_values
 from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
+from qcompile.formats import parse_format
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
@@ -329,6 +330,10 @@ def compile(
         unknown = [n for n in plan.nodes if n not in graph_nodes]
         if unknown:
             raise InputError(f"plan names nodes not in the model: {unknown[:3]}")
+    if deploy is Cpu.VNNI and caps.pair_bound("portable", parse_format(tgt.weights.format).onnx_dtype,
+                                             parse_format(tgt.activations.format) if tgt.activations else None):
+        log.warning("--cpu vnni: the int8 layers are validated on this CPU's kernels only; on x86 CPUs without VNNI "
+                    "their int16 pair sums can saturate (use --cpu portable for a model that runs the same everywhere)")
     kept = kept_in_float(m, tgt, options, plan)
     if not plan.nodes:
         raise UnsupportedModelError(nothing_to_quantize(tgt, kept))

@@ -72,9 +72,9 @@ class Capabilities:
     def pair_bound(self, cpu: str, weight_dtype: ir.DataType | None, activation_fmt) -> int | None:
         """The bound on same-signed int8 weight pairs that keeps the integer kernels of `cpu` from
         saturating, for activations of `activation_fmt` (None: no constraint)."""
-        if cpu not in self.int16_pair_saturation or weight_dtype != D.INT8:
+        if cpu not in self.int16_pair_saturation or weight_dtype != D.INT8 or activation_fmt is None:
             return None
-        if activation_fmt.onnx_dtype not in self.integer_fusion:
+        if getattr(activation_fmt, "onnx_dtype", None) not in self.integer_fusion:
             return None
         span = activation_fmt.qmax - activation_fmt.qmin  # the u8 codes the kernel sees: 0..span
         return self.int16_pair_limit // span if span * 2 * 128 > self.int16_pair_limit else None
