@@ -97,11 +97,13 @@ class NativeUnavailable(RuntimeError):
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """`cache_dir`, else $QCOMPILE_CACHE/native, else ~/.cache/qcompile/native."""
+    """`cache_dir`, else $QCOMPILE_CACHE/native, else ~/.cache/qcompile/native; always absolute, so
+    a library path stays valid for a process started in another directory (onnxruntime's
+    `register_custom_ops_library` resolves a relative path against its own working directory)."""
     if cache_dir is not None:
-        return Path(cache_dir)
+        return Path(cache_dir).absolute()
     env = os.environ.get("QCOMPILE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "qcompile") / "native"
+    return ((Path(env) if env else Path.home() / ".cache" / "qcompile") / "native").absolute()
 
 
 # /proc/cpuinfo flag -> numpy's name for it. numpy's CPU dispatch asks cpuid (and the OS, xgetbv),
