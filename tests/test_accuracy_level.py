@@ -11,7 +11,6 @@ AVX2 kernels) keeps the margin. On e10cd69 every default compile emitted level 0
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -25,11 +24,11 @@ from onnx import numpy_helper as nh
 
 import qcompile
 import tiny_models
+from helpers import avx2_command
 from qcompile.backends.onnxruntime.accuracy_level import MARGIN_DB
 from qcompile.backends.onnxruntime.session import make_session
 from qcompile.errors import InputError
 
-QEMU_CPU = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"  # AVX2 + FMA + F16C, no AVX-512
 
 
 def levels(model: ir.Model) -> list[int]:
@@ -161,17 +160,13 @@ np.savez(out_path, f=run(onnx.load(float_path)), avx512=cpu["AVX512F"], avx2=cpu
 
 
 def run_under_avx2(tmp_path, float_proto, model: ir.Model, feed: dict) -> dict:
-    """Float, level-0 and level-4 outputs computed by onnxruntime's AVX2 kernels (qemu, no AVX-512)."""
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        if os.environ.get("CI"):
-            pytest.fail("qemu-x86_64 (Debian package qemu-user) is needed under CI")
-        pytest.skip("qemu-x86_64 not installed")
+    """Float, level-0 and level-4 outputs computed by onnxruntime's AVX2 kernels (this interpreter on
+    an AVX2-only CPU, else qemu with AVX-512 hidden: `helpers.avx2_command`)."""
     onnx.save(float_proto, tmp_path / "float.onnx")
     onnx.save(ir.to_proto(model), tmp_path / "q.onnx")
     np.savez(tmp_path / "feed.npz", **feed)
     (tmp_path / "avx2.py").write_text(AVX2_SCRIPT)
-    args = [qemu, "-cpu", QEMU_CPU, sys.executable, "avx2.py", "float.onnx", "q.onnx", "feed.npz", "out.npz"]
+    args = [*avx2_command(), "avx2.py", "float.onnx", "q.onnx", "feed.npz", "out.npz"]
     r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = dict(np.load(tmp_path / "out.npz"))

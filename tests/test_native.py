@@ -669,8 +669,7 @@ def test_prefill_bench_runs(lib, tmp_path):
     assert len(rows) == 6 and all(min(row["ms"].values()) > 0 for row in rows), rows
 
 
-QEMU_AVX2 = "Haswell,-pcid,-x2apic,-tsc-deadline,-hle,-invpcid,-rtm"  # AVX2 + FMA + F16C, no AVX-512 / VNNI
-QEMU_SCRIPT = r"""
+AVX2_SCRIPT = r"""
 import sys
 import numpy as np, onnxruntime as ort
 from numpy._core._multiarray_umath import __cpu_features__ as cpu
@@ -688,19 +687,14 @@ np.savez(out, avx512=cpu["AVX512F"], isa=native.detect_isa(), **ys)
 
 
 def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
-    """The avx2 build (the AVX2 GEMMs included) on an emulated Haswell (`qemu-x86_64 -cpu Haswell`:
-    no AVX-512, no VNNI) returns the same bits as on this CPU for W4A4, weight-only and float8
+    """The avx2 build (the AVX2 GEMMs included) on an AVX2-only CPU (this one, or an emulated Haswell,
+    `qemu-x86_64 -cpu Haswell`: no AVX-512, no VNNI; `helpers.avx2_command`) returns the same bits as on this CPU for W4A4, weight-only and float8
     weights at 1, 5 and 37 rows: it needs nothing beyond AVX2 + FMA + F16C. There `detect_isa()`
     says avx2, though qemu shows the host's /proc/cpuinfo (cpuid decides)."""
-    import shutil
     import subprocess
-    import sys
 
-    qemu = shutil.which("qemu-x86_64")
-    if qemu is None:
-        if os.environ.get("CI"):
-            pytest.fail("qemu-x86_64 (Debian package qemu-user) is needed under CI")
-        pytest.skip("qemu-x86_64 not installed")
+    from helpers import avx2_command
+
     avx2 = native.build(isa="avx2")
     k = 200
     protos = [model(weight_bs("mxfp4", k, 11, 32, seed=1), ["M", k], act="mxfp4"),
@@ -714,8 +708,8 @@ def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
     for i, p in enumerate(protos):
         paths.append(tmp_path / f"m{i}.onnx")
         onnx.save(p, paths[-1])
-    (tmp_path / "run.py").write_text(QEMU_SCRIPT)
-    r = subprocess.run([qemu, "-cpu", QEMU_AVX2, sys.executable, "run.py", str(avx2), "out.npz", *map(str, paths)],
+    (tmp_path / "run.py").write_text(AVX2_SCRIPT)
+    r = subprocess.run([*avx2_command(), "run.py", str(avx2), "out.npz", *map(str, paths)],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     got = dict(np.load(tmp_path / "out.npz"))
