@@ -22,7 +22,7 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from qcompile import __version__
-from qcompile.analyze import PlanOptions, kept_in_float, make_plan, nothing_to_quantize, tie_heads
+from qcompile.analyze import PlanOptions, has_compute, kept_in_float, make_plan, nothing_to_quantize, tie_heads
 from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
@@ -287,6 +287,8 @@ def compile(
     stages = Stages()
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     m = stages.run("load", load_model, model)
+    if not has_compute(m):  # refused before any pass runs (cheap on the many models with none)
+        raise UnsupportedModelError(nothing_to_quantize(tgt, {}))
     inputs = InputInfo.of_model(m, input_shapes)
 
     calib_ds = _as_dataset(calib, inputs)
