@@ -321,6 +321,7 @@ class Worker:
 def reason_group(reason: str) -> str:
     """A refusal without its names and numbers, to count refusals by kind."""
     r = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
+    r = re.sub(r"\btarget [\w:,-]+", "target T", r)
     r = re.sub(r"\b\d+(\.\d+)?\b", "N", r)
     r = re.sub(r"/[\w./-]+", "PATH", r)
     return r[:160]

@@ -28,6 +28,7 @@ from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilitie
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
+from qcompile.backends.onnxruntime.session import is_runtime_error
 from qcompile.calibrate import choose_clip, collect, simulate, stream_values
 from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
@@ -101,14 +102,43 @@ class Stages:
 
     def __init__(self) -> None:
         self.entries: list[dict] = []
+        # (stage name, onnxruntime exception) -> the exception to raise instead (`runtime_refusal`)
+        self.on_runtime_error: Callable[[str, Exception], Exception] | None = None
 
     def run(self, name: str, fn: Callable, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as e:
+            if self.on_runtime_error is None or not is_runtime_error(e):
+                raise
+            raise self.on_runtime_error(name, e) from None
         modified = getattr(out, "modified", None)
         self.entries.append({"name": name, "seconds": round(time.perf_counter() - t0, 4), **({"modified": modified} if modified is not None else {})})
         log.info("%-28s %.3fs", name, self.entries[-1]["seconds"])
         return out
+
+
+def runtime_refusal(source, data: Dataset, stage: str, error: Exception) -> Exception:
+    """What to raise when onnxruntime fails in a stage: if onnxruntime cannot run the *source*
+    model either (on one sample of `data`), a one-line refusal; otherwise the failure is
+    qcompile's (a model it prepared does not run), reported as an internal RuntimeError."""
+    from qcompile.backends.onnxruntime.session import make_session
+
+    def first(e: Exception) -> str:
+        lines = str(e).strip().splitlines()
+        return (lines[0] if lines else type(e).__name__)[:300]
+
+    try:
+        sess = make_session(load_model(source), level="all")
+        batch = next(iter(data.batches(1)), None)
+        if batch is not None:
+            sess.run(None, batch)
+    except Exception as e:
+        if not is_runtime_error(e):
+            raise
+        return UnsupportedModelError(f"onnxruntime cannot run the source model: {first(e)}")
+    return RuntimeError(f"onnxruntime fails on the model qcompile prepared (stage {stage}): {first(error)}")
 
 
 def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
@@ -285,6 +315,7 @@ def compile(
         except native.NativeUnavailable as e:
             raise QCompileError(f"--lowering native: the native library is unavailable: {e}") from None
     stages = Stages()
+    stages.on_runtime_error = lambda stage, e: runtime_refusal(model, calib_ds, stage, e)
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     m = stages.run("load", load_model, model)
     if not has_compute(m):  # refused before any pass runs (cheap on the many models with none)
