@@ -20,7 +20,7 @@ optimizer differs between them) and a relative error above `rtol` (max |a - b| /
 output) refuses the conversion. The figures go to `model.metadata_props[METADATA_KEY]` as JSON
 ({"from", "to", "max_abs_err", "max_rel_err"}; `pop_record` reads and removes it).
 
-Unnamed and duplicate node names are fixed (`NameFixPass`) and model-local functions inlined first (a function's default-domain opset must equal the model's,
+Model-local functions are inlined first and unnamed or duplicate node names made unique (a function's default-domain opset must equal the model's,
 and the converter reads graphs only). A node the converter cannot take (no schema at the model's
 opset, no adapter to a newer version) refuses the model with one line naming the op and the opsets.
 """
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.defs
+import onnx.inliner
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from qcompile.errors import PreconditionError, UnsupportedModelError
 
@@ -131,16 +131,32 @@ class _Slots:
                         self._set(n, name, o)
 
 
+def _walk(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _walk(g)
+
+
+def _unique_node_names(graph: onnx.GraphProto) -> None:
+    """Name unnamed nodes and rename duplicates `<name or op_type>_<k>`, across the graph and its subgraphs."""
+    nodes = list(_walk(graph))
+    taken = {n.name for n in nodes if n.name}
+    seen: set[str] = set()
+    for n in nodes:
+        if not n.name or n.name in seen:
+            base, k = n.name or n.op_type, 0
+            while f"{base}_{k}" in taken:
+                k += 1
+            n.name = f"{base}_{k}"
+            taken.add(n.name)
+        seen.add(n.name)
+
+
 def blocking_node(proto: onnx.ModelProto, source: int, target: int) -> str | None:
     """'op X (opset N)' for the first default-domain node with no schema at the model's opset, else None."""
-    def walk(graph):
-        for n in graph.node:
-            yield n
-            for a in n.attribute:
-                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    yield from walk(g)
-
-    for n in walk(proto.graph):
+    for n in _walk(proto.graph):
         if n.domain in ("", "ai.onnx") and not _has_schema(n.op_type, source):
             return f"op {n.op_type} has no ONNX schema at opset {source} (a custom or removed op)"
     return None
@@ -224,14 +240,14 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
         if source >= self.target:
             return ir.passes.PassResult(model, modified=False)
         log.info("converting opset %d -> %d (onnx.version_converter)", source, self.target)
-        if model.functions:
-            common.InlinePass()(model)
-        common.NameFixPass()(model)  # onnxruntime refuses duplicate node names (in the check below)
         feeds = None if self.feeds is None else list(self.feeds)
         slots = _Slots(model, self.strip_bytes)
         with tempfile.TemporaryDirectory(prefix="qcompile-opset-") as d:
             scratch = Path(d) / _SCRATCH
             structure = slots.structure(model, slots.stand_ins(scratch, write=bool(feeds)))
+            if structure.functions:
+                structure = onnx.inliner.inline_local_functions(structure)
+            _unique_node_names(structure.graph)  # onnxruntime refuses duplicates (in the check below)
             if "ai.onnx" in {o.domain for o in structure.opset_import}:  # the converter reads domain "" only
                 for o in structure.opset_import:
                     o.domain = "" if o.domain == "ai.onnx" else o.domain
@@ -256,6 +272,7 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
             new = ir.from_proto(converted)
         slots.reattach(new)
         model.graph = new.graph  # model.opset_imports are the graph's: now the converted ones
+        model.functions.clear()  # inlined
         model.ir_version = max(model.ir_version, new.ir_version)
         model.metadata_props[METADATA_KEY] = json.dumps(record)
         return ir.passes.PassResult(model, modified=True)
