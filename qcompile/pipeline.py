@@ -34,6 +34,7 @@ from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
 from qcompile.formats import parse_format
+from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.insert_qdq import InsertQDQPass
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
 HELD_OUT = 64  # samples held out of the calibration data when no --eval is given
 SYNTH_SAMPLES = 64  # synthesized calibration samples when no data is given
+CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is checked
 
 
 @dataclass
@@ -351,6 +353,11 @@ def compile(
     stages.run("InlinePass", common_passes.InlinePass(), m)  # model-local functions: their nodes become the graph's
     promote = PromoteFloatPass()
     stages.run(repr(promote), promote, m)
+    check = calib_ds.take(0, CONVERSION_SAMPLES)
+    stages.run("ConvertOpsetPass", ConvertOpsetPass(opset, caps.max_opset, check.batches(batch_size)), m)
+    conversion = pop_record(m)  # {from, to, max_abs_err, max_rel_err} when the opset was raised
+    if conversion is not None:
+        conversion["samples"] = len(check)
     stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
@@ -409,6 +416,7 @@ def compile(
         "target": tgt.name,
         "cpu": deploy.value,
         "calibration": {"samples": len(calib_ds), "synthesized": synthesized},
+        **({"opset_conversion": conversion} if conversion is not None else {}),
         "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": model_bytes(m)},
         "layers": layers,
     }
