@@ -94,12 +94,24 @@ def _write_input(path: Path, value, vi: onnx.ValueInfoProto) -> None:
     path.write_bytes(proto.SerializeToString())
 
 
+def _write_node_cases(cases, root: Path) -> None:
+    for c in cases:
+        d = root / c.name
+        (d / "test_data_set_0").mkdir(parents=True, exist_ok=True)
+        (d / "model.onnx").write_bytes(c.model.SerializeToString())
+        inputs, outputs = c.data_sets[0] if c.data_sets else ([], [])
+        for j, value in enumerate(inputs):
+            _write_input(d / "test_data_set_0" / f"input_{j}.pb", value, c.model.graph.input[j])
+        for j, value in enumerate(outputs):
+            _write_input(d / "test_data_set_0" / f"output_{j}.pb", value, c.model.graph.output[j])
+
+
 def node_data() -> Path:
     """node/ generated from the installed onnx's node test cases (the wheel ships none), once."""
     root = cache_dir() / "onnx-node-data" / onnx.__version__
-    done = root / "COMPLETE"
-    if done.exists():
+    if (root / "COMPLETE").exists():
         return root
+    import shutil
     import warnings
 
     from onnx.backend.test.case import node
@@ -108,21 +120,31 @@ def node_data() -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cases = node.collect_testcases(None)
-    for c in cases:
-        d = tmp / c.name
-        (d / "test_data_set_0").mkdir(parents=True, exist_ok=True)
-        (d / "model.onnx").write_bytes(c.model.SerializeToString())
-        inputs = c.data_sets[0][0] if c.data_sets else []
-        for j, value in enumerate(inputs):
-            _write_input(d / "test_data_set_0" / f"input_{j}.pb", value, c.model.graph.input[j])
+    _write_node_cases(cases, tmp)
     (tmp / "COMPLETE").write_text(f"{len(cases)} node cases of onnx {onnx.__version__}\n")
     if root.exists():  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp)
     else:
         tmp.rename(root)
     return root
+
+
+def node_sample(modules: list[str], root: Path) -> list[Case]:
+    """The node cases of a few of onnx's case modules (`matmul`, `if_`, ...), written under `root`:
+    importing a module runs its exporters, much cheaper than collecting all 1,900 cases."""
+    import importlib
+    import warnings
+
+    from onnx.backend.test.case import node
+
+    before = len(node._NodeTestCases)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in modules:
+            importlib.import_module(f"onnx.backend.test.case.node.{m}")
+    new = node._NodeTestCases[before:]
+    _write_node_cases(new, root)
+    return [c for c in _dir_cases("node", root) if c.name in {n.name for n in new}]
 
 
 def light_inputs(model: Path) -> tuple[str, ...]:
@@ -355,7 +377,7 @@ def reason_group(reason: str) -> str:
     r = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
     r = re.sub(r"\btarget [\w:,-]+:", "target T:", r)
     r = re.sub(r"\b\d+(\.\d+)?\b", "N", r)
-    r = re.sub(r"/[\w./-]+", "PATH", r)
+    r = re.sub(r"(?<![\w])/[\w./-]+", "PATH", r)
     return r[:160]
 
 
