@@ -100,3 +100,27 @@ def test_reason_groups_drop_names_and_numbers():
     b = corpus.reason_group("nothing to quantize for target w4: 12 Conv: the target quantizes MatMul/Gemm only")
     assert a == b and "N Conv" in a
     assert corpus.reason_group("data: input 'x': 2 NaN value(s)") == corpus.reason_group("data: input 'y': 7 NaN value(s)")
+
+
+def test_a_model_onnxruntime_cannot_run_is_refused_in_one_line(tmp_path):
+    """A quantizable model with an op onnxruntime has no kernel for: calibration's session failed
+    with onnxruntime's own exception (a traceback); now the compile checks the source model itself
+    and refuses naming onnxruntime's reason."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import qcompile
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "W")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Foo", ["h"], ["y"], domain="custom")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((16, 8)).astype(np.float32)
+    with pytest.raises(qcompile.UnsupportedModelError, match=r"^onnxruntime cannot run the source model: .*custom:Foo") as e:
+        qcompile.compile(tmp_path / "m.onnx", "int8", calib={"x": x}, eval={"x": x})
+    assert "\n" not in str(e.value)
