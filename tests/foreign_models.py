@@ -319,3 +319,13 @@ def paddle_style(path: Path, seed: int = 7) -> Path:
                [], 11, 6, inits_as_inputs=False)
     onnx.save(m, str(path))
     return path
+
+
+def initializers_as_inputs(proto: onnx.ModelProto, ir_version: int = 3) -> onnx.ModelProto:
+    """`proto` (copied) with every initializer also listed as a graph input, at `ir_version`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    m.ir_version = ir_version
+    m.graph.input.extend([h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer])
+    onnx.checker.check_model(m)
+    return m

@@ -1,0 +1,68 @@
+"""Issue 9, acceptance 3: TorchScript (`dynamo=False`) exports of MiniLM (opset 17) and
+EfficientNet-Lite0 (opset 13) compile to every target in the registry and pass validation on
+held-out data (16 real calibration and 16 disjoint held-out samples, the target's own gate).
+
+These exports are what onnxscript's converter broke on: ReduceMean with an `axes` attribute at
+opset 17 (MiniLM's LayerNorm), opset 13 refused for every target needing 19-25. Every compile that
+raises the opset reports the conversion, checked here to be exact (max relative error <= 1e-5 on
+the calibration inputs).
+
+A target whose output SQNR is below its gate on these models *whatever the exporter* (the same
+figure on the dynamo export; a quantizer-quality limit, not an export one) is a strict xfail with
+the measured figure, so it turns red the day it is fixed.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import qcompile
+from qcompile import zoo
+from qcompile.errors import ValidationFailed
+
+pytestmark = pytest.mark.slow
+
+N = 16
+RTOL = 1e-5  # the opset conversion is exact
+MODELS = ("minilm-torchscript", "efficientnet-lite0-torchscript")
+# Measured on 16/16 samples (AMD EPYC AVX2, shared 2-core machine); the dynamo exports give the same.
+BELOW_GATE: dict[tuple[str, str], str] = {}
+
+
+def _cases():
+    for model in MODELS:
+        for target in qcompile.TARGETS:
+            reason = BELOW_GATE.get((model, target))
+            marks = [pytest.mark.xfail(strict=True, raises=ValidationFailed, reason=reason)] if reason else []
+            yield pytest.param(model, target, marks=marks, id=f"{model}-{target}")
+
+
+@pytest.fixture(scope="module")
+def data():
+    """{model: (path, calib npz, held-out npz)}, from the shared zoo cache (built on first use)."""
+    return {m: (zoo.get_model(m), zoo.get_data(m, "calib", N), zoo.get_data(m, "eval", N)) for m in MODELS}
+
+
+def test_exports_are_the_old_opsets(data):
+    import onnx
+
+    for model, want in zip(MODELS, (17, 13)):
+        proto = onnx.load(str(data[model][0]), load_external_data=False)
+        assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [want]
+    minilm = onnx.load(str(data["minilm-torchscript"][0]), load_external_data=False)
+    assert any(n.op_type == "ReduceMean" and any(a.name == "axes" for a in n.attribute) for n in minilm.graph.node)
+
+
+@pytest.mark.parametrize("model,target", list(_cases()))
+def test_compiles_to_every_target_and_validates(data, model, target):
+    path, calib, held = data[model]
+    result = qcompile.compile(str(path), target, calib=str(calib), eval=str(held))
+    assert result.passed and result.report["validation"]["samples"] == N
+    conv = result.report.get("opset_conversion")
+    source = 17 if model.startswith("minilm") else 13
+    if result.model.opset_imports[""] > source:
+        assert conv is not None and conv["from"] == source and conv["to"] == result.model.opset_imports[""]
+        assert conv["max_rel_err"] <= RTOL, conv
+    else:
+        assert conv is None
