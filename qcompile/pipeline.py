@@ -37,6 +37,7 @@ from qcompile.formats import parse_format
 from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_constant_of_shape import FoldConstantOfShapePass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
@@ -359,6 +360,7 @@ def compile(
     if conversion is not None:
         conversion["samples"] = len(check)
     stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
+    stages.run("FoldConstantOfShapePass", FoldConstantOfShapePass(), m)
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
 
