@@ -20,8 +20,8 @@ optimizer differs between them) and a relative error above `rtol` (max |a - b| /
 output) refuses the conversion. The figures go to `model.metadata_props[METADATA_KEY]` as JSON
 ({"from", "to", "max_abs_err", "max_rel_err"}; `pop_record` reads and removes it).
 
-Model-local functions are inlined first and unnamed or duplicate node names made unique (a function's default-domain opset must equal the model's,
-and the converter reads graphs only). A node the converter cannot take (no schema at the model's
+Model-local functions are inlined first (a function's default-domain opset must equal the model's,
+and the converter reads graphs only), and unnamed or duplicate node names made unique. A node the converter cannot take (no schema at the model's
 opset, no adapter to a newer version) refuses the model with one line naming the op and the opsets.
 """
 from __future__ import annotations
