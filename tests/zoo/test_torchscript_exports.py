@@ -2,8 +2,8 @@
 EfficientNet-Lite0 (opset 13) compile to every target in the registry and pass validation on
 held-out data (16 real calibration and 16 disjoint held-out samples, the target's own gate).
 
-These exports are what onnxscript's converter broke on: ReduceMean with an `axes` attribute at
-opset 17 (MiniLM's LayerNorm), opset 13 refused for every target needing 19-25. Every compile that
+These exports are what onnxscript's converter broke on: MiniLM's ReduceL2 with an `axes` attribute at
+opset 17 (kept at >= 18: INVALID_GRAPH), and opset 13 refused outright. Every compile that
 raises the opset reports the conversion, checked here to be exact (max relative error <= 1e-5 on
 the calibration inputs).
 
@@ -68,7 +68,8 @@ def test_exports_are_the_old_opsets(data):
         proto = onnx.load(str(data[model][0]), load_external_data=False)
         assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [want]
     minilm = onnx.load(str(data["minilm-torchscript"][0]), load_external_data=False)
-    assert any(n.op_type == "ReduceMean" and any(a.name == "axes" for a in n.attribute) for n in minilm.graph.node)
+    # the final L2 normalization: ReduceL2 with an `axes` attribute (an input from opset 18)
+    assert any(n.op_type == "ReduceL2" and any(a.name == "axes" for a in n.attribute) for n in minilm.graph.node)
 
 
 @pytest.mark.parametrize("model,target", list(_cases()))
