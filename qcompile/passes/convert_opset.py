@@ -61,7 +61,8 @@ def _graphs(graph: ir.Graph) -> list[ir.Graph]:
 
 
 class _Slots:
-    """Every large tensor of a model, with a way to swap it for a stand-in and back.
+    """Every large tensor of a model (and every one in an external data file: its location is
+    relative to the model's directory), with a way to swap it for a stand-in and back.
 
     A slot is (initializer value) or (node, attribute name)."""
 
@@ -69,7 +70,7 @@ class _Slots:
         self.slots: list[tuple[object, str | None, ir.TensorProtocol]] = []
         for g in _graphs(model.graph):
             for v in g.initializers.values():
-                if v.const_value is not None and v.const_value.nbytes > limit:
+                if v.const_value is not None and (v.const_value.nbytes > limit or isinstance(v.const_value, ir.ExternalTensor)):
                     self.slots.append((v, None, v.const_value))
             for n in g:
                 for name, a in n.attributes.items():
