@@ -20,8 +20,8 @@ optimizer differs between them) and a relative error above `rtol` (max |a - b| /
 output) refuses the conversion. The figures go to `model.metadata_props[METADATA_KEY]` as JSON
 ({"from", "to", "max_abs_err", "max_rel_err"}; `pop_record` reads and removes it).
 
-Model-local functions are inlined first and unnamed or duplicate node names made unique (a function's default-domain opset must equal the model's,
-and the converter reads graphs only). A node the converter cannot take (no schema at the model's
+Model-local functions are inlined first (a function's default-domain opset must equal the model's,
+and the converter reads graphs only), and unnamed or duplicate node names made unique. A node the converter cannot take (no schema at the model's
 opset, no adapter to a newer version) refuses the model with one line naming the op and the opsets.
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ def _graphs(graph: ir.Graph) -> list[ir.Graph]:
 
 
 class _Slots:
-    """Every large tensor of a model, with a way to swap it for a stand-in and back.
+    """Every large tensor of a model (and every one in an external data file: its location is
+    relative to the model's directory), with a way to swap it for a stand-in and back.
 
     A slot is (initializer value) or (node, attribute name)."""
 
@@ -69,7 +70,7 @@ class _Slots:
         self.slots: list[tuple[object, str | None, ir.TensorProtocol]] = []
         for g in _graphs(model.graph):
             for v in g.initializers.values():
-                if v.const_value is not None and v.const_value.nbytes > limit:
+                if v.const_value is not None and (v.const_value.nbytes > limit or isinstance(v.const_value, ir.ExternalTensor)):
                     self.slots.append((v, None, v.const_value))
             for n in g:
                 for name, a in n.attributes.items():
