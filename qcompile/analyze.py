@@ -169,6 +169,16 @@ def candidate_nodes(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] 
     return screen(graph, options, ops)[0]
 
 
+def has_compute(model: ir.Model) -> bool:
+    """Whether any graph, If / Loop / Scan body or model-local function has a QUANTIZABLE_OPS or
+    RECURRENT_OPS node: without one there is nothing any target quantizes (no pass creates them),
+    so the compile refuses before it runs a pass."""
+    ops = QUANTIZABLE_OPS + RECURRENT_OPS
+    graphs = [model.graph, *model.functions.values()]
+    return any(n.domain in ("", "ai.onnx") and n.op_type in ops
+               for g in graphs for n in ir.traversal.RecursiveGraphIterator(g))
+
+
 def kept_in_float(model: ir.Model, target: Target, options: PlanOptions, plan: QuantPlan) -> dict[str, tuple[str, str]]:
     """Compute node -> (op type, reason) for every Conv/ConvTranspose/MatMul/Gemm/LSTM/GRU/RNN the
     plan leaves in float (the report's layer table lists them)."""

@@ -162,6 +162,8 @@ def _mse_symmetric(h: Histogram, fmt, lo: float, hi: float) -> tuple[float, floa
     """The symmetric clip t minimising the histogram's squared error (symmetric INT or float formats)."""
     c, w = _weighted_centers(h)
     amax = max(abs(lo), abs(hi))
+    if amax == 0:  # an all-zero value (a fully masked attention score): nothing to search
+        return float(lo), float(hi)
     t = _argmin_refined(lambda t: _hist_error(c, w, -t, t, fmt, True), amax)
     return float(max(lo, -t)), float(min(hi, t))
 

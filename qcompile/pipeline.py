@@ -22,19 +22,22 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
 from qcompile import __version__
-from qcompile.analyze import PlanOptions, kept_in_float, make_plan, nothing_to_quantize, tie_heads
+from qcompile.analyze import PlanOptions, has_compute, kept_in_float, make_plan, nothing_to_quantize, tie_heads
 from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
+from qcompile.backends.onnxruntime.session import is_runtime_error
 from qcompile.calibrate import choose_clip, collect, simulate, stream_values
 from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
 from qcompile.formats import parse_format
+from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_constant_of_shape import FoldConstantOfShapePass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
@@ -49,6 +52,7 @@ log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
 HELD_OUT = 64  # samples held out of the calibration data when no --eval is given
 SYNTH_SAMPLES = 64  # synthesized calibration samples when no data is given
+CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is checked
 
 
 @dataclass
@@ -101,14 +105,43 @@ class Stages:
 
     def __init__(self) -> None:
         self.entries: list[dict] = []
+        # (stage name, onnxruntime exception) -> the exception to raise instead (`runtime_refusal`)
+        self.on_runtime_error: Callable[[str, Exception], Exception] | None = None
 
     def run(self, name: str, fn: Callable, *args):
         t0 = time.perf_counter()
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as e:
+            if self.on_runtime_error is None or not is_runtime_error(e):
+                raise
+            raise self.on_runtime_error(name, e) from None
         modified = getattr(out, "modified", None)
         self.entries.append({"name": name, "seconds": round(time.perf_counter() - t0, 4), **({"modified": modified} if modified is not None else {})})
         log.info("%-28s %.3fs", name, self.entries[-1]["seconds"])
         return out
+
+
+def runtime_refusal(source, data: Dataset, stage: str, error: Exception) -> Exception:
+    """What to raise when onnxruntime fails in a stage: if onnxruntime cannot run the *source*
+    model either (on one sample of `data`), a one-line refusal; otherwise the failure is
+    qcompile's (a model it prepared does not run), reported as an internal RuntimeError."""
+    from qcompile.backends.onnxruntime.session import make_session
+
+    def first(e: Exception) -> str:
+        lines = str(e).strip().splitlines()
+        return (lines[0] if lines else type(e).__name__)[:300]
+
+    try:
+        sess = make_session(load_model(source), level="all")
+        batch = next(iter(data.batches(1)), None)
+        if batch is not None:
+            sess.run(None, batch)
+    except Exception as e:
+        if not is_runtime_error(e):
+            raise
+        return UnsupportedModelError(f"onnxruntime cannot run the source model: {first(e)}")
+    return RuntimeError(f"onnxruntime fails on the model qcompile prepared (stage {stage}): {first(error)}")
 
 
 def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
@@ -285,8 +318,11 @@ def compile(
         except native.NativeUnavailable as e:
             raise QCompileError(f"--lowering native: the native library is unavailable: {e}") from None
     stages = Stages()
+    stages.on_runtime_error = lambda stage, e: runtime_refusal(model, calib_ds, stage, e)
     source = str(model) if isinstance(model, (str, os.PathLike)) else None
     m = stages.run("load", load_model, model)
+    if not has_compute(m):  # refused before any pass runs (cheap on the many models with none)
+        raise UnsupportedModelError(nothing_to_quantize(tgt, {}))
     inputs = InputInfo.of_model(m, input_shapes)
 
     calib_ds = _as_dataset(calib, inputs)
@@ -318,7 +354,13 @@ def compile(
     stages.run("InlinePass", common_passes.InlinePass(), m)  # model-local functions: their nodes become the graph's
     promote = PromoteFloatPass()
     stages.run(repr(promote), promote, m)
+    check = calib_ds.take(0, CONVERSION_SAMPLES)
+    stages.run("ConvertOpsetPass", ConvertOpsetPass(opset, caps.max_opset, check.batches(batch_size)), m)
+    conversion = pop_record(m)  # {from, to, max_abs_err, max_rel_err} when the opset was raised
+    if conversion is not None:
+        conversion["samples"] = len(check)
     stages.run("NormalizePass", NormalizePass(opset, caps.max_opset), m)
+    stages.run("FoldConstantOfShapePass", FoldConstantOfShapePass(), m)
     stages.run("FoldBatchNormPass", FoldBatchNormPass(), m)
     float_proto = ir.to_proto(m) if validate else None
 
@@ -376,6 +418,7 @@ def compile(
         "target": tgt.name,
         "cpu": deploy.value,
         "calibration": {"samples": len(calib_ds), "synthesized": synthesized},
+        **({"opset_conversion": conversion} if conversion is not None else {}),
         "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": model_bytes(m)},
         "layers": layers,
     }

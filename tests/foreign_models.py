@@ -186,3 +186,146 @@ def bf16_mlp(path: Path, seed: int = 4) -> tuple[Path, onnx.ModelProto]:
     for t, src in zip(ref.graph.initializer, bf.graph.initializer):
         t.CopyFrom(nh.from_array(nh.to_array(src).astype(np.float32), t.name))
     return path, ref
+
+
+# --- old and odd exports (onnx.helper, the shapes older exporters wrote) --------------------------------
+def _f32(a, name: str) -> onnx.TensorProto:
+    return nh.from_array(np.asarray(a, np.float32), name)
+
+
+def _model(nodes, inputs, outputs, inits, opset: int, ir_version: int, inits_as_inputs: bool) -> onnx.ModelProto:
+    """A checked model; with `inits_as_inputs` every initializer is also a graph input (IR 3 requires
+    it; exporters of that time wrote the weights as overridable inputs)."""
+    if inits_as_inputs:
+        inputs = inputs + [h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = h.make_graph(nodes, "g", inputs, outputs, inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=ir_version, producer_name="foreign")
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def classic_cnn(path: Path, opset: int = 9, ir_version: int = 3, seed: int = 5) -> Path:
+    """A CNN as classic exporters wrote it (opset <= 9, IR 3): every initializer also a graph input,
+    unfused Conv -> BatchNormalization -> Relu, MaxPool, Upsample(scales input), an unnamed node and
+    two nodes sharing a name, an unused initializer, Unsqueeze/Squeeze with `axes` attributes,
+    GlobalAveragePool -> Flatten -> Gemm -> Softmax. x [1, 3, 16, 16] -> prob [1, 10]."""
+    rng = np.random.default_rng(seed)
+    inits = [_f32(rng.standard_normal((16, 3, 3, 3)) / 4, "conv1.W"), _f32(0.1 * rng.standard_normal(16), "conv1.b"),
+             _f32(rng.standard_normal((32, 16, 3, 3)) / 12, "conv2.W")]
+    for name, c in (("bn1", 16), ("bn2", 32)):
+        inits += [_f32(rng.uniform(0.5, 1.5, c), f"{name}.scale"), _f32(0.1 * rng.standard_normal(c), f"{name}.bias"),
+                  _f32(0.1 * rng.standard_normal(c), f"{name}.mean"), _f32(rng.uniform(0.5, 2, c), f"{name}.var")]
+    inits += [_f32(rng.standard_normal((10, 32)) / 6, "fc.W"), _f32(0.1 * rng.standard_normal(10), "fc.b"),
+              _f32(rng.standard_normal(7), "unused")] + ([_f32([1, 1, 2, 2], "up.scales")] if opset >= 9 else [])
+    bn = lambda x, y, p: h.make_node("BatchNormalization", [x, f"{p}.scale", f"{p}.bias", f"{p}.mean", f"{p}.var"], [y],  # noqa: E731
+                                     name=p, epsilon=1e-5)
+    nodes = [h.make_node("Conv", ["x", "conv1.W", "conv1.b"], ["c1"], pads=[1, 1, 1, 1], name="conv1"), bn("c1", "b1", "bn1"),
+             h.make_node("Relu", ["b1"], ["r1"]),  # unnamed
+             h.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             (h.make_node("Upsample", ["p1", "up.scales"], ["u1"], mode="nearest", name="pool") if opset >= 9  # duplicate name
+              else h.make_node("Upsample", ["p1"], ["u1"], mode="nearest", scales=[1.0, 1.0, 2.0, 2.0], name="pool")),
+             h.make_node("Conv", ["u1", "conv2.W"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv2"), bn("c2", "b2", "bn2"),
+             h.make_node("Relu", ["b2"], ["r2"], name="relu2"),
+             h.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             h.make_node("Squeeze", ["g"], ["sq"], axes=[2, 3], name="squeeze"),
+             h.make_node("Unsqueeze", ["sq"], ["us"], axes=[2], name="unsqueeze"),
+             h.make_node("Flatten", ["us"], ["f"], axis=1, name="flatten"),
+             h.make_node("Gemm", ["f", "fc.W", "fc.b"], ["logits"], transB=1, name="fc"),
+             h.make_node("Softmax", ["logits"], ["prob"], axis=1, name="softmax")]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])], [h.make_tensor_value_info("prob", T.FLOAT, [1, 10])],
+               inits, opset, ir_version, inits_as_inputs=ir_version < 4)
+    onnx.save(m, str(path))
+    return path
+
+
+def reduce_attr_encoder(path: Path, opset: int = 17, seed: int = 6) -> Path:
+    """A transformer block as a TorchScript exporter writes it at `opset` (< 18): LayerNorm decomposed
+    into ReduceMean(axes attribute) / Sub / Pow / Sqrt / Div, a masked attention with the mask made by
+    Unsqueeze (an `axes` attribute below opset 13, an input from 13), MatMul + Add projections, and an
+    L2-normalized mean pooling with ReduceL2(axes attribute). x [batch, 8, 32], mask [batch, 8] -> y [batch, 32]."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    inits = [_f32(rng.standard_normal((d, d)) / np.sqrt(d), n) for n in ("Wq", "Wk", "Wv", "Wo")]
+    inits += [_f32(rng.standard_normal((d, 64)) / np.sqrt(d), "W1"), _f32(rng.standard_normal((64, d)) / 8, "W2"),
+              _f32(0.1 * rng.standard_normal(64), "b1"), _f32(rng.uniform(0.5, 1.5, d), "gamma"), _f32(0.1 * rng.standard_normal(d), "beta"),
+              _f32(1e-5, "eps"), _f32(2.0, "two"), _f32(1 / np.sqrt(d), "inv_sqrt_d"), _f32(-1e4, "neg"), _f32(1.0, "one")]
+    axes_attr = opset < 13
+    unsq = lambda x, y, axes, name: (h.make_node("Unsqueeze", [x], [y], axes=axes, name=name) if axes_attr  # noqa: E731
+                                    else h.make_node("Unsqueeze", [x, f"{name}.axes"], [y], name=name))
+    if not axes_attr:
+        inits += [nh.from_array(np.array([1], np.int64), "unsq1.axes")]
+    red = lambda op, x, y, name: h.make_node(op, [x], [y], axes=[-1], keepdims=1, name=name)  # noqa: E731
+    nodes = [h.make_node("MatMul", ["x", w], [w.lower()], name=f"proj_{w}") for w in ("Wq", "Wk", "Wv")]
+    nodes += [h.make_node("Transpose", ["wk"], ["kt"], perm=[0, 2, 1], name="kt"),
+              h.make_node("MatMul", ["wq", "kt"], ["s0"], name="scores"), h.make_node("Mul", ["s0", "inv_sqrt_d"], ["s1"], name="scale"),
+              h.make_node("Sub", ["one", "mask"], ["m0"], name="mask_inv"), h.make_node("Mul", ["m0", "neg"], ["m1"], name="mask_neg"),
+              unsq("m1", "m2", [1], "unsq1"), h.make_node("Add", ["s1", "m2"], ["s2"], name="masked"),
+              h.make_node("Softmax", ["s2"], ["p"], axis=2, name="softmax"), h.make_node("MatMul", ["p", "wv"], ["ctx"], name="ctx"),
+              h.make_node("MatMul", ["ctx", "Wo"], ["att"], name="proj_Wo"), h.make_node("Add", ["x", "att"], ["h0"], name="res"),
+              red("ReduceMean", "h0", "mu", "ln_mean"), h.make_node("Sub", ["h0", "mu"], ["dx"], name="ln_sub"),
+              h.make_node("Pow", ["dx", "two"], ["dx2"], name="ln_pow"), red("ReduceMean", "dx2", "var", "ln_var"),
+              h.make_node("Add", ["var", "eps"], ["ve"], name="ln_eps"), h.make_node("Sqrt", ["ve"], ["sd"], name="ln_sqrt"),
+              h.make_node("Div", ["dx", "sd"], ["n0"], name="ln_div"), h.make_node("Mul", ["n0", "gamma"], ["n1"], name="ln_gamma"),
+              h.make_node("Add", ["n1", "beta"], ["n2"], name="ln_beta"),
+              h.make_node("MatMul", ["n2", "W1"], ["f0"], name="ffn1"), h.make_node("Add", ["f0", "b1"], ["f1"], name="ffn1_bias"),
+              h.make_node("Relu", ["f1"], ["f2"], name="ffn_relu"), h.make_node("MatMul", ["f2", "W2"], ["f3"], name="ffn2"),
+              h.make_node("Add", ["n2", "f3"], ["h1"], name="res2"),
+              h.make_node("ReduceMean", ["h1"], ["pool"], axes=[1], keepdims=0, name="pool"),
+              h.make_node("ReduceL2", ["pool"], ["l2"], axes=[-1], keepdims=1, name="l2"),
+              h.make_node("Div", ["pool", "l2"], ["y"], name="normalize")]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, ["batch", 8, d]), h.make_tensor_value_info("mask", T.FLOAT, ["batch", 8])],
+               [h.make_tensor_value_info("y", T.FLOAT, ["batch", d])], inits, opset, 8, inits_as_inputs=False)
+    onnx.save(m, str(path))
+    return path
+
+
+def reduce_attr_data(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(8)[None, :] < rng.integers(3, 9, (n, 1))).astype(np.float32)
+    return {"x": rng.standard_normal((n, 8, 32)).astype(np.float32), "mask": mask}
+
+
+def paddle_style(path: Path, seed: int = 7) -> Path:
+    """An opset-11 OCR-style backbone as Paddle's exporter writes it: every weight and shape a Constant
+    node (no initializers), a BatchNormalization after a Conv and one after an Add (no Conv to fold into),
+    Clip(x, min, max) with its bounds as inputs (the opset-11 form; ReLU6), Pad with a pads input,
+    Resize with roi/scales inputs and a Gemm head. x [1, 3, 16, 16] -> y [1, 8]."""
+    rng = np.random.default_rng(seed)
+
+    def const(name, a, dtype=np.float32):
+        return h.make_node("Constant", [], [name], value=nh.from_array(np.asarray(a, dtype), name + "_t"), name=name)
+
+    c = 8
+    consts = [const("w1", rng.standard_normal((c, 3, 3, 3)) / 4), const("w2", rng.standard_normal((c, c, 3, 3)) / 8),
+              const("lo", 0.0), const("hi", 6.0), const("pads", [0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+              const("roi", np.zeros(0)), const("scales", [1, 1, 0.5, 0.5]),
+              const("fcw", rng.standard_normal((c, 8)) / 3), const("fcb", 0.1 * rng.standard_normal(8)),
+              const("shape", [1, -1], np.int64)]
+    for p in ("bn1", "bn2"):
+        consts += [const(f"{p}_s", rng.uniform(0.5, 1.5, c)), const(f"{p}_b", 0.1 * rng.standard_normal(c)),
+                   const(f"{p}_m", 0.1 * rng.standard_normal(c)), const(f"{p}_v", rng.uniform(0.5, 2, c))]
+    bn = lambda x, y, p: h.make_node("BatchNormalization", [x, f"{p}_s", f"{p}_b", f"{p}_m", f"{p}_v"], [y], name=p)  # noqa: E731
+    nodes = consts + [
+        h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"), bn("c1", "b1", "bn1"),
+        h.make_node("Clip", ["b1", "lo", "hi"], ["r1"], name="relu6"),
+        h.make_node("Pad", ["r1", "pads"], ["pd"], mode="reflect", name="pad"),
+        h.make_node("Conv", ["pd", "w2"], ["c2"], name="conv2"),
+        h.make_node("Add", ["c2", "r1"], ["a"], name="res"), bn("a", "b2", "bn2"),  # BatchNorm without a Conv
+        h.make_node("Clip", ["b2", "lo", "hi"], ["r2"], name="relu6_2"),
+        h.make_node("Resize", ["r2", "roi", "scales"], ["rs"], mode="linear", name="resize"),
+        h.make_node("GlobalAveragePool", ["rs"], ["g"], name="gap"), h.make_node("Reshape", ["g", "shape"], ["f"], name="flatten"),
+        h.make_node("Gemm", ["f", "fcw", "fcb"], ["y"], name="fc")]
+    m = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])], [h.make_tensor_value_info("y", T.FLOAT, [1, 8])],
+               [], 11, 6, inits_as_inputs=False)
+    onnx.save(m, str(path))
+    return path
+
+
+def initializers_as_inputs(proto: onnx.ModelProto, ir_version: int = 3) -> onnx.ModelProto:
+    """`proto` (copied) with every initializer also listed as a graph input, at `ir_version`."""
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    m.ir_version = ir_version
+    m.graph.input.extend([h.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in m.graph.initializer])
+    onnx.checker.check_model(m)
+    return m

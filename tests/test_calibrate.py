@@ -187,3 +187,15 @@ def test_collect_streams_model_values_and_restores_outputs():
     assert hists["x"].count == feeds["x"].size
     with pytest.raises(KeyError, match="not in graph"):
         list(stream_values(model, ["nope"], iter(batches)))
+
+
+def test_mse_clip_of_an_all_zero_value_is_zero():
+    """A value that is zero on every calibration sample (a fully masked attention score in onnx's
+    attention tests) has nothing to search: the symmetric MSE search raised numpy's
+    'Geometric sequence cannot include zero' (a traceback for fp8 on the corpus)."""
+    from qcompile.calibrate import Histogram, choose_clip
+
+    h = Histogram()
+    h.update(np.zeros((4, 8), np.float32))
+    for fmt, symmetric in (("e4m3fn", True), ("int8", True), ("uint8", False)):
+        assert choose_clip(h, fmt, symmetric, "mse") == (0.0, 0.0)

@@ -1,11 +1,16 @@
 """Normalize a model before analysis.
 
-1. Opset: upgrade the default domain to `min_opset` when it is older (onnxscript version
-   converter); refuse models newer than the runtime accepts.
-2. Names: every node and value gets a unique name (plans address nodes by name).
-3. Constants: Constant nodes become initializers, constant subgraphs are folded (onnxscript), so
+1. Opset: upgrade the default domain to `min_opset` when it is older (`ConvertOpsetPass`: onnx's
+   C++ version converter; the pipeline runs it first, verified on calibration inputs); refuse models
+   newer than the runtime accepts.
+2. Initializers that are also graph inputs (IR < 4 exports list every weight as an input; later
+   ones use it for overridable defaults) become plain constants: the input is dropped, so passes
+   that replace or remove a weight never leave a required input with no value, and the weights
+   are constants to quantize and fold.
+3. Names: every node and value gets a unique name (plans address nodes by name).
+4. Constants: Constant nodes become initializers, constant subgraphs are folded (onnxscript), so
    weights are visible as constants.
-4. Shapes and types: ONNX shape inference, so analysis knows which inputs are float and their rank.
+5. Shapes and types: ONNX shape inference, so analysis knows which inputs are float and their rank.
 """
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
-import onnxscript.version_converter
 
 from qcompile.errors import PreconditionError
+from qcompile.passes.convert_opset import ConvertOpsetPass, default_opset, pop_record
 
 log = logging.getLogger(__name__)
 
@@ -31,21 +36,16 @@ class NormalizePass(ir.passes.InPlacePass):
         return f"NormalizePass(opset>={self.min_opset})"
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+        opset = default_opset(model)
         if opset is None:
             raise PreconditionError("model imports no default-domain opset")
         if opset > self.max_opset:
             raise PreconditionError(f"model opset {opset} is newer than onnxruntime supports ({self.max_opset})")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        opset = model.opset_imports.get("", 1)
-        modified = False
-        if opset < self.min_opset:
-            log.info("upgrading opset %d -> %d", opset, self.min_opset)
-            onnxscript.version_converter.convert_version(model, self.min_opset)
-            if model.opset_imports.get("") != self.min_opset:
-                raise PreconditionError(f"could not upgrade opset {opset} to {self.min_opset}")
-            modified = True
+        modified = ConvertOpsetPass(self.min_opset, self.max_opset)(model).modified
+        pop_record(model)  # unverified here; the pipeline converts (and verifies) before this pass
+        modified |= _fold_initializer_inputs(model.graph)
         lift = common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)
         for p in (common.NameFixPass(), lift):
             modified |= p(model).modified
@@ -57,6 +57,17 @@ class NormalizePass(ir.passes.InPlacePass):
         modified |= _type_signature(model.graph) != before
         modified |= _name_nodes(model.graph)
         return ir.passes.PassResult(model, modified=modified)
+
+
+def _fold_initializer_inputs(graph: ir.Graph) -> bool:
+    """Drop the graph inputs that are initializers (the values stay, as constants). True if any."""
+    keep = [v for v in graph.inputs if not v.is_initializer()]
+    if len(keep) == len(graph.inputs):
+        return False
+    log.info("%d initializers listed as graph inputs become constants", len(graph.inputs) - len(keep))
+    graph.inputs.clear()
+    graph.inputs.extend(keep)
+    return True
 
 
 def _type_signature(graph: ir.Graph) -> list:

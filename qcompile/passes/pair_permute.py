@@ -212,6 +212,15 @@ def _conflicts(rows: list[np.ndarray], bound: int) -> np.ndarray:
     return bad
 
 
+def _every_pair_saturates(rows: list[np.ndarray], bound: int) -> bool:
+    """Some column has every channel's code above bound / 2 with one sign: every pair of it
+    saturates in any order, so no permutation can help there. Checked before `_conflicts`, whose
+    cost is columns x channels^2 when most codes are large (a constant weight: onnx's light/
+    models fill every weight with one value, and a 9216 x 4096 Gemm took hours)."""
+    half = bound // 2
+    return any(((r > half).all(axis=0) | (r < -half).all(axis=0)).any() for r in rows)
+
+
 def pairing(bad: np.ndarray) -> np.ndarray:
     """An order of the channels whose pairs (2i, 2i+1) avoid `bad` where it can (module doc)."""
     c = bad.shape[0]
@@ -328,6 +337,9 @@ class PairPermutationPass(ir.passes.InPlacePass):
         natural = np.arange(rows[0].shape[0])
         before = _violations(rows, natural, bound)
         if before == 0:
+            return False
+        if _every_pair_saturates(rows, bound):
+            log.debug("pair permutation skipped: a column saturates every pair whatever the order")
             return False
         order = pairing(_conflicts(rows, bound))
         after = _violations(rows, order, bound)

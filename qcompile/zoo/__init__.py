@@ -112,6 +112,9 @@ def check_interface(path: Path, want_in: list, want_out: list):
 MODELS: dict[str, Callable[[Path], dict]] = {
     "minilm": _lazy("minilm"),
     "efficientnet-lite0": _lazy("efficientnet"),
+    # the same weights through torch.onnx.export(dynamo=False): opsets 17 / 13, old op forms (zoo/torchscript.py)
+    "minilm-torchscript": _lazy("torchscript", "build_minilm"),
+    "efficientnet-lite0-torchscript": _lazy("torchscript", "build_efficientnet"),
     "llama-tiny": _lazy("llama"),  # random init: decoder-shaped graphs and speed, never quality claims
     "gemv-chain": _lazy("gemv"),  # 12 x [1x4096].[4096x4096]: decode-speed measurements (external data)
 }
@@ -147,6 +150,8 @@ def _vector_data(path: Path, split: str, n: int) -> Path:
 DATA: dict[str, Callable[[Path, str, int], Path]] = {
     "minilm": _text_data,
     "efficientnet-lite0": _image_data,
+    "minilm-torchscript": _text_data,  # same inputs as the dynamo exports
+    "efficientnet-lite0-torchscript": _image_data,
     "llama-tiny": _token_data,  # random token ids: speed and exactness only
     "gemv-chain": _vector_data,
 }

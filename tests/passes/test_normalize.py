@@ -116,3 +116,18 @@ def test_model_without_default_opset_is_refused():
     with pytest.raises((QCompileError, ir.passes.PreconditionError)) as info:
         NormalizePass(13, 26)(ir.from_proto(proto))
     assert "imports no default-domain opset" in _messages(info.value)
+
+
+def test_initializers_listed_as_inputs_become_constants():
+    """IR 3 lists every weight as a graph input; after the pass only the data input is left, the
+    weights are plain constants and the outputs are unchanged (exact, RTOL)."""
+    import foreign_models
+
+    proto = foreign_models.initializers_as_inputs(tiny_models.mlp(), ir_version=3)
+    model = ir.from_proto(proto)
+    assert len(model.graph.inputs) > 1
+    NormalizePass(13, 26)(model)
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    x = tiny_models.inputs_for(tiny_models.mlp(), 4)
+    ref = helpers.run(tiny_models.mlp(), x)[0]
+    np.testing.assert_allclose(helpers.run(model, x)[0], ref, rtol=RTOL, atol=RTOL * float(np.abs(ref).max()))

@@ -18,6 +18,12 @@ LEVELS = {
 _PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
 
 
+def is_runtime_error(e: BaseException) -> bool:
+    """An exception raised by onnxruntime itself (its pybind11 error types: Fail, InvalidGraph,
+    InvalidArgument, NotImplemented, RuntimeException, ...)."""
+    return type(e).__module__.startswith("onnxruntime")
+
+
 def session_options(level: str = "all", threads: int = 1, optimized_path: str | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
