@@ -416,7 +416,7 @@ def _worst(row: dict) -> float:
     return min(vals) if vals else float("inf")
 
 
-def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float], lowered: list[str]) -> list[dict]:
+def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float], lowered: dict[str, int]) -> list[dict]:
     rows = []
     recs = {}
     for r in insert.records:
@@ -426,7 +426,8 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
         r = recs.get(name)
         if r is not None:
             row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
-                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes),
+                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes,
+                       quant_bytes=int(lowered.get(name, r.quant_bytes)),  # a kernel's layout may store more
                        emission="com.microsoft.MatMulNBits" if name in lowered else r.emission)
             if r.pairs is not None:
                 row["int16_pairs"] = r.pairs

@@ -57,7 +57,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         self.stored = stored
         self.lowering = lowering
         self.accuracy_level = accuracy_level
-        self.lowered: list[str] = []
+        self.lowered: dict[str, int] = {}  # node name -> bytes of the initializers its kernel reads
 
     def __repr__(self) -> str:
         return f"LowerToMatMulNBitsPass({self.lowering}, accuracy_level={self.accuracy_level})"
@@ -107,6 +107,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
     def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
         kernel = _native_kernel(t) if self.lowering == "native" else None
+        before = set(graph.initializers)
         if kernel == "fp4":
             x, act, act_scale = self._fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
@@ -126,7 +127,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         out.name = None
         y.name = out_name
         y.shape = y.shape or out.shape  # a graph output keeps its declared shape (the input's may be unknown)
-        self.lowered.append(node.name)
+        self.lowered[node.name] = sum(graph.initializers[k].const_value.nbytes for k in set(graph.initializers) - before)
 
 
     def _fused_activation(self, x: ir.Value):
