@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import codec, functions, storage
+from qcompile import codec, external, functions, storage
 from qcompile.analyze import tie_heads
 from qcompile.backends.onnxruntime.capabilities import Capabilities
 from qcompile.calibrate import qparams_from_clip
@@ -202,6 +202,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, t.dequantize()), arr.nbytes, t.nbytes,
                         _op_name(out.producer()), pairs)
         )
+        external.drop_pages(w.const_value)  # a memory-mapped float weight is read once: return its pages
         cache[key] = (out, scale)
         return cache[key]
 
