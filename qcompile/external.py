@@ -39,7 +39,8 @@ INLINE_LIMIT = 1024  # tensors up to this many bytes stay in the protobuf
 ALIGNMENT = 65536  # data offsets onnxruntime can memory-map (the Windows allocation granularity)
 MODES = ("auto", "always", "never")
 LARGE_MODEL_BYTES = 256 << 20  # float models with more weights run without prepacking (`prepack`)
-INPUT_EXTERNAL = "qcompile.input_external_data"  # model.meta key set by `mark_input`
+INPUT_EXTERNAL = "qcompile.input_external_data"  # model.meta keys set by `mark_input`
+INPUT_PATH = "qcompile.input_path"
 
 
 def external_tensors(model: ir.Model) -> list[tuple[ir.Value, ir.ExternalTensor]]:
@@ -52,9 +53,11 @@ def data_files(model: ir.Model) -> set[Path]:
     return {Path(t.path).resolve() for _, t in external_tensors(model)}
 
 
-def mark_input(model: ir.Model) -> None:
-    """Record (in the in-memory `model.meta`) whether the loaded model used external data."""
+def mark_input(model: ir.Model, path: str | os.PathLike) -> None:
+    """Record in the in-memory `model.meta` whether the model loaded from `path` used external data,
+    and the path (`save` never writes over it)."""
     model.meta[INPUT_EXTERNAL] = bool(external_tensors(model))
+    model.meta[INPUT_PATH] = str(Path(path).resolve())
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -177,6 +180,8 @@ def save(model: ir.Model, path: str | os.PathLike, external_data: str = "auto", 
     for out in (path, data) if external else (path,):
         if out.resolve() in sources:
             raise InputError(f"{out}: is the input's external data file; choose another output path")
+    if INPUT_PATH in model.meta and path.resolve() == Path(model.meta[INPUT_PATH]):
+        raise InputError(f"{path}: is the input model; choose another output path")
     if not external and weight_bytes(model) > PROTO_LIMIT:
         raise InputError(f"{path}: {weight_bytes(model) / 1e9:.2f} GB of weights cannot be one protobuf (2 GB limit); "
                          "save with external data (--external-data auto or always)")

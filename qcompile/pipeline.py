@@ -77,7 +77,7 @@ def load_model(source: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Mod
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(f"{path}: not an ONNX model (empty graph)")
-    external.mark_input(model)
+    external.mark_input(model, path)
     return model
 
 
