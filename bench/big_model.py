@@ -4,6 +4,7 @@
     python bench/big_model.py                        # 8 x 8192x8192 fp32 MatMuls (2.15 GB), w4 and int8
     python bench/big_model.py --dim 4096 --layers 4  # a smaller run (256 MB)
     python bench/big_model.py --keep DIR             # keep the generated model and the outputs in DIR
+    python bench/big_model.py --parallel             # the compiles run concurrently (wall times overlap)
 
 1. Generates y = x @ W_0 @ ... @ W_{L-1} (x [N, dim] float32, W_i random normal / sqrt(dim), seed
    0) with every weight in one external data file, written one layer at a time (the generator
@@ -94,18 +95,22 @@ def files_of(model: Path) -> list[Path]:
     return [p for p in (model, model.with_name(model.name + ".data")) if p.exists()]
 
 
-def compile_child(model: Path, target: str, out: Path, extra: list[str]) -> dict:
-    args = [str(model), "--target", target, "-o", str(out), "--json", "-q", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", COMPILE_CHILD, *args], capture_output=True, text=True,
-                          env={**os.environ, **CHILD_ENV})
+def start_compile(model: Path, target: str, out: Path) -> tuple[subprocess.Popen, float]:
+    args = [str(model), "--target", target, "-o", str(out), "--json", "-q"]
+    proc = subprocess.Popen([sys.executable, "-c", COMPILE_CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **CHILD_ENV})
+    return proc, time.perf_counter()
+
+
+def finish_compile(target: str, out: Path, proc: subprocess.Popen, t0: float) -> dict:
+    stdout, stderr = proc.communicate()
     rec = {"target": target, "seconds": round(time.perf_counter() - t0, 1), "exit": proc.returncode}
-    rss = re.findall(r"big-model: peak_rss_bytes=(\d+)", proc.stderr)
+    rss = re.findall(r"big-model: peak_rss_bytes=(\d+)", stderr)
     rec["peak_rss_bytes"] = int(rss[-1]) if rss else None
     if proc.returncode != 0:
-        rec["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+        rec["error"] = (stderr.strip().splitlines() or [""])[-1][:300]
         return rec
-    report = json.loads(proc.stdout)
+    report = json.loads(stdout)
     rec["passes"] = {p["name"]: p["seconds"] for p in report["passes"]}
     rec["sqnr_db"] = {k: v["sqnr_db"] for k, v in report.get("outputs", {}).items()}
     rec["accuracy_level"] = (report.get("accuracy_level") or {}).get("level")
@@ -131,6 +136,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="directory to keep the models in (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=Path("big_model.json"))
     ap.add_argument("--skip-float-load", action="store_true", help="do not load the float model")
+    ap.add_argument("--parallel", action="store_true", help="run the compiles concurrently (wall times then overlap)")
     a = ap.parse_args()
 
     from qcompile.bench import load_isolated
@@ -154,14 +160,19 @@ def main() -> int:
         before = {p.name: sha256(p) for p in files_of(model)}
         if not a.skip_float_load:
             results["float_load"] = load_isolated(model, feed)
-        for target in a.targets:
-            out = work / f"model.{target}.onnx"
+        outs = {t: work / f"model.{t}.onnx" for t in a.targets}
+        running = {}
+        for target in a.targets:  # --parallel: all compiles at once (peak RSS is per process either way)
             print(f"compiling {target} ...", file=sys.stderr)
-            rec = compile_child(model, target, out, [])
+            running[target] = start_compile(model, target, outs[target])
+            if not a.parallel:
+                running[target] = finish_compile(target, outs[target], *running[target])
+        for target in a.targets:
+            rec = running[target] if isinstance(running[target], dict) else finish_compile(target, outs[target], *running[target])
             rec["compile_rss_over_weights"] = round(rec["peak_rss_bytes"] / weight_bytes, 3) if rec["peak_rss_bytes"] else None
             if "error" not in rec:
                 print(f"loading {target} ...", file=sys.stderr)
-                load = load_isolated(out, feed)
+                load = load_isolated(outs[target], feed)
                 rec["load"] = load
                 if "error" not in load:
                     rec["session_rss_over_file_total"] = round(load["session_peak_rss_bytes"] / load["file_bytes"], 3)

@@ -4,12 +4,13 @@ A model loaded from a path keeps every external initializer as an `ir.ExternalTe
 memory-mapped view of its data file, never one protobuf of the whole model in memory. Three
 operations keep it that way:
 
-- `session_file(model, directory)` writes the model for an onnxruntime session on a *path*
-  (onnxruntime then memory-maps the weights itself instead of copying them from a buffer). An
-  external tensor is referenced where it is: its data file is hard-linked into `directory`
-  (onnxruntime refuses data outside the model's directory and resolves symlinks), or copied when
-  no link can be made (another filesystem). In-memory tensors above `INLINE_LIMIT` bytes go to one
-  new data file, 64 KiB-aligned. The model object is unchanged afterwards.
+- `session_path(model)` writes the model for an onnxruntime session on a *path* (onnxruntime then
+  memory-maps the weights itself instead of copying them from a buffer). An external tensor is
+  referenced where it is: the session file is a hidden temporary file in the data file's own
+  directory (onnxruntime refuses data outside the model's directory and resolves symlinks), or,
+  when that directory is not writable, a temporary directory the data file is hard-linked (or
+  copied) into. In-memory tensors above `INLINE_LIMIT` bytes go to one new data file beside it,
+  64 KiB-aligned. The model object is unchanged afterwards.
 - `save(model, path, external_data)` writes the output atomically: "always" puts every tensor
   above `INLINE_LIMIT` in `<path>.data`, "never" writes one protobuf (refused past `PROTO_LIMIT`),
   "auto" is external when the weights exceed `threshold` (default `PROTO_LIMIT`) or the input used
@@ -113,11 +114,13 @@ def _write_in_memory(model: ir.Model, data: Path, base_dir: Path, skip: set[str]
     a time and aligned; returns their external replacements (located relative to `base_dir`)."""
     out = {}
     offset = 0
+    todo = [(name, v.const_value) for name, v in model.graph.initializers.items() if name not in skip
+            and v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+            and v.const_value.nbytes > INLINE_LIMIT]
+    if not todo:
+        return out
     with open(data, "wb") as f:
-        for name, value in model.graph.initializers.items():
-            t = value.const_value
-            if name in skip or t is None or isinstance(t, ir.ExternalTensor) or t.nbytes <= INLINE_LIMIT:
-                continue
+        for name, t in todo:
             offset = -(-offset // ALIGNMENT) * ALIGNMENT
             f.seek(offset)
             raw = t.tobytes()
@@ -128,32 +131,60 @@ def _write_in_memory(model: ir.Model, data: Path, base_dir: Path, skip: set[str]
     return out
 
 
-def session_file(model: ir.Model, directory: str | os.PathLike) -> Path:
-    """Write `model` to `directory`/model.onnx for a session on that path, without copying its
-    external weights (see the module doc); returns the path. `directory` should be empty."""
-    directory = Path(directory)
+def session_file(model: ir.Model, path: str | os.PathLike, link_dir: str | os.PathLike | None = None) -> Path:
+    """Write `model` to `path` for a session on that path, without copying its external weights.
+
+    An external tensor whose data file is in `path`'s directory is referenced where it is; one
+    elsewhere is hard-linked (else copied) into `link_dir` (default: `path`'s directory, which must
+    then be the only one a session file holds). In-memory tensors above INLINE_LIMIT bytes go to
+    `<path>.data`. The model object is unchanged afterwards.
+    """
+    path = Path(path)
+    directory = path.parent.resolve()
     links: dict[Path, str] = {}
     swap = {}
     for value, t in external_tensors(model):
         src = Path(t.path).resolve()
-        if src not in links:
-            links[src] = f"weights{len(links)}.data"
-            _link_or_copy(src, directory / links[src])
-        swap[value.name] = ir.ExternalTensor(links[src], t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+        if src.parent == directory:
+            location = src.name
+        else:
+            if src not in links:
+                links[src] = f"{path.stem}.weights{len(links)}.data"
+                _link_or_copy(src, directory / links[src])
+            location = links[src]
+        swap[value.name] = ir.ExternalTensor(location, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
                                              base_dir=directory)
-    swap.update(_write_in_memory(model, directory / "model.onnx.data", directory, set(swap)))
-    path = directory / "model.onnx"
-    with _swapped(model, swap):
-        ir.save(model, path)
+    swap.update(_write_in_memory(model, path.with_name(path.name + ".data"), directory, set(swap)))
+    with _swapped(model, swap):  # a small protobuf now: only references and tensors <= INLINE_LIMIT
+        path.write_bytes(ir.to_proto(model).SerializeToString())  # (ir.save refuses hard-linked data)
     return path
 
 
 @contextmanager
 def session_path(model: ir.Model):
-    """A temporary `session_file` of `model` (removed on exit; a session built on it keeps working:
-    onnxruntime has read or mapped the files by then)."""
+    """A temporary `session_file` of `model`, removed on exit (a session built on it keeps working:
+    onnxruntime has read or mapped the files by then).
+
+    When the external weights all live in one writable directory, the file is written there under
+    a hidden temporary name, so onnxruntime maps the input's data file itself: neither a copy nor
+    a hard link (onnx_ir refuses to map a data file with several links, which would break a
+    concurrent compile of the same input). Otherwise it goes to a temporary directory, the data
+    files hard-linked (or copied) into it.
+    """
+    dirs = {p.parent for p in data_files(model)}
+    here = next(iter(dirs)) if len(dirs) == 1 else None
+    if here is not None and os.access(here, os.W_OK):
+        fd, name = tempfile.mkstemp(prefix=".qcompile-session-", suffix=".onnx", dir=here)
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield session_file(model, path)
+        finally:
+            for p in (path, path.with_name(path.name + ".data")):
+                p.unlink(missing_ok=True)
+        return
     with tempfile.TemporaryDirectory(prefix="qcompile-session-") as d:
-        yield session_file(model, d)
+        yield session_file(model, Path(d) / "model.onnx")
 
 
 def wants_external(model: ir.Model, mode: str, threshold: int = PROTO_LIMIT) -> bool:

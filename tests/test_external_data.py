@@ -101,22 +101,35 @@ def test_w4_has_no_decode_chain(w4):
     assert not proto.functions
 
 
-def test_session_file_links_the_weights_in_place(tmp_path):
-    """A session of an in-memory model reads the input's data file itself (same inode), not a copy."""
+def test_session_reads_the_weights_in_place(tmp_path):
+    """A session of an in-memory model maps the input's data file itself: the session file is a
+    hidden temporary file beside it (no copy, no hard link), gone once the session exists."""
     src = _write_model(tmp_path)
     model = qcompile.load_model(src)
     x = _data(2, 3)
     ref = x["x"].astype(np.float64)
-    for i in range(LAYERS):  # read before the link exists: onnx_ir refuses to map a file with two links
+    for i in range(LAYERS):
         ref = ref @ model.graph.initializers[f"w{i}"].const_value.numpy()
-    d = tmp_path / "session"
-    d.mkdir()
-    path = external.session_file(model, d)
-    (linked,) = d.glob("weights*.data")
-    assert linked.stat().st_ino == (tmp_path / "m.onnx.data").stat().st_ino
+    with external.session_path(model) as path:
+        assert path.parent == tmp_path and path.name.startswith(".qcompile-session-")
+        assert (tmp_path / "m.onnx.data").stat().st_nlink == 1
+        assert sum(p.stat().st_size for p in tmp_path.iterdir()) < (tmp_path / "m.onnx.data").stat().st_size + 8192
+        sess = helpers.session(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
     assert isinstance(model.graph.initializers["w0"].const_value, ir.ExternalTensor)  # the model is unchanged
-    (y,) = helpers.session(path).run(None, x)
+    (y,) = sess.run(None, x)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)  # float32 GEMM chain against float64
+
+
+def test_session_file_links_weights_elsewhere(tmp_path):
+    """Into another directory, the data file is hard-linked (same inode), not copied."""
+    src = _write_model(tmp_path)
+    model = qcompile.load_model(src)
+    (tmp_path / "s").mkdir()
+    path = external.session_file(model, tmp_path / "s" / "model.onnx")
+    (linked,) = (tmp_path / "s").glob("*.weights*.data")
+    assert linked.stat().st_ino == (tmp_path / "m.onnx.data").stat().st_ino
+    assert helpers.session(path).run(None, _data(1, 4))[0].shape == (1, DIM)
 
 
 def test_int8_calibrates_from_external_data(tmp_path):

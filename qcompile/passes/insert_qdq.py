@@ -64,11 +64,15 @@ class LayerRecord:
     pairs: str | None = None  # how an int16 pair bound was met: permuted channels, grown channel scales
 
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    """10 log10(sum ref^2 / sum (ref - test)^2); inf when equal."""
-    ref = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+def sqnr_db(ref: np.ndarray, test: np.ndarray, chunk: int = 1 << 22) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2); inf when equal. Summed in float64 over chunks of
+    `chunk` elements, so a large weight never gets float64 copies of its own size."""
+    ref, test = np.asarray(ref).reshape(-1), np.asarray(test).reshape(-1)
+    signal = noise = 0.0
+    for i in range(0, ref.size, chunk):
+        r = ref[i : i + chunk].astype(np.float64)
+        noise += float(np.sum((r - test[i : i + chunk].astype(np.float64)) ** 2))
+        signal += float(np.sum(r**2))
     if noise == 0:
         return float("inf")
     return 10 * np.log10(max(signal, 1e-300) / noise)
