@@ -21,6 +21,9 @@ For every model (from `qcompile.zoo`) the bench
              the first `batch` held-out samples: `warmup` runs each, then `runs` alternating pairs
              (the order inside a pair flips each time). Median, p10 and p90 ms per model, and
              `ratio` = median quantized / median float (< 1: faster than float).
+   load      `bench.load_isolated`: in a fresh process, the session creation time and peak RSS
+             (VmHWM) of the model (float and every output), then one run on one sample;
+             `session_rss_over_file` = (VmHWM with the session - VmHWM before) / file bytes.
    compile   `seconds` = wall time of the compile process (interpreter start-up and imports
              included, the same for both tools; a baseline's build also loads its result once in
              an ENABLE_ALL session to check it), `peak_rss_bytes` = that process's VmHWM, read
@@ -264,6 +267,48 @@ def compile_isolated(model: Path, target: str, calib: Path, eval_npz: Path, out:
     return {**rec, "path": str(out)}
 
 
+_LOAD_CHILD = """
+import json, sys, time
+import numpy as np
+from qcompile.baselines import peak_rss_bytes
+import onnxruntime
+from qcompile.bench import _session
+before = peak_rss_bytes()
+t0 = time.perf_counter()
+sess = _session(sys.argv[1], json.loads(sys.argv[3]) or None)
+t1 = time.perf_counter()
+created = peak_rss_bytes()
+data = np.load(sys.argv[2])
+sess.run(None, {i.name: data[i.name][:1] for i in sess.get_inputs()})
+t2 = time.perf_counter()
+print(json.dumps({"session_seconds": round(t1 - t0, 3), "first_run_seconds": round(t2 - t1, 3),
+                  "rss_before_bytes": before, "session_peak_rss_bytes": created, "peak_rss_bytes": peak_rss_bytes()}))
+"""
+
+
+def load_isolated(path: Path, feed_npz: Path, session_config: dict | None = None, timeout: float = TIMEOUT_S) -> dict:
+    """Create an ENABLE_ALL, 1-thread session on `path` in a fresh process and run it once on the
+    first sample of `feed_npz`: the load-time cost of an output.
+
+    Returns {"session_seconds" (session creation), "first_run_seconds", "rss_before_bytes" (VmHWM
+    after the imports), "session_peak_rss_bytes" (VmHWM once the session exists),
+    "peak_rss_bytes" (VmHWM after the run), "file_bytes", "session_rss_over_file" = (session peak
+    - before) / file bytes} or {"error": reason}.
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-c", _LOAD_CHILD, str(path), str(feed_npz),
+                               json.dumps(session_config or {})], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:g} s"}
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+        return {"error": f"load failed ({how}): {(proc.stderr.strip().splitlines() or [''])[-1][:300]}"}
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["file_bytes"] = file_bytes(Path(path))
+    rec["session_rss_over_file"] = round((rec["session_peak_rss_bytes"] - rec["rss_before_bytes"]) / rec["file_bytes"], 3)
+    return rec
+
+
 def _calib_stride(n: int) -> int:
     """The largest divisor of `n` up to MAX_CALIB_STRIDE (onnxruntime needs n % stride == 0)."""
     return max(d for d in range(1, min(n, MAX_CALIB_STRIDE) + 1) if n % d == 0)
@@ -283,6 +328,7 @@ def _measure(row: dict, float_path: Path, float_session, float_facts: dict, eval
         size, stored = file_bytes(path), stored_bytes(path)
         row["size"] = {"file_bytes": size, "size_ratio": size / float_facts["file_bytes"], "stored_bytes": stored,
                        "bits_per_weight": 8 * stored / float_facts["float_params"]}
+        row["load"] = load_isolated(path, eval_npz, cfg)
         quant_session = _session(path, cfg)
         row["latency"] = {k: latency(float_session, quant_session, feed, runs) for k, feed in feeds.items()}
         del quant_session
@@ -295,7 +341,7 @@ def _measure(row: dict, float_path: Path, float_session, float_facts: dict, eval
 def _new_row(model: str, tool: str, config: str, family: str) -> dict:
     return {"model": model, "tool": tool, "config": config, "target": family, "path": None, "error": None,
             "stage": None, "session_config": None, "measure_error": None, "compile": None, "metrics": None,
-            "size": None, "latency": None}
+            "size": None, "latency": None, "load": None}
 
 
 def selected_baselines(settings: Settings, model_has_matmul: bool) -> tuple[list[str], dict[str, str]]:
@@ -348,6 +394,7 @@ def run(settings: Settings, progress: Callable[[str], None] = log.info) -> dict:
             info.update(path=str(float_path), calib=str(calib), eval=str(eval_npz), **facts,
                         stored_bytes=stored_bytes(float_path), has_matmul=has_matmul(float_path))
             info["bits_per_weight"] = 8 * info["stored_bytes"] / facts["float_params"]
+            info["load"] = load_isolated(float_path, eval_npz)
             float_session = _session(float_path)
             feeds = _feeds(float_path, eval_npz, settings.batch)
             info["feeds"] = {k: {n: list(a.shape) for n, a in f.items()} for k, f in feeds.items()}
@@ -440,17 +487,20 @@ def markdown(results: dict) -> str:
     s = results["settings"]
     shapes = sorted({k for r in results["rows"] for k in (r.get("latency") or {})}, key=lambda k: int(k[5:]))
     head = ["model", "config", "tool", "target", "SQNR dB", "cos mean / min", "top-1 / KL", "bits/w", "size MB",
-            *[f"latency {k.replace('batch', 'b')}" for k in shapes], "compile s", "peak RSS GB", "note"]
+            *[f"latency {k.replace('batch', 'b')}" for k in shapes], "compile s", "peak RSS GB", "load s",
+            "load RSS / file", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     order = {"int8": 0, "fp8": 1, "w4": 2}
     for model, info in results["models"].items():
         if info.get("error"):
             lines.append(f"| {model} | - | - | - |" + " - |" * (len(head) - 5) + f" failed: {info['error'][:150]} |")
             continue
-        fl = info.get("float_latency_ms", {})
+        fl, fl_load = info.get("float_latency_ms", {}), info.get("load") or {}
         lat = [f"{fl[k]['median']:.1f} ms" if k in fl else "-" for k in shapes]
         lines.append(f"| {model} | float | - | - | ref | 1 / 1 | - | {info['bits_per_weight']:.1f} | "
-                     f"{info['file_bytes'] / 1e6:.1f} | " + " | ".join(lat) + " | - | - | float medians |")
+                     f"{info['file_bytes'] / 1e6:.1f} | " + " | ".join(lat) + " | - | - | "
+                     f"{_f(fl_load.get('session_seconds'), '.2f')} | {_f(fl_load.get('session_rss_over_file'), '.2f')} | "
+                     "float medians |")
         rows = sorted((r for r in results["rows"] if r["model"] == model),
                       key=lambda r: (order.get(r["target"], 9), r["tool"] != "qcompile"))
         for r in rows:
@@ -464,16 +514,20 @@ def markdown(results: dict) -> str:
                 lat.append(f"{x['ratio']:.2f}x" if x else "-")
             note = _note(r, info)
             rss = c.get("peak_rss_bytes")
+            load = r.get("load") or {}
             lines.append("| " + " | ".join([
                 model, r["config"], r["tool"], r["target"], _f(m.get("sqnr_db"), ".2f"), cos, top,
                 _f(size.get("bits_per_weight"), ".1f"), _f(size["file_bytes"] / 1e6 if size else None, ".1f"),
                 *lat, _f(c.get("seconds"), ".1f"), _f(rss / 1e9 if rss else None, ".2f"),
+                _f(load.get("session_seconds"), ".2f"), _f(load.get("session_rss_over_file"), ".2f"),
                 note.replace("|", "/")]) + " |")
     lines.append("")
     lines.append(f"Quality vs float on {s['eval_samples']} held-out samples ({s['calib_samples']} calibration samples); "
                  "latency = median quantized / median float, onnxruntime ENABLE_ALL, 1 thread, "
                  f"{s['runs']} alternating runs after {s['warmup']} warm-up; bits/w = 8 x stored tensor bytes / "
-                 "float parameters; compile s and peak RSS of each compile's own process.")
+                 "float parameters; compile s and peak RSS of each compile's own process; load s = session "
+                 "creation time and load RSS / file = (peak RSS with the session - RSS before) / file bytes, "
+                 "both in a fresh process (`bench.load_isolated`).")
     return "\n".join(lines)
 
 

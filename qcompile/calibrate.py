@@ -254,11 +254,12 @@ def stream_values(model, names: list[str], batches):
     batch of values is alive at a time. A value inside a body is empty for a sample that does not
     run it, stacked over iterations for a Loop / Scan.
     """
+    from qcompile import external
     from qcompile.backends.onnxruntime.session import make_session
     from qcompile.subgraphs import expose
 
-    with expose(model, names) as outputs:
-        sess = make_session(model, level="basic")
+    with expose(model, names) as outputs:  # a session file referring to the weights' files in place
+        sess = make_session(model, level="basic", prepack=external.prepack(model))
     fetch = [outputs[h] for h in names]
     for batch in batches:
         yield batch, dict(zip(names, sess.run(fetch, batch)))

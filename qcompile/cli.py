@@ -133,14 +133,17 @@ def main() -> None:
               help="Deployment CPU. portable: int8 results identical on every CPU (no int16 pair saturation on x86 "
                    "without VNNI); avx2/avx512: the same constraint; vnni: none (such a model loses accuracy on CPUs "
                    "without VNNI); native: this machine's class")
+@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Write the weights to MODEL.onnx.data next to the output: always, never (one protobuf, at most "
+                   "2 GB), or auto (when the weights exceed 1.8 GB or the input used external data)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
-                exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, no_validate, min_sqnr, as_json, verbose,
-                quiet):
+                exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
+                as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -171,7 +174,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                 raise ValidationFailed(f"{e}; output not written (see --min-sqnr, --no-validate)", e.report, e.result) from None
         if save_plan:
             result.plan.save(save_plan)
-        size = save_model(result.model, out)
+        size = save_model(result.model, out, external_data)
         report = result.report
         report["output"] = str(out)
         report["sizes"]["input_bytes"] = model.stat().st_size

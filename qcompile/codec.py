@@ -152,10 +152,23 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     For 4 bits element 0 is the low nibble of byte 0 (ONNX INT4/UINT4/FLOAT4E2M1 storage); for 6
     bits four codes fill three bytes; 8 bits is a plain copy. The last byte is zero-padded.
     """
-    c = np.asarray(codes).ravel().astype(np.uint32)
+    c = np.asarray(codes).ravel()
     if bits == 8:
         return c.astype(np.uint8)
-    stream = ((c[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    if bits == 4:  # two codes per byte, directly
+        c = c.astype(np.uint8)
+        if c.size % 2:
+            c = np.append(c, np.uint8(0))
+        return (c[0::2] & 0xF) | (c[1::2] << 4)
+    step = PACK_CHUNK  # a multiple of 8 codes: every chunk fills whole bytes, so chunks concatenate
+    return np.concatenate([_pack_bits(c[i : i + step], bits) for i in range(0, max(c.size, 1), step)])
+
+
+PACK_CHUNK = 1 << 20  # codes packed at a time (the bit stream costs ~bits x 9 bytes per code)
+
+
+def _pack_bits(c: np.ndarray, bits: int) -> np.ndarray:
+    stream = ((c.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
     return np.packbits(stream.ravel(), bitorder="little")
 
 

@@ -5,7 +5,6 @@ maps the typed exceptions of `qcompile.errors` to exit codes.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -21,14 +20,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
-from qcompile import __version__
+from qcompile import __version__, external
 from qcompile.analyze import PlanOptions, has_compute, kept_in_float, make_plan, nothing_to_quantize, tie_heads
 from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
-from qcompile.backends.onnxruntime.session import is_runtime_error
+from qcompile.backends.onnxruntime.session import FILE_SESSION_BYTES, is_runtime_error
 from qcompile.calibrate import choose_clip, collect, simulate, stream_values
 from qcompile.cpu import Cpu, host_description
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
@@ -46,7 +45,7 @@ from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
 from qcompile.targets import Target, get_target
-from qcompile.validate import compare, verdict
+from qcompile.validate import compare, output_names, reference_outputs, verdict
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
@@ -81,6 +80,7 @@ def load_model(source: str | os.PathLike | ir.Model | onnx.ModelProto) -> ir.Mod
         raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(f"{path}: not an ONNX model (empty graph)")
+    external.mark_input(model, path)
     return model
 
 
@@ -236,14 +236,15 @@ def _emit(model: ir.Model, caps: Capabilities) -> None:
 
 
 def check_model(model: ir.Model) -> None:
-    """onnx.checker on the model; weights still in the input's external data file are found
-    relative to that file's directory (the checker resolves their locations against the cwd)."""
-    proto = ir.to_proto(model)
-    bases = {str(v.const_value.base_dir) for v in model.graph.initializers.values()
-             if isinstance(v.const_value, ir.ExternalTensor)}
+    """onnx.checker on the model's structure. A model with external weights or past
+    FILE_SESSION_BYTES is checked as a file (`external.session_path`: weights referenced in place,
+    never one protobuf of them in memory); a small one as a proto."""
     try:
-        with contextlib.chdir(bases.pop() if len(bases) == 1 else "."):
-            onnx.checker.check_model(proto, full_check=False)
+        if external.external_tensors(model) or external.weight_bytes(model) > FILE_SESSION_BYTES:
+            with external.session_path(model) as path:
+                onnx.checker.check_model(str(path), full_check=False)
+        else:
+            onnx.checker.check_model(ir.to_proto(model), full_check=False)
     except onnx.checker.ValidationError as e:
         raise QCompileError(f"compiled model fails onnx.checker: {str(e).splitlines()[0]}") from None
 
@@ -252,8 +253,7 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def model_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+model_bytes = external.weight_bytes
 
 
 def compile(
@@ -402,6 +402,7 @@ def compile(
     nb = LowerToMatMulNBitsPass(insert.stored, lowering, 0 if accuracy_level == "auto" else accuracy_level,
                                 insert.block_activations, caps)
     stages.run(repr(nb), nb, m)
+    insert.stored.clear()  # the weights' unpacked codes: the graph holds what is emitted
     if lowering == "native":
         stages.run("NativeFakeQuantPass", NativeFakeQuantPass(), m)
     if promote.source_type is not None:
@@ -427,11 +428,14 @@ def compile(
         if source is not None:  # weights left in the input's external data file
             ir.external_data.set_base_dir(float_model.graph, Path(source).resolve().parent)
         report["sizes"]["float_weight_bytes"] = model_bytes(float_model)
+        reference = stages.run("float-reference", reference_outputs, float_model, output_names(float_model, m),
+                               eval_ds, batch_size)
     if accuracy_level == "auto":
         report["accuracy_level"] = stages.run("accuracy-level", choose_accuracy_level,
-                                              float_model if validate else None, m, eval_ds, batch_size)
+                                              float_model if validate else None, m, eval_ds, batch_size,
+                                              reference if validate else None)
     if validate:
-        report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size)
+        report["outputs"] = stages.run("validate", compare, float_model, m, eval_ds, batch_size, None, reference)
         report["validation"] = {"samples": len(eval_ds), "session": "onnxruntime ENABLE_ALL, 1 thread",
                                 "host_cpu": host_description()}
         v = verdict(report["outputs"], tgt.min_sqnr_db if min_sqnr is None else min_sqnr)
@@ -459,7 +463,7 @@ def _worst(row: dict) -> float:
     return min(vals) if vals else float("inf")
 
 
-def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float], lowered: list[str]) -> list[dict]:
+def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, float], lowered: dict[str, int]) -> list[dict]:
     rows = []
     recs = {}
     for r in insert.records:
@@ -469,7 +473,8 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
         r = recs.get(name)
         if r is not None:
             row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
-                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes, quant_bytes=int(r.quant_bytes),
+                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes,
+                       quant_bytes=int(lowered.get(name, r.quant_bytes)),  # a kernel's layout may store more
                        emission="com.microsoft.MatMulNBits" if name in lowered else r.emission)
             if r.pairs is not None:
                 row["int16_pairs"] = r.pairs
@@ -483,25 +488,18 @@ def _layer_table(plan: QuantPlan, insert: InsertQDQPass, act_sqnr: dict[str, flo
     return rows
 
 
-def save_model(model: ir.Model, path: str | os.PathLike) -> int:
-    """Write atomically (temp file in the same directory, then rename); returns the size in bytes.
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: str = "auto",
+               threshold: int = external.PROTO_LIMIT) -> int:
+    """Write atomically; returns the bytes written (model file + external data file).
 
-    Weights past 1.8 GB go to an external data file next to the model. Weights still read from the
-    input's external data file (left float) are copied: the output never refers to the input's files.
+    external_data: "always" (tensors in `<path>.data`), "never" (one protobuf, refused past 2 GB)
+    or "auto": external when the weights exceed `threshold` bytes or the input used external data
+    (`qcompile.external.save`). The output never refers to the input's files and never overwrites them.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if model_bytes(model) > 1_800_000_000:
-            ir.save(model, tmp, external_data=path.name + ".data")
-        else:
-            ir.external_data.load_to_model(model)  # external tensors -> in memory, saved inline
-            ir.save(model, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path.stat().st_size
+        return external.save(model, path, external_data, threshold)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 __all__ = ["compile", "CompileResult", "load_model", "save_model", "calibrate_plan"]

@@ -64,6 +64,25 @@ class PackedTensor:
         full = codec.expand_param(self.scale_values(), self.shape, self.axis, self.block_size)
         return self.element_values() * full
 
+    def row_slices(self, chunk: int = 1 << 22):
+        """Yield (start, stop, dequantized rows start:stop) over axis 0, ~`chunk` elements each
+        (a whole number of scale blocks when the blocks run along axis 0): `dequantize()` in pieces."""
+        if len(self.shape) == 0 or self.codes.size <= chunk:
+            yield 0, self.shape[0] if self.shape else 1, self.dequantize()
+            return
+        rows = self.shape[0]
+        step = max(1, chunk // (self.codes.size // rows))
+        if self.axis == 0:
+            step = max(self.block_size, step // self.block_size * self.block_size)
+        for i in range(0, rows, step):
+            j = min(i + step, rows)
+            if self.axis == 0:
+                s_rows = slice(i // self.block_size, -(-j // self.block_size))
+            else:
+                s_rows = slice(i, j) if self.scale.shape[0] == rows else slice(None)
+            part = PackedTensor(self.fmt, self.codes[i:j], self.scale[s_rows], self.axis, self.block_size, self.tensor_scale)
+            yield i, j, part.dequantize()
+
     def transposed(self) -> PackedTensor:
         """The same 2-D tensor transposed (a Gemm transB weight seen as [K, N]); exact."""
         return PackedTensor(self.fmt, self.codes.T, self.scale.T, 1 - self.axis, self.block_size, self.tensor_scale)
@@ -100,5 +119,18 @@ def from_scalar(codes: np.ndarray, scale: np.ndarray, fmt: IntFormat | FloatForm
         ax, bs = other, shape[other] if other != axis % len(shape) else 1
     else:  # per tensor
         ax, bs, s = 0, max(shape[0], 1) if shape else 1, scale.reshape([1] * len(shape))
-    grid = values.astype(np.float64) * (2.0**-fmt.frac_bits if isinstance(fmt, IntFormat) else 1.0)
-    return PackedTensor(fmt, codec.encode(grid, fmt), s, ax, bs)
+    return PackedTensor(fmt, _encode_chunked(values, fmt), s, ax, bs)
+
+
+ENCODE_CHUNK = 1 << 22  # elements encoded at a time (encode works in float64)
+
+
+def _encode_chunked(values: np.ndarray, fmt: IntFormat | FloatFormat) -> np.ndarray:
+    """codec.encode of grid values (ints scaled by 2**-frac_bits for IntFormat), elementwise over
+    slices along axis 0, so its float64 temporaries stay ~8 bytes x ENCODE_CHUNK."""
+    unit = 2.0**-fmt.frac_bits if isinstance(fmt, IntFormat) else 1.0
+    if values.ndim == 0 or values.size <= ENCODE_CHUNK:
+        return codec.encode(values.astype(np.float64) * unit, fmt)
+    step = max(1, ENCODE_CHUNK // (values.size // values.shape[0]))
+    return np.concatenate([codec.encode(values[i : i + step].astype(np.float64) * unit, fmt)
+                           for i in range(0, values.shape[0], step)], axis=0)

@@ -96,6 +96,29 @@ def _group_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
     return err.reshape(shape).sum(axis=axis + 1)
 
 
+SEARCH_CHUNK = 1 << 22  # elements per slice of the MSE search (its float64 temporaries scale with it)
+
+
+def _search_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
+    """`_group_errors`, computed over slices of at most ~SEARCH_CHUNK elements of w.
+
+    Groups never straddle a slice: per channel, w is sliced along the channel axis itself; per
+    block, along another axis (blocks run along `axis`). So the result is exactly the unsliced
+    one, while the search's temporaries stay ~8 bytes x SEARCH_CHUNK instead of ~8x the weight.
+    """
+    if axis is None or w.size <= SEARCH_CHUNK or w.ndim < (1 if block is None else 2):
+        return _group_errors(w, amax, ratio, fmt, axis, block)
+    d = axis if block is None else max((i for i in range(w.ndim) if i != axis), key=lambda i: w.shape[i])
+    step = max(1, SEARCH_CHUNK // (w.size // w.shape[d]))
+    a_dim = 0 if block is None else d
+    parts = []
+    for j in range(0, w.shape[d], step):
+        ws = np.take(w, np.arange(j, min(j + step, w.shape[d])), axis=d)
+        am = np.take(amax, np.arange(j, min(j + step, w.shape[d])), axis=a_dim)
+        parts.append(_group_errors(ws, am, ratio, fmt, axis, block))
+    return np.concatenate(parts, axis=a_dim)
+
+
 def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     """Quantize a float weight with `spec` (symmetric; see the module doc)."""
     fmt = spec.fmt
@@ -107,7 +130,7 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
     if spec.method == "mse":
         best = np.full(amax.shape, np.inf)
         for r in LOW_BIT_RATIOS if fmt.bits <= 3 else MSE_RATIOS:
-            e = _group_errors(w, amax, r, fmt, axis, block)
+            e = _search_errors(w, amax, r, fmt, axis, block)
             better = e < best
             best = np.where(better, e, best)
             ratio = np.where(better, r, ratio)
@@ -118,13 +141,27 @@ def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
         grown, scale = int(np.sum(fitted != scale)), fitted
     full = codec.expand_param(scale, w.shape, axis, block)
     if isinstance(fmt, IntFormat):
-        codes = codec.round_to_grid(w / full, fmt).astype(fmt.storage_dtype)
+        codes = _round_chunked(w, full, fmt, fmt.storage_dtype)
         zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
     else:
-        codes = codec.round_to_grid(w / full, fmt)
-        codes = codes.astype(fmt.ml_dtype) if fmt.ml_dtype is not None else codes
+        codes = _round_chunked(w, full, fmt, fmt.ml_dtype)
         zp = None
     return QuantizedWeight(codes, scale, zp, axis, block, grown)
+
+
+def _round_chunked(w: np.ndarray, full: np.ndarray, fmt, dtype) -> np.ndarray:
+    """round_to_grid(w / full) cast to `dtype` (None: as rounded), elementwise over slices of
+    ~SEARCH_CHUNK elements along axis 0 (the rounding's float64 temporaries stay small)."""
+    if w.ndim == 0 or w.size <= SEARCH_CHUNK:
+        r = codec.round_to_grid(w / full, fmt)
+        return r.astype(dtype) if dtype is not None else r
+    step = max(1, SEARCH_CHUNK // (w.size // w.shape[0]))
+    full = np.broadcast_to(full, w.shape)
+    parts = []
+    for i in range(0, w.shape[0], step):
+        r = codec.round_to_grid(w[i : i + step] / full[i : i + step], fmt)
+        parts.append(r.astype(dtype) if dtype is not None else r)
+    return np.concatenate(parts, axis=0)
 
 
 def _pair_rows(q: np.ndarray, axis: int | None, channel: int) -> np.ndarray:

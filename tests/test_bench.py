@@ -44,6 +44,7 @@ def test_quick_bench_json_has_raw_figures(quick):
     assert results["settings"]["quick"] and results["settings"]["runs"] == 5
     info = results["models"]["minilm"]
     assert info["error"] is None and info["bits_per_weight"] == pytest.approx(32.0, abs=0.1)
+    assert info["load"]["session_seconds"] > 0 and info["load"]["peak_rss_bytes"] > 0
     rows = results["rows"]
     assert {r["tool"] for r in rows} == {"qcompile", "onnxruntime"}
     assert {r["config"] for r in rows} == {"qcompile int8", "ort-dynamic", "ort-static-matmul-minmax"}
@@ -53,6 +54,9 @@ def test_quick_bench_json_has_raw_figures(quick):
         assert {"sqnr_db", "cosine_mean", "cosine_min", "samples"} <= set(m) and m["samples"] == 32
         assert r["size"]["file_bytes"] > 0 and 0 < r["size"]["bits_per_weight"] < 32
         assert r["compile"]["seconds"] > 0 and r["compile"]["peak_rss_bytes"] > 0
+        load = r["load"]  # session creation in a fresh process: time and peak RSS
+        assert load["session_seconds"] > 0 and load["session_peak_rss_bytes"] >= load["rss_before_bytes"] > 0, load
+        assert load["file_bytes"] == r["size"]["file_bytes"] and load["session_rss_over_file"] >= 0
         assert set(r["latency"]) == {"batch1", "batch8"}
         for lat in r["latency"].values():
             assert len(lat["raw_float_ms"]) == len(lat["raw_quant_ms"]) == 5

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import codec, functions, storage
+from qcompile import codec, external, functions, storage
 from qcompile.analyze import tie_heads
 from qcompile.backends.onnxruntime.capabilities import Capabilities
 from qcompile.calibrate import qparams_from_clip
@@ -64,11 +64,33 @@ class LayerRecord:
     pairs: str | None = None  # how an int16 pair bound was met: permuted channels, grown channel scales
 
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    """10 log10(sum ref^2 / sum (ref - test)^2); inf when equal."""
-    ref = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(test, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+def weight_sqnr_db(w: np.ndarray, t: storage.PackedTensor) -> float:
+    """sqnr_db(w, t.dequantize()), dequantizing a slice of rows at a time (bounded memory)."""
+    if w.ndim == 0 or w.shape != t.shape:
+        return sqnr_db(w, t.dequantize())
+    signal = noise = 0.0
+    for i, j, part in t.row_slices():
+        r = w[i:j].astype(np.float64)
+        noise += float(np.sum((r - part) ** 2))
+        signal += float(np.sum(r**2))
+    return _db(signal, noise)
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return float("inf")
+    return 10 * np.log10(max(signal, 1e-300) / noise)
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray, chunk: int = 1 << 22) -> float:
+    """10 log10(sum ref^2 / sum (ref - test)^2); inf when equal. Summed in float64 over chunks of
+    `chunk` elements, so a large weight never gets float64 copies of its own size."""
+    ref, test = np.asarray(ref).reshape(-1), np.asarray(test).reshape(-1)
+    signal = noise = 0.0
+    for i in range(0, ref.size, chunk):
+        r = ref[i : i + chunk].astype(np.float64)
+        noise += float(np.sum((r - test[i : i + chunk].astype(np.float64)) ** 2))
+        signal += float(np.sum(r**2))
     if noise == 0:
         return float("inf")
     return 10 * np.log10(max(signal, 1e-300) / noise)
@@ -199,9 +221,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
             out, scale = functions.dequantize(self._emitter(graph), t, self._name(w.name)), None
         self.stored[out.name] = t
         self.records.append(
-            LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), sqnr_db(arr, t.dequantize()), arr.nbytes, t.nbytes,
+            LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), weight_sqnr_db(arr, t), arr.nbytes, t.nbytes,
                         _op_name(out.producer()), pairs)
         )
+        external.drop_pages(w.const_value)  # a memory-mapped float weight is read once: return its pages
         cache[key] = (out, scale)
         return cache[key]
 

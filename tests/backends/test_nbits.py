@@ -8,6 +8,8 @@ Tolerances:
 """
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
@@ -58,16 +60,13 @@ def _const(name: str, array: np.ndarray) -> ir.Value:
 
 
 def lowered_model(t: storage.PackedTensor, x_shape: list, accuracy_level: int = 0) -> ir.Model:
-    """y = MatMul(x, W) with the MatMul replaced by emit_matmul_nbits on codes/scales initializers."""
-    k, n = t.shape
+    """y = MatMul(x, W) with the MatMul replaced by emit_matmul_nbits."""
     x = ir.Value(name="x", shape=ir.Shape(x_shape), type=ir.TensorType(ir.DataType.FLOAT))
-    codes = _const("codes", t.codes.astype(np.uint8))
-    scales = _const("scales", t.scale_values().astype(np.float32))
     w = _const("W", t.dequantize().astype(np.float32))
     mm = ir.node("MatMul", [x, w], name="mm")
-    graph = ir.Graph([x], [], nodes=[mm], initializers=[codes, scales, w], opset_imports={"": 21}, name="g")
+    graph = ir.Graph([x], [], nodes=[mm], initializers=[w], opset_imports={"": 21}, name="g")
     assert nbits.unsupported(mm, t) is None
-    y = nbits.emit_matmul_nbits(graph, mm, x, codes, scales, t, accuracy_level, "mm_nbits")
+    y = nbits.emit_matmul_nbits(graph, mm, x, t, accuracy_level, "mm_nbits")
     graph.remove(mm)
     graph.initializers.pop("W")
     y.name = "y"
@@ -144,14 +143,73 @@ def test_symbolic_batch_dim():
 
 
 @pytest.mark.parametrize("name", ["int4", "mxfp4", "e3m2"])
-def test_plane_decode_is_folded(name, tmp_path):
-    """ENABLE_ALL runs only MatMulNBits (+ Add per extra plane): the digit planes became initializers."""
+def test_no_decode_at_load(name, tmp_path):
+    """The model holds only MatMulNBits (+ Add per extra plane) reading initializers, and ENABLE_ALL
+    runs exactly that graph: nothing is rebuilt or constant-folded at session creation."""
     t = packed(name, np.random.default_rng(1).standard_normal((128, 32)).astype(np.float32), PerBlock(0, 32))
-    opt = helpers.optimized(lowered_model(t, [2, 128]), tmp_path / "opt.onnx")
-    counts = helpers.op_counts(opt)
-    assert set(counts) <= {"MatMulNBits", "Add"}, counts
-    assert counts["MatMulNBits"] == PLANES[name]
-    assert counts["Add"] == PLANES[name] - 1
+    model = lowered_model(t, [2, 128])
+    assert +helpers.op_counts(model) == +collections.Counter(MatMulNBits=PLANES[name], Add=PLANES[name] - 1)
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            assert all(v.const_value is not None for v in node.inputs[1:]), node.name
+    opt = helpers.optimized(model, tmp_path / "opt.onnx")
+    assert helpers.op_counts(opt) == helpers.op_counts(model)
+
+
+# --- the in-graph decode chain of the previous emission: the reference for plane_inputs ------------
+def _decode_chain(t: storage.PackedTensor) -> ir.Model:
+    """The B_j / scale_j the lowering emitted as a subgraph on packed codes before it wrote them as
+    initializers (UnpackBits -> Transpose -> Cast -> Reshape -> Gather of digit tables ...), as graph outputs."""
+    from qcompile import functions
+
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21}, name="g")
+    e = functions.Emitter(graph)
+    codes = functions.unpack(e, functions.packed_codes(e, t, "w"), t.element.bits, t.shape, "w")
+    _, scales = functions.scale_values(e, t, "w")
+    ints, unit = nbits.integer_grid(t)
+    (k, n), bs = t.shape, nbits.nbits_block_size(t)
+    nb = -(-k // bs)
+    i32, u8, f32 = ir.DataType.INT32, ir.DataType.UINT8, ir.DataType.FLOAT
+
+    def op(op_type, inputs, attrs=None, dtype=i32, tag="n"):
+        return e.node(op_type, inputs, attrs or {}, f"{tag}_{op_type}", dtype, None, "")
+
+    idx = op("Cast", [op("Transpose", [codes], {"perm": [1, 0]}, codes.dtype)], {"to": i32})
+    if nb * bs > k:
+        idx = op("Concat", [idx, e.initializer("pad", np.zeros((n, nb * bs - k), np.int32))], {"axis": 1})
+    pairs = op("Reshape", [idx, e.initializer("pairs", np.array([n, nb * bs // 2, 2], np.int64))])
+    lo, hi = (op("Gather", [pairs, e.initializer(f"nib{i}", np.array(i, np.int64))], {"axis": 2}) for i in (0, 1))
+    rows = int(t.scale.shape[0])
+    which = np.minimum(np.arange(nb) * bs // t.block_size, rows - 1).astype(np.int64)
+    per_block = op("Gather", [op("Transpose", [scales], {"perm": [1, 0]}, f32), e.initializer("which", which)],
+                   {"axis": 1}, f32)
+    base = op("Expand", [per_block, e.initializer("sshape", np.array([n, nb], np.int64))], dtype=f32)
+    for j, (digits, _) in enumerate(nbits.digit_planes(ints)):
+        d_lo = op("Gather", [e.initializer(f"lut{j}", digits), lo])
+        d_hi = op("Gather", [e.initializer(f"lut{j}_hi", digits * nbits.RADIX), hi])
+        byte = op("Cast", [op("Add", [d_lo, d_hi])], {"to": u8}, u8)
+        b = op("Reshape", [byte, e.initializer(f"bshape{j}", np.array([n, nb, bs // 2], np.int64))], dtype=u8)
+        s = op("Mul", [base, e.initializer(f"factor{j}", np.array(unit * nbits.RADIX**j, np.float32))], dtype=f32)
+        b.name, s.name = f"B{j}", f"scale{j}"
+        graph.outputs.extend([b, s])
+    functions.attach(model := ir.Model(graph, ir_version=10))
+    return model
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (80, 16), (300, 8)], ids=lambda s: f"K{s[0]}N{s[1]}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_plane_inputs_equal_the_decode_chain(case, shape):
+    """plane_inputs writes exactly the bytes the former decode chain produced in onnxruntime."""
+    name, granularity = case
+    w = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32)
+    t = packed(name, w, granularity)
+    outs = helpers.run(_decode_chain(t), {}, "disable")
+    planes = nbits.plane_inputs(t)
+    assert len(outs) == 2 * len(planes)
+    for j, (b, s, _) in enumerate(planes):
+        assert b.dtype == outs[2 * j].dtype and s.dtype == outs[2 * j + 1].dtype
+        np.testing.assert_array_equal(b, outs[2 * j])
+        np.testing.assert_array_equal(s.view(np.uint32), outs[2 * j + 1].view(np.uint32))  # bit-equal
 
 
 @pytest.mark.parametrize("name", ["int4", "e2m1", "mxint8", "e3m2"])
@@ -196,7 +254,7 @@ def test_emit_refuses_unsupported():
     node = _matmul_node()
     graph = ir.Graph([node.inputs[0]], [], nodes=[node], name="g")
     with pytest.raises(ValueError, match="MatMulNBits"):
-        nbits.emit_matmul_nbits(graph, node, node.inputs[0], ir.Value(name="c"), ir.Value(name="s"), t, 0, "n")
+        nbits.emit_matmul_nbits(graph, node, node.inputs[0], t, 0, "n")
 
 
 # --- the MatMulNBits facts the lowering relies on -----------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.backends.onnxruntime.session import make_session
+from qcompile.validate import output_names, reference_outputs
 
 MARGIN_DB = 20.0
 LEVEL = 4  # the fast level: int8 activations (MLAS CompInt8)
@@ -55,24 +56,33 @@ def _set_level(nodes: list[ir.Node], level: int) -> None:
         n.attributes["accuracy_level"] = ir.Attr("accuracy_level", ir.AttributeType.INT, level)
 
 
-def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, batch_size: int = 8) -> dict:
+def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, batch_size: int = 8,
+                          reference: list | None = None) -> dict:
     """Set `model`'s level-0 MatMulNBits nodes to level 4 when that is measured negligible (module
-    doc); returns the report entry: the level, why, and per output SQNR at both levels and the margin."""
+    doc); returns the report entry: the level, why, and per output SQNR at both levels and the margin.
+    `reference`: `validate.reference_outputs` of the float model on `data`, used when `data` has
+    at most SAMPLES samples (else the float model runs on the first SAMPLES). One session exists
+    at a time."""
     nodes = _nbits_nodes(model)
     entry = {"policy": "auto", "nodes": len(nodes), "margin_db": MARGIN_DB}
     if not nodes:
         return entry | {"level": None, "reason": "no MatMulNBits node"}
     if float_model is None or data is None:
         return entry | {"level": 0, "reason": "not measured (no validation): level 0, exact"}
-    _set_level(nodes, LEVEL)
-    fast = make_session(model, level="all")
+    names = output_names(float_model, model)
+    if reference is None or len(data) > SAMPLES:
+        data = data.take(0, SAMPLES)
+        reference = reference_outputs(float_model, names, data, batch_size)
+    runs = {}
+    for level in (0, LEVEL):  # one compiled session at a time
+        _set_level(nodes, level)
+        sess = make_session(model, level="all")
+        runs[level] = [sess.run(names, batch) for batch in data.batches(batch_size)]
+        del sess
     _set_level(nodes, 0)
-    exact = make_session(model, level="all")
-    ref = make_session(float_model, level="all")
-    names = [v.name for v in model.graph.outputs if v.name in {o.name for o in float_model.graph.outputs}]
     sums = {name: np.zeros(4) for name in names}  # signal, level-0 error, level-4 error, level-4 change
-    for batch in data.take(0, SAMPLES).batches(batch_size):
-        for name, f, y0, y4 in zip(names, ref.run(names, batch), exact.run(names, batch), fast.run(names, batch)):
+    for refs, outs0, outs4 in zip(reference, runs[0], runs[LEVEL], strict=True):
+        for name, f, y0, y4 in zip(names, refs, outs0, outs4):
             f, y0, y4 = (np.asarray(a, dtype=np.float64) for a in (f, y0, y4))
             sums[name] += [np.sum(f**2), np.sum((f - y0) ** 2), np.sum((f - y4) ** 2), np.sum((y0 - y4) ** 2)]
     outputs = {name: {"sqnr_level0_db": _db(s[0], s[1]), "sqnr_level4_db": _db(s[0], s[2]),

@@ -6,9 +6,9 @@ After:   y = MatMulNBits(x, B_0, s_0) + ... + MatMulNBits(x, B_P-1, s_P-1)  (+ b
 
 where the element values are small integers v times a power of two u (E2M1: v = 2e in [-12, 12])
 written in base-16 digit planes v = sum_j d_j 16**j, B_j the 4-bit digits of plane j and
-s_j = scale * u * 16**j (`nbits.py`). B_j and s_j are computed *in the graph* from the packed codes
-and the stored scales, so the file keeps its packed size; onnxruntime constant-folds them at
-ENABLE_BASIC and above and prepacks them for its kernel. With accuracy_level 0 the kernel
+s_j = scale * u * 16**j (`nbits.py`). B_j and s_j are initializers in MatMulNBits' own layout,
+computed at compile time, so a session loads them as stored (no decode subgraph to constant-fold;
+the kernel prepacks them as it would any B). With accuracy_level 0 the kernel
 computes in float: the output equals x @ dequantize(W) up to float summation order. Level 4
 quantizes x to int8 per block inside the kernel: ~4x faster at batch 1, ~5e-3 relative error.
 
@@ -57,7 +57,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         self.stored = stored
         self.lowering = lowering
         self.accuracy_level = accuracy_level
-        self.lowered: list[str] = []
+        self.lowered: dict[str, int] = {}  # node name -> bytes of the initializers its kernel reads
 
     def __repr__(self) -> str:
         return f"LowerToMatMulNBitsPass({self.lowering}, accuracy_level={self.accuracy_level})"
@@ -107,16 +107,14 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
     def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
         kernel = _native_kernel(t) if self.lowering == "native" else None
+        before = set(graph.initializers)
         if kernel == "fp4":
             x, act, act_scale = self._fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
         elif kernel == "f8":
             y = native.emit_matmul_f8(graph, node.inputs[0], t, name)
         else:
-            e = functions.Emitter(graph)  # one scan of the graph for the three calls
-            codes = functions.unpack(e, functions.packed_codes(e, t, name), t.element.bits, t.shape, name)
-            _, scales = functions.scale_values(e, t, name)
-            y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], codes, scales, t, self.accuracy_level, name)
+            y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], t, self.accuracy_level, name)
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             add = ir.node("Add", [y, node.inputs[2]], name=f"{name}_bias")
             add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
@@ -129,7 +127,7 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         out.name = None
         y.name = out_name
         y.shape = y.shape or out.shape  # a graph output keeps its declared shape (the input's may be unknown)
-        self.lowered.append(node.name)
+        self.lowered[node.name] = sum(graph.initializers[k].const_value.nbytes for k in set(graph.initializers) - before)
 
 
     def _fused_activation(self, x: ir.Value):

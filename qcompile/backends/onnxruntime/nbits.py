@@ -14,12 +14,14 @@ Each plane is one 4-bit MatMulNBits, whose weight is (stored - zero_point) * blo
 
 Before:  y = MatMul(x, W)                                   W = DequantizeLinear(codes, scale, ...)
 After:   y = MatMulNBits(x, B_0, scale_0, zp_0) + ... + MatMulNBits(x, B_{P-1}, scale_{P-1}[, zp])
-         B_j     = pack_nibbles(Gather(digit_lut_j, Transpose(codes)))   [N, K/bs, bs/2] uint8
-         scale_j = Transpose(scale) repeated to MatMulNBits blocks * (u * 16**j)   [N, K/bs] float32
+         B_j     = pack_nibbles(digit_j[codes^T])                               [N, K/bs, bs/2] uint8
+         scale_j = scale^T repeated to MatMulNBits blocks * (u * 16**j)         [N, K/bs] float32
 
-B_j and scale_j are computed in the graph from the stored (packed, own-bit-width) codes and the
-scales by standard ops on constants, which onnxruntime constant-folds (ENABLE_BASIC and above)
-into initializers that MatMulNBits prepacks; the file keeps only the codes. The sum is exact up to
+B_j and scale_j are computed in numpy at compile time (`plane_inputs`) and stored as initializers
+in MatMulNBits' own layout, so a session reads them as they are: nothing is rebuilt at load (an
+in-graph decode chain made onnxruntime hold every full-size intermediate while constant-folding:
+a 2.4 GB model's w4 output could not be loaded in 24 GB). P planes store P x 4 bits per weight
+(one plane for int2..int4: the same bytes as packed codes). The sum is exact up to
 float summation order: u * 16**j is a power of two, so scale_j is the exact scale (checked by
 `unsupported`), and at accuracy_level 0 MatMulNBits multiplies x by the exact float weight.
 accuracy_level 4 quantizes x to int8 per block (fast, approximate).
@@ -42,7 +44,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile import codec
+from qcompile import codec, functions
 from qcompile.storage import PackedTensor
 
 RADIX_BITS = 4
@@ -162,103 +164,76 @@ def unsupported(node: ir.Node, t: PackedTensor) -> str | None:
     return None
 
 
-# --- graph construction ------------------------------------------------------------------------
-class _Builder:
-    """Inserts nodes before `anchor` and registers initializers, names prefixed by `name`."""
+# --- MatMulNBits' own layout, computed at compile time ------------------------------------------
+def plane_inputs(t: PackedTensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Per digit plane j: (B_j, scale_j, zero_points_j or None) in MatMulNBits' input layout.
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node, name: str) -> None:
-        self.graph, self.anchor, self.name, self.count = graph, anchor, name, 0
-
-    def const(self, array: np.ndarray, tag: str) -> ir.Value:
-        tensor = ir.tensor(np.array(array, order="C"), name=f"{self.name}_{tag}")
-        value = ir.Value(name=tensor.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
-                         const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
-
-    def op(self, op_type: str, inputs: list, attrs: dict | None = None, *, dtype: ir.DataType,
-           shape: list | None = None, domain: str = "") -> ir.Value:
-        self.count += 1
-        node = ir.node(op_type, inputs, attrs or {}, domain=domain, name=f"{self.name}_{op_type}_{self.count}")
-        out = node.outputs[0]
-        out.name, out.dtype = f"{node.name}_out", dtype
-        out.shape = ir.Shape(shape) if shape is not None else None
-        self.graph.insert_before(self.anchor, node)
-        return out
-
-
-def _code_pairs(b: _Builder, codes: ir.Value, k: int, n: int, kp: int) -> tuple[ir.Value, ir.Value]:
-    """int32 codes of W^T as [N, Kp/2] (even k, odd k), padded past K with code 0 (ignored)."""
-    i32 = ir.DataType.INT32
-    idx = b.op("Cast", [b.op("Transpose", [codes], {"perm": [1, 0]}, dtype=codes.dtype, shape=[n, k])],
-               {"to": i32}, dtype=i32, shape=[n, k])
-    if kp > k:
-        pad = b.const(np.zeros((n, kp - k), np.int32), "pad")
-        idx = b.op("Concat", [idx, pad], {"axis": 1}, dtype=i32, shape=[n, kp])
-    pairs = b.op("Reshape", [idx, b.const(np.array([n, kp // 2, 2], np.int64), "pairs_shape")],
-                 dtype=i32, shape=[n, kp // 2, 2])
-    return tuple(b.op("Gather", [pairs, b.const(np.array(i, np.int64), f"nib{i}")], {"axis": 2},
-                      dtype=i32, shape=[n, kp // 2]) for i in (0, 1))
-
-
-def _plane_b(b: _Builder, lo: ir.Value, hi: ir.Value, digits: np.ndarray, j: int, n: int, nb: int,
-             bs: int) -> ir.Value:
-    """B_j: stored digits of plane j packed two per byte, [N, n_blocks, bs/2] uint8."""
-    i32, u8 = ir.DataType.INT32, ir.DataType.UINT8
-    d_lo = b.op("Gather", [b.const(digits, f"lut{j}"), lo], dtype=i32, shape=[n, nb * bs // 2])
-    d_hi = b.op("Gather", [b.const(digits * RADIX, f"lut{j}_hi"), hi], dtype=i32, shape=[n, nb * bs // 2])
-    byte = b.op("Cast", [b.op("Add", [d_lo, d_hi], dtype=i32, shape=[n, nb * bs // 2])], {"to": u8},
-                dtype=u8, shape=[n, nb * bs // 2])
-    return b.op("Reshape", [byte, b.const(np.array([n, nb, bs // 2], np.int64), f"b{j}_shape")],
-                dtype=u8, shape=[n, nb, bs // 2])
-
-
-def _block_scales(b: _Builder, scales: ir.Value, t: PackedTensor, n: int, nb: int, bs: int) -> ir.Value:
-    """The storage scale of every MatMulNBits block, [N, n_blocks] float32."""
-    f32 = ir.DataType.FLOAT
-    rows, cols = (int(d) for d in t.scale.shape)
-    which = np.minimum(np.arange(nb) * bs // t.block_size, rows - 1).astype(np.int64)
-    st = b.op("Transpose", [scales], {"perm": [1, 0]}, dtype=f32, shape=[cols, rows])
-    per_block = b.op("Gather", [st, b.const(which, "scale_block")], {"axis": 1}, dtype=f32, shape=[cols, nb])
-    return b.op("Expand", [per_block, b.const(np.array([n, nb], np.int64), "scale_shape")], dtype=f32,
-                shape=[n, nb])
+    B_j     uint8 [N, n_blocks, bs/2]: digit of W^T[n, k] at byte k // 2 of row n, even k in the
+            low nibble, K padded to n_blocks * bs with code 0 (MatMulNBits ignores the padding);
+    scale_j float32 [N, n_blocks]: the storage scale of the block holding k = b * bs, times
+            unit * 16**j (a power of two: exact, `_plane_scales_exact`);
+    zero_points_j uint8 [N, ceil(n_blocks / 2)] (both nibbles = the plane's zero point), or None
+            for zero point 8 (MatMulNBits' default).
+    Computed on uint8 codes (one [N, Kp] byte copy of the weight at a time), these are the bytes
+    the former in-graph decode chain (Transpose, Cast, Gather of digit tables, ...) folded to.
+    """
+    ints, unit = integer_grid(t)
+    (k, n), bs = t.shape, nbits_block_size(t)
+    nb = -(-k // bs)
+    codes = np.zeros((n, nb * bs), dtype=np.uint8 if t.element.bits <= 8 else np.uint16)
+    codes[:, :k] = t.codes.T
+    rows, _ = (int(d) for d in t.scale.shape)
+    which = np.minimum(np.arange(nb) * bs // t.block_size, rows - 1)
+    base = np.broadcast_to(t.scale_values().T[:, which], (n, nb)).astype(np.float32)
+    out = []
+    for j, (digits, zp) in enumerate(digit_planes(ints)):
+        table = digits.astype(np.uint8)
+        b = table[codes[:, 0::2]] | (table[codes[:, 1::2]] << RADIX_BITS)
+        scale = base * np.float32(unit * RADIX**j)
+        zeros = None
+        if zp != RADIX // 2:  # absent zero points mean 8
+            zeros = np.full((n, -(-nb // 2)), zp | zp << RADIX_BITS, dtype=np.uint8)
+        out.append((b.reshape(n, nb, bs // 2), scale, zeros))
+    return out
 
 
 def _out_shape(x: ir.Value, n: int) -> list | None:
     return None if x.shape is None else [*list(x.shape)[:-1], n]
 
 
-def emit_matmul_nbits(graph: ir.Graph, node: ir.Node, x: ir.Value, codes: ir.Value, scales: ir.Value,
-                      t: PackedTensor, accuracy_level: int, name: str) -> ir.Value:
-    """Insert (before `node`) the plane decode, one MatMulNBits per plane and their sum; return the sum.
+def emit_matmul_nbits(graph: ir.Graph | functions.Emitter, node: ir.Node, x: ir.Value, t: PackedTensor, accuracy_level: int,
+                      name: str) -> ir.Value:
+    """Insert (before `node`) one MatMulNBits per digit plane and their sum; return the sum.
 
-    codes: [K, N] element codes (uint8, or uint16 for wider formats); scales: float32 shaped like
-    t.scale. The result equals MatMul(x, t.dequantize()) (exactly at accuracy_level 0, up to float
-    summation order). The caller rewires `node`'s output users and removes `node`. Names start with
-    `name`, which must be unique in the graph.
+    Each plane's B, scales and zero points are initializers in MatMulNBits' layout (`plane_inputs`),
+    so a session reads them as stored: nothing is decoded or constant-folded at load. The result
+    equals MatMul(x, t.dequantize()) (exactly at accuracy_level 0, up to float summation order).
+    The caller rewires `node`'s output users and removes `node`. Names start with `name`, which
+    must be unique in the graph.
     """
     reason = unsupported(node, t)
     if reason is not None:
         raise ValueError(f"{node.name}: cannot lower to MatMulNBits: {reason}")
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level {accuracy_level} is outside 0..4")
-    ints, unit = integer_grid(t)
     (k, n), bs = t.shape, nbits_block_size(t)
-    nb = -(-k // bs)
-    graph.opset_imports.setdefault(DOMAIN, 1)
-    b = _Builder(graph, node, name)
-    lo, hi = _code_pairs(b, codes, k, n, nb * bs)
-    base = _block_scales(b, scales, t, n, nb, bs)
+    e = graph if isinstance(graph, functions.Emitter) else functions.Emitter(graph)
+    e.graph.opset_imports.setdefault(DOMAIN, 1)
     f32, shape = ir.DataType.FLOAT, _out_shape(x, n)
     attrs = {"K": k, "N": n, "bits": RADIX_BITS, "block_size": bs, "accuracy_level": accuracy_level}
     total = None
-    for j, (digits, zp) in enumerate(digit_planes(ints)):
-        factor = b.const(np.array(unit * RADIX**j, np.float32), f"factor{j}")
-        inputs = [x, _plane_b(b, lo, hi, digits, j, n, nb, bs),
-                  b.op("Mul", [base, factor], dtype=f32, shape=[n, nb])]
-        if zp != RADIX // 2:  # absent zero points mean 8
-            packed = (zp | zp << RADIX_BITS) * np.ones((n, -(-nb // 2)), np.uint8)
-            inputs.append(b.const(packed.astype(np.uint8), f"zp{j}"))
-        y = b.op("MatMulNBits", inputs, attrs, dtype=f32, shape=shape, domain=DOMAIN)
-        total = y if total is None else b.op("Add", [total, y], dtype=f32, shape=shape)
+    for j, (b, scale, zeros) in enumerate(plane_inputs(t)):
+        inputs = [x, e.initializer(f"{name}_B{j}", b), e.initializer(f"{name}_scales{j}", scale)]
+        if zeros is not None:
+            inputs.append(e.initializer(f"{name}_zp{j}", zeros))
+        y = _insert(e, node, "MatMulNBits", inputs, attrs, f"{name}_plane{j}", f32, shape, DOMAIN)
+        total = y if total is None else _insert(e, node, "Add", [total, y], {}, f"{name}_sum{j}", f32, shape, "")
     return total
+
+
+def _insert(e, anchor: ir.Node, op_type: str, inputs: list, attrs: dict, name: str, dtype: ir.DataType,
+            shape: list | None, domain: str) -> ir.Value:
+    """A node inserted before `anchor` (so the graph stays sorted), output named `name`."""
+    out = ir.Value(name=e.fresh(name), shape=None if shape is None else ir.Shape(shape), type=ir.TensorType(dtype))
+    e.graph.insert_before(anchor, ir.node(op_type, inputs, attrs, domain=domain, outputs=[out], name=out.name))
+    return out

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
+from qcompile import external
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -15,7 +15,7 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_PROTO_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with headroom
+FILE_SESSION_BYTES = 64 << 20  # in-memory models with more weight bytes than this load from a file
 
 
 def is_runtime_error(e: BaseException) -> bool:
@@ -24,7 +24,10 @@ def is_runtime_error(e: BaseException) -> bool:
     return type(e).__module__.startswith("onnxruntime")
 
 
-def session_options(level: str = "all", threads: int = 1, optimized_path: str | None = None) -> ort.SessionOptions:
+def session_options(level: str = "all", threads: int = 1, optimized_path: str | None = None,
+                    prepack: bool = True) -> ort.SessionOptions:
+    """CPU session options; `prepack=False` keeps constant weights as loaded (memory-mapped) instead
+    of a kernel-layout copy next to them (MLAS packs a float MatMul's B: twice the weight memory)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
     so.intra_op_num_threads = threads
@@ -32,26 +35,26 @@ def session_options(level: str = "all", threads: int = 1, optimized_path: str | 
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = optimized_path
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     from qcompile import native
 
     return native.session_options(so)  # the optional qcompile.native ops, when their library is built
 
 
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, level: str = "all", threads: int = 1,
-                 optimized_path: str | None = None) -> ort.InferenceSession:
-    """A CPU session. In-memory models go through bytes, or a temp file with external data past 1.8 GB
-    or when the model's weights live in an external data file."""
-    so = session_options(level, threads, optimized_path)
+                 optimized_path: str | None = None, prepack: bool = True) -> ort.InferenceSession:
+    """A CPU session. A path loads as is; an in-memory model whose weights live in external data
+    files, or exceed FILE_SESSION_BYTES, is written as a session file that refers to those files
+    in place (`qcompile.external.session_file`: no copy of the weights, onnxruntime maps them);
+    a small one goes through bytes."""
+    so = session_options(level, threads, optimized_path, prepack)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), so, providers=providers)
     if isinstance(model, ir.Model):
-        consts = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        external = any(isinstance(c, ir.ExternalTensor) for c in consts)  # bytes cannot refer to a data file
-        if external or sum(c.nbytes for c in consts) > _PROTO_LIMIT:
-            with tempfile.TemporaryDirectory() as d:
-                path = Path(d) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
+        if external.external_tensors(model) or external.weight_bytes(model) > FILE_SESSION_BYTES:
+            with external.session_path(model) as path:
                 return ort.InferenceSession(str(path), so, providers=providers)
         model = ir.to_proto(model)
     return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
