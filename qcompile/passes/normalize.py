@@ -20,8 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 import onnxscript.optimizer
 
-from qcompile.errors import PreconditionError
-from qcompile.passes.convert_opset import ConvertOpsetPass, default_opset, pop_record
+from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +35,7 @@ class NormalizePass(ir.passes.InPlacePass):
         return f"NormalizePass(opset>={self.min_opset})"
 
     def requires(self, model: ir.Model) -> None:
-        opset = default_opset(model)
-        if opset is None:
-            raise PreconditionError("model imports no default-domain opset")
-        if opset > self.max_opset:
-            raise PreconditionError(f"model opset {opset} is newer than onnxruntime supports ({self.max_opset})")
+        ConvertOpsetPass(self.min_opset, self.max_opset).requires(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = ConvertOpsetPass(self.min_opset, self.max_opset)(model).modified
