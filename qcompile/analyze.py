@@ -37,6 +37,7 @@ class PlanOptions:
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
     keep_last: bool = False  # keep the final classifier (last quantizable node before an output) in float
+    restored: tuple[str, ...] = ()  # exact node names kept in float to meet the gate (`qcompile.restore`)
     cpu: str = "portable"  # the deployment CPU class (`qcompile.cpu.Cpu`, resolved): sets the int8 pair bounds
 
 
@@ -148,6 +149,8 @@ def screen(graph: ir.Graph, options: PlanOptions, ops: tuple[str, ...] = QUANTIZ
             reason = f"the target quantizes {'/'.join(ops)} only"
         elif _excluded(node, options):
             reason = "excluded (--exclude-op / --exclude-node)"
+        elif node.name in options.restored:
+            reason = "restored to float: among the most sensitive layers (report: restored)"
         elif not any(is_float(v) for v in node.inputs[:2]):
             reason = "no float32 input"
         if reason is None:

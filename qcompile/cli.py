@@ -138,12 +138,15 @@ def main() -> None:
                    "2 GB), or auto (when the weights exceed 1.8 GB or the input used external data)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
+@click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Below the gate, keep the most sensitive layers (each measured alone on calibration data) in float, "
+                   "up to this share of the weights, and compile again; 0: never")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                as_json, verbose, quiet):
+                max_float, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -166,7 +169,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
                                        batch_size=batch_size, progress=progress.advance, lowering=lowering,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
-                                       cpu=cpu, input_shapes=input_shape)
+                                       cpu=cpu, input_shapes=input_shape, max_float=max_float)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

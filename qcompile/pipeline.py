@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 
-from qcompile import __version__, external
+from qcompile import __version__, external, restore
 from qcompile.analyze import PlanOptions, has_compute, kept_in_float, make_plan, nothing_to_quantize, tie_heads
 from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
@@ -200,18 +200,17 @@ def apply_smoothing(model: ir.Model, plan: QuantPlan) -> QuantPlan:
     return p.new_plan
 
 
-def correct_biases(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> ir.passes.PassResult:
-    """Per-channel means of the correctable layers' inputs on the calibration data, then BiasCorrectionPass."""
+def bias_means(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Per-channel means of the correctable layers' inputs on the calibration data (BiasCorrectionPass)."""
     targets = correctable(model.graph, plan)
     if not targets:
-        return ir.passes.PassResult(model, modified=False)
+        return {}
     ops = {n.name: n.op_type for n in model.graph}
     axes = {}
     for node, value in targets.items():
         axes[value] = 1 if ops[node] == "Conv" else -1
     names = sorted(axes)
-    means = channel_means(stream_values(model, names, data.batches(batch_size)), names, axes)
-    return BiasCorrectionPass(plan, means)(model)
+    return channel_means(stream_values(model, names, data.batches(batch_size)), names, axes)
 
 
 def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, float]:
@@ -274,6 +273,7 @@ def compile(
     accuracy_level: int | str = "auto",
     cpu: str | Cpu = Cpu.PORTABLE,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    max_float: float = restore.BUDGET,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -299,8 +299,89 @@ def compile(
     calib / eval: an `.npz` path, a directory of them, a {input: array} dict, or a Dataset.
     Without calib, inputs are synthesized (and a warning is logged); without eval, the last
     `HELD_OUT` calibration samples are held out and never used for calibration.
+    max_float: when the compiled model misses the gate, the share of the quantized weights (by
+    float bytes) that may go back to float, most sensitive layers first, measured one layer at a
+    time (`qcompile.restore`; report["restored"] lists them); 0 never restores.
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
+    t0 = time.perf_counter()
+    if not 0 <= max_float <= 1:
+        raise InputError(f"max_float must be a share of the weights in [0, 1], got {max_float!r}")
+    args = dict(model=model, target=target, calib=calib, eval=eval, plan=plan, samples=samples, seed=seed,
+                validate=validate, min_sqnr=min_sqnr, batch_size=batch_size, caps=caps, progress=progress,
+                lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, input_shapes=input_shapes)
+    attempt = _compile_once(options=options, probe=max_float > 0, **args)
+    result = attempt.result
+    if not result.passed and attempt.simulator is not None:
+        result = _restore(attempt, options, max_float, args)
+    result.report["compile_seconds"] = round(time.perf_counter() - t0, 3)
+    result.report["peak_rss_bytes"] = _rss_peak()
+    if not result.passed:
+        v = result.report["verdict"]
+        worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in v["worst_layers"][:3])
+        kept = result.report.get("restored", {}).get("layers", [])
+        note = f" with {len(kept)} layers restored to float" if kept else ""
+        raise ValidationFailed(
+            f"output SQNR {v['worst_output_sqnr_db']:.2f} dB is below {v['min_sqnr_db']} dB "
+            f"for target {result.report['target']}{note}; worst layers: {worst}",
+            result.report,
+            result,
+        )
+    return result
+
+
+def _restore(attempt: "_Attempt", options: PlanOptions, budget: float, args: dict) -> CompileResult:
+    """Recompile with the most sensitive layers in float (`qcompile.restore`) until the gate holds,
+    at most `restore.MAX_ROUNDS` times; the last result (passed or not) carries report["restored"]."""
+    t0 = time.perf_counter()
+    first = attempt.result
+    sim = attempt.simulator()
+    sens = restore.measure(sim, attempt.float_bytes)
+    gate = first.report["verdict"]["min_sqnr_db"]
+    goal, result, kept, simulated = gate + restore.MARGIN_DB, first, (), None
+    share = lambda names: sum(sens.float_bytes[n] for n in names) / max(sum(sens.float_bytes.values()), 1)  # noqa: E731
+    for _ in range(restore.MAX_ROUNDS):
+        pick = restore.choose(sim, sens, goal, budget, kept)
+        if pick is None:
+            log.info("restore: no layers within %g%% of the weights reach %.1f dB in simulation", budget * 100, goal)
+            break
+        kept, simulated = tuple(pick[0]), pick[1]
+        log.warning("%s: output %.2f dB < %s dB; keeping %d of %d layers in float (the most sensitive, %.2f%% of the "
+                    "weights): %s", first.report["target"], first.report["verdict"]["worst_output_sqnr_db"], gate,
+                    len(kept), len(sens.noise), 100 * share(kept), ", ".join(kept[:6]) + (" ..." if len(kept) > 6 else ""))
+        result = _compile_once(options=dataclasses.replace(options, restored=options.restored + kept), probe=False,
+                               **args).result
+        if result.passed:
+            break
+        goal += simulated - result.report["verdict"]["worst_output_sqnr_db"]  # the held-out shortfall
+    if kept:
+        result.report["restored"] = {
+            "first_sqnr_db": first.report["verdict"]["worst_output_sqnr_db"],
+            "simulated_sqnr_db": simulated,
+            "budget": budget,
+            "weight_share": round(share(kept), 6),
+            "samples": sim.samples,
+            "simulations": sim.runs,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "layers": [{"node": n, "alone_sqnr_db": sens.alone_sqnr_db(n), "float_bytes": sens.float_bytes[n]} for n in kept],
+        }
+    return result
+
+
+@dataclass
+class _Attempt:
+    result: CompileResult
+    simulator: Callable[[], restore.Simulator] | None = None  # offered when the result missed its gate
+    float_bytes: dict[str, int] = field(default_factory=dict)  # per plan node: its weights' float bytes
+
+
+def _compile_once(
+    model, target, calib, eval, plan, samples, seed, validate, min_sqnr, options: PlanOptions, batch_size, caps,
+    progress, lowering, accuracy_level, cpu, input_shapes, probe: bool,
+) -> _Attempt:
+    """One compile (`compile` without restoring). probe: when the result misses its gate, offer the
+    per-layer sensitivity measurement of `qcompile.restore` (not for a replayed plan or a model past
+    `restore.MAX_WEIGHT_BYTES`)."""
     t0 = time.perf_counter()
     if accuracy_level != "auto" and accuracy_level not in range(5):
         raise InputError(f"accuracy_level must be 'auto' or 0..4, got {accuracy_level!r}")
@@ -391,8 +472,10 @@ def compile(
         work, plan = _without(work, unseen), _without(plan, unseen)
         if not work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
-    if tgt.bias_correction:
-        stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size)
+    snapshot = m.clone() if probe and validate and not replay and model_bytes(m) <= restore.MAX_WEIGHT_BYTES else None
+    means = stages.run("bias-means", bias_means, m, work, calib_ds, batch_size) if tgt.bias_correction else None
+    if means:
+        stages.run("BiasCorrectionPass", BiasCorrectionPass(work, means), m)
     plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
     act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, work, eval_ds, batch_size) if validate else {}
 
@@ -443,19 +526,15 @@ def compile(
         report["verdict"] = v
     report["passes"] = stages.entries
     report["compile_seconds"] = round(time.perf_counter() - t0, 3)
-    report["peak_rss_bytes"] = _rss_peak()
     if promote.interface:
         stages.run("HalfInterfacePass", HalfInterfacePass(promote.interface), m)
     result = CompileResult(m, plan, report)
-    if validate and not report["verdict"]["passed"]:
-        worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in report["verdict"]["worst_layers"][:3])
-        raise ValidationFailed(
-            f"output SQNR {report['verdict']['worst_output_sqnr_db']:.2f} dB is below {report['verdict']['min_sqnr_db']} dB "
-            f"for target {tgt.name}; worst layers: {worst}",
-            report,
-            result,
-        )
-    return result
+    if snapshot is None or report["verdict"]["passed"]:
+        return _Attempt(result)
+    float_bytes: dict[str, int] = {}
+    for r in insert.records:
+        float_bytes[r.node] = float_bytes.get(r.node, 0) + r.float_bytes
+    return _Attempt(result, lambda: restore.Simulator(snapshot, work, means, calib_ds, batch_size, caps), float_bytes)
 
 
 def _worst(row: dict) -> float:

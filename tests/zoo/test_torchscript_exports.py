@@ -12,11 +12,14 @@ one compile takes 25-55 s on the project's 2-core machine (MiniLM int8 with its 
 and the MX targets' function ops 250-320 s, measured with the machine shared), so all 34 do not fit
 the suite's budget. `QCOMPILE_ALL_TARGETS=1` runs every target of the registry on both models.
 
-A target whose output SQNR is below its gate on these models *whatever the exporter* is a strict
-xfail with the measured figure, so it turns red the day it is fixed. On EfficientNet-Lite0 that is
-every target that quantizes the Convs' weights other than `int8` (whose SmoothQuant and bias
-correction reach 19.8 dB): the dynamo export of the zoo gives the same figures (w8 17.44 dB,
-fp8 4.39 dB, 16/16 samples), so it is the quantizer's quality on this network, not the export.
+On EfficientNet-Lite0 every target that quantizes the Convs' weights other than `int8` first lands
+below its gate (w8 17.3 dB, fp8 4.4, nvfp4 -1.3: the stem and first depthwise/projection convs decide
+the output, `qcompile.restore`); the compile then keeps the most sensitive layers in float (1 for w8 and
+a16w8, 2-12 of 50 for the others, <= 5 % of the weights) and passes. A target still below its gate is
+a strict xfail with the measured figure, so it turns red the day it is fixed: fp6-e3m2 stops at the
+12-layer cap at 11.7 dB, and MX FP8/FP4 find no set within the budget (dynamic per-block activations
+lose on every layer). The dynamo export of the zoo gives the same figures, so it is the quantizer's
+quality on this network, not the export.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import os
 import pytest
 
 import qcompile
-from qcompile import zoo
+from qcompile import restore, zoo
 from qcompile.errors import ValidationFailed
 
 pytestmark = pytest.mark.slow
@@ -34,16 +37,15 @@ N = 16
 RTOL = 1e-5  # the opset conversion is exact
 MODELS = ("minilm-torchscript", "efficientnet-lite0-torchscript")
 CI_CASES = {("minilm-torchscript", "fp8"), ("minilm-torchscript", "w4"), ("minilm-torchscript", "w8"),
-            ("efficientnet-lite0-torchscript", "int8"), ("efficientnet-lite0-torchscript", "w4")}
+            ("efficientnet-lite0-torchscript", "int8"), ("efficientnet-lite0-torchscript", "w4"),
+            ("efficientnet-lite0-torchscript", "fp8")}  # fp8: 4.4 dB, passes with 4-8 layers restored
 ALL = os.environ.get("QCOMPILE_ALL_TARGETS") == "1"
 # Output SQNR on 16/16 samples below the target's gate (AMD EPYC, AVX2); see the module doc.
 _EFF = "efficientnet-lite0-torchscript"
 BELOW_GATE: dict[tuple[str, str], str] = {
-    (_EFF, "a16w8"): "17.30 dB < 20", (_EFF, "w8"): "17.28 dB < 20 (dynamo export 17.44)",
-    (_EFF, "fp8"): "4.44 dB < 15 (dynamo export 4.39)", (_EFF, "fp8-e5m2"): "2.32 dB < 10",
-    (_EFF, "fp6"): "6.86 dB < 12", (_EFF, "fp6-e3m2"): "1.39 dB < 12", (_EFF, "mxfp8"): "1.83 dB < 15",
-    (_EFF, "nvfp4"): "-1.27 dB < 5", (_EFF, "mxfp4"): "-1.09 dB < 5", (_EFF, "mxint8"): "10.77 dB < 15",
-    (_EFF, "mxfp6"): "2.48 dB < 12",
+    (_EFF, "fp6-e3m2"): "1.39 dB < 12; 11.66 with 12 layers restored (the cap)",
+    (_EFF, "mxfp8"): "1.83 dB < 15; no restore within 5 % of the weights reaches it",
+    (_EFF, "mxfp4"): "-1.09 dB < 5; no restore within 5 % of the weights reaches it",
 }
 
 
@@ -79,6 +81,11 @@ def test_compiles_to_every_target_and_validates(data, model, target):
     path, calib, held = data[model]
     result = qcompile.compile(str(path), target, calib=str(calib), eval=str(held))
     assert result.passed and result.report["validation"]["samples"] == N
+    restored = result.report.get("restored")
+    if restored is not None:  # kept in float to meet the gate: within the budget, named in the layer table
+        assert restored["weight_share"] <= restore.BUDGET
+        kept = {r["node"] for r in result.report["layers"] if "kept_float" in r}
+        assert {r["node"] for r in restored["layers"]} <= kept
     conv = result.report.get("opset_conversion")
     source = 17 if model.startswith("minilm") else 13
     if result.model.opset_imports[""] > source:
