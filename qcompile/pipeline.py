@@ -472,7 +472,7 @@ def _compile_once(
         work, plan = _without(work, unseen), _without(plan, unseen)
         if not work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
-    snapshot = m.clone() if probe and validate and not replay and model_bytes(m) <= restore.MAX_WEIGHT_BYTES else None
+    snapshot = restore.snapshot(m) if probe and validate and not replay and model_bytes(m) <= restore.MAX_WEIGHT_BYTES else None
     means = stages.run("bias-means", bias_means, m, work, calib_ds, batch_size) if tgt.bias_correction else None
     if means:
         stages.run("BiasCorrectionPass", BiasCorrectionPass(work, means), m)

@@ -55,6 +55,18 @@ MAX_WEIGHT_BYTES = 1 << 30  # past this, one simulation per layer costs more tha
 BUDGET = 0.05  # default share of the quantized weights (float bytes) that may be restored
 
 
+def snapshot(model: ir.Model) -> ir.Model:
+    """A copy of `model` the simulations clone: O(nodes), the tensors shared (no pass changes a
+    tensor in place). onnx_ir clones only topologically sorted graphs; a graph some pass left out
+    of order (the float32 Casts of a half model's inputs go last) is sorted in the copy."""
+    try:
+        return model.clone()
+    except RuntimeError:
+        copy = ir.from_proto(ir.to_proto(model))
+        copy.graph.sort()
+        return copy
+
+
 class Simulator:
     """Output noise of `snapshot` (the float model the plan names, before bias correction) with a
     subset of the plan's layers quantized -- their Q/DQ inserted and their biases corrected with
