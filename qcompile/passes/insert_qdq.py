@@ -212,7 +212,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         arr = w.const_value.numpy()
         pairs = None
         if native:
-            out, scale, t, grown = self._native_weight(graph, w, q.spec)
+            out, scale, t, grown = self._native_weight(graph, w, arr, q.spec)
             if q.spec.pairs is not None:
                 permuted = node.metadata_props.get("qcompile.pairs")
                 pairs = "; ".join(x for x in (permuted, f"{grown} channel scales grown" if grown else None) if x) or "fits"
@@ -228,10 +228,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         cache[key] = (out, scale)
         return cache[key]
 
-    def _native_weight(self, graph, w: ir.Value, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor, int]:
-        """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of a weight."""
+    def _native_weight(self, graph, w: ir.Value, arr: np.ndarray, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor, int]:
+        """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of weight `w` (= arr)."""
         fmt = spec.fmt
-        qw = quantize_weight(w.const_value.numpy(), spec)
+        qw = quantize_weight(arr, spec)
         codes = self._const(graph, to_ir_tensor(qw.codes, fmt, f"{w.name}_q"))
         scale = self._const(graph, ir.tensor(qw.scale, name=f"{w.name}_scale"))
         ins = [codes, scale]
