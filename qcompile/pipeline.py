@@ -46,6 +46,7 @@ from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
 from qcompile.targets import Target, get_target
 from qcompile.validate import compare, output_names, reference_outputs, verdict
+from qcompile.weights import WeightCache
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
@@ -200,8 +201,10 @@ def apply_smoothing(model: ir.Model, plan: QuantPlan) -> QuantPlan:
     return p.new_plan
 
 
-def correct_biases(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> ir.passes.PassResult:
-    """Per-channel means of the correctable layers' inputs on the calibration data, then BiasCorrectionPass."""
+def correct_biases(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8,
+                   cache: WeightCache | None = None) -> ir.passes.PassResult:
+    """Per-channel means of the correctable layers' inputs on the calibration data, then
+    BiasCorrectionPass (its quantized weights kept in `cache` for InsertQDQPass)."""
     targets = correctable(model.graph, plan)
     if not targets:
         return ir.passes.PassResult(model, modified=False)
@@ -211,7 +214,7 @@ def correct_biases(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: 
         axes[value] = 1 if ops[node] == "Conv" else -1
     names = sorted(axes)
     means = channel_means(stream_values(model, names, data.batches(batch_size)), names, axes)
-    return BiasCorrectionPass(plan, means)(model)
+    return BiasCorrectionPass(plan, means, cache)(model)
 
 
 def activation_sqnr(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8) -> dict[str, float]:
@@ -391,12 +394,13 @@ def compile(
         work, plan = _without(work, unseen), _without(plan, unseen)
         if not work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
+    quantized = WeightCache()  # each weight's scale search runs once (bias correction, then Q/DQ)
     if tgt.bias_correction:
-        stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size)
+        stages.run("BiasCorrectionPass", correct_biases, m, work, calib_ds, batch_size, quantized)
     plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
     act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, work, eval_ds, batch_size) if validate else {}
 
-    insert = InsertQDQPass(work, caps)
+    insert = InsertQDQPass(work, caps, quantized)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
     nb = LowerToMatMulNBitsPass(insert.stored, lowering, 0 if accuracy_level == "auto" else accuracy_level,

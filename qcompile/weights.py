@@ -246,8 +246,9 @@ def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBoun
     raise AssertionError("pair bound not reached")  # P / B shrinks every step; unreachable
 
 
-def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:
-    """Quantize a float weight with `spec`, any format, into its stored form."""
+def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> storage.PackedTensor:
+    """Quantize a float weight with `spec`, any format, into its stored form (`qw`: the weight's
+    `quantize_weight` result, when already computed)."""
     fmt = spec.fmt
     w = np.asarray(w, dtype=np.float32)
     if isinstance(fmt, BlockFormat):
@@ -255,16 +256,40 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:
         if not isinstance(g, PerBlock) or g.size != fmt.block_size:
             raise ValueError(f"{spec.format} weights are blocked by {fmt.block_size} along the reduction axis, not {g}")
         return storage.from_block(codec.quantize_block(w, fmt, g.axis), fmt)
-    qw = quantize_weight(w, spec)
+    qw = quantize_weight(w, spec) if qw is None else qw
     return storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
 
 
-def dequantized(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
+def dequantized(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> np.ndarray:
     """DQ(Q(w)): the float32 weight the compiled model computes with (`quantize(w, spec).dequantize()`,
     without encoding and packing the codes for scalar formats)."""
     if isinstance(spec.fmt, BlockFormat):
         return quantize(w, spec).dequantize()
-    return quantize_weight(w, spec).dequantize()
+    return (quantize_weight(w, spec) if qw is None else qw).dequantize()
+
+
+class WeightCache:
+    """`quantize_weight` results by (weight tensor, spec), so the passes that quantize the same
+    constant weight (BiasCorrectionPass, then InsertQDQPass) search its scales once; the last user
+    `take`s the entry (its codes then live only in the compiled graph). Block formats have no
+    search and are not cached (None)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, QuantSpec], tuple[ir.TensorProtocol, QuantizedWeight]] = {}
+
+    def get(self, tensor: ir.TensorProtocol, spec: QuantSpec, arr: np.ndarray | None = None,
+            take: bool = False) -> QuantizedWeight | None:
+        """quantize_weight(arr or tensor.numpy(), spec), computed at most once per (tensor, spec)."""
+        if isinstance(spec.fmt, BlockFormat):
+            return None
+        key = (id(tensor), spec)
+        hit = self._entries.pop(key, None) if take else self._entries.get(key)
+        if hit is not None and hit[0] is tensor:
+            return hit[1]
+        qw = quantize_weight(tensor.numpy() if arr is None else arr, spec)
+        if not take:
+            self._entries[key] = (tensor, qw)
+        return qw
 
 
 def to_ir_tensor(a: np.ndarray, fmt, name: str) -> ir.Tensor:

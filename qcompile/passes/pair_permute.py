@@ -343,9 +343,10 @@ class PairPermutationPass(ir.passes.InPlacePass):
         wq = np_.inputs.get(1) if np_ is not None else None
         if wq is None or wq.role != "weight" or wq.spec.pairs is None or wq.spec.pairs.axis is None:
             return None
-        w = node.inputs[1].const_value.numpy()
+        tensor = node.inputs[1].const_value
         spec = dataclasses.replace(wq.spec, pairs=None)
-        q = quantize_weight(w, spec).codes.astype(np.int16)  # |a + b|, a * b of int8 codes fit int16
+        q = quantize_weight(tensor.numpy(), spec).codes.astype(np.int16)  # |a + b|, a * b of int8 codes fit int16
+        external.drop_pages(tensor)  # a memory-mapped weight: its pages are not needed until InsertQDQPass
         return np.moveaxis(q, rows_axis, 0).reshape(q.shape[rows_axis], -1), wq.spec.pairs
 
     def _permute(self, chain: Chain, nodes) -> bool:
