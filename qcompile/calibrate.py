@@ -143,8 +143,22 @@ def _weighted_centers(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _hist_error(c: np.ndarray, w: np.ndarray, lo: float, hi: float, fmt, symmetric: bool) -> float:
+    """sum_i w_i (c_i - Q(c_i))^2 with the quantizer of [lo, hi]; for INT formats `fake_quant`'s
+    arithmetic in place on one float64 temporary (a clip search calls this hundreds of times)."""
     s, zp = qparams_from_clip(lo, hi, fmt, symmetric)
-    return float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2))
+    if isinstance(fmt, FloatFormat):
+        return float(np.dot(w, (c - fake_quant(c, s, zp, fmt)) ** 2))
+    q = c / s
+    np.round(q, out=q)
+    q += zp
+    np.clip(q, fmt.qmin, fmt.qmax, out=q)
+    q -= zp
+    q *= s
+    q -= c
+    np.square(q, out=q)
+    # a plain reduction, not np.dot: multithreaded BLAS takes milliseconds for this size when the
+    # cores are busy (measured 2.3 ms vs 5 us for 11k elements with 2 OpenBLAS threads, 2 cores)
+    return float(np.multiply(q, w, out=q).sum())
 
 
 def _argmin_refined(cost, top: float) -> float:

@@ -22,7 +22,8 @@ from qcompile.formats import BlockFormat, FloatFormat, IntFormat, Specials
 ScalarFormat = IntFormat | FloatFormat
 
 
-def _code_dtype(bits: int) -> np.dtype:
+def code_dtype(bits: int) -> np.dtype:
+    """The unsigned type holding a `bits`-bit code."""
     return np.dtype(np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32)
 
 
@@ -82,7 +83,7 @@ def _float_bits(v: np.ndarray, fmt: FloatFormat) -> np.ndarray:
     if fmt.signed:
         code |= np.signbit(v) * sign_bit
     code = np.where(nan, _nan_code(fmt), code)
-    return code.astype(_code_dtype(fmt.bits))
+    return code.astype(code_dtype(fmt.bits))
 
 
 def _nan_code(fmt: FloatFormat) -> int:
@@ -102,7 +103,7 @@ def encode(x: np.ndarray, fmt: ScalarFormat) -> np.ndarray:
     v = round_to_grid(x, fmt)
     if isinstance(fmt, IntFormat):
         k = np.rint(v.astype(np.float64) * 2.0**fmt.frac_bits).astype(np.int64)
-        return (k & (2**fmt.bits - 1)).astype(_code_dtype(fmt.bits))
+        return (k & (2**fmt.bits - 1)).astype(code_dtype(fmt.bits))
     return _float_bits(v, fmt)
 
 
@@ -140,7 +141,7 @@ def all_codes(fmt: ScalarFormat) -> np.ndarray:
     """Every valid code of a format of <= 16 bits, ascending (narrow-range ints skip -2**(b-1))."""
     if fmt.bits > 16:
         raise ValueError(f"{fmt.name}: {fmt.bits}-bit formats are too wide to enumerate")
-    codes = np.arange(2**fmt.bits, dtype=_code_dtype(fmt.bits))
+    codes = np.arange(2**fmt.bits, dtype=code_dtype(fmt.bits))
     if isinstance(fmt, IntFormat) and fmt.narrow_range:
         codes = codes[codes != 2 ** (fmt.bits - 1)]
     return codes
@@ -176,7 +177,7 @@ def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The first `count` codes of a `pack`ed stream (uint8 for <= 8 bits, else uint16)."""
     stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=count * bits, bitorder="little")
     weights = (1 << np.arange(bits, dtype=np.uint32)).astype(np.uint32)
-    return (stream.reshape(count, bits).astype(np.uint32) @ weights).astype(_code_dtype(bits))
+    return (stream.reshape(count, bits).astype(np.uint32) @ weights).astype(code_dtype(bits))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ operations keep it that way:
   "auto" is external when the weights exceed `threshold` (default `PROTO_LIMIT`) or the input used
   external data. The output never refers to the input's files (their weights are copied) and never
   overwrites them.
+- `derived(tensor, fn)` is an exact rewrite of a weight that stays file-backed (recomputed from the
+  input's file at each read) when its source is.
 - `drop_pages(tensor)` returns a memory-mapped tensor's resident pages to the OS once it has been
   read (quantized), so a compile touches each float weight once instead of holding all of them.
 """
@@ -26,9 +28,11 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile.errors import InputError
@@ -84,6 +88,34 @@ def drop_pages(tensor) -> None:
             raw.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):  # closed or not advisable: nothing to release
             pass
+
+
+def file_backed(tensor) -> bool:
+    """A tensor whose data is read from a file: external, or `derived` from one."""
+    return isinstance(tensor, ir.ExternalTensor) or getattr(tensor, "qcompile_file_backed", False)
+
+
+def derived(source: ir.TensorProtocol, fn: Callable[[np.ndarray], np.ndarray], name: str) -> ir.TensorProtocol:
+    """The tensor fn(source.numpy()), of the source's shape and dtype (an exact rewrite of a
+    weight: SmoothQuant's scales, a channel permutation).
+
+    A file-backed source gives an `ir.LazyTensor` that recomputes fn from the file at every read
+    and returns the file's pages afterwards (`drop_pages`): a chain of rewrites of a > 2 GB model
+    holds no rewritten copy of its weights, only the one being read (a session file writes them
+    one at a time). An in-memory source is rewritten now.
+    """
+    dtype = source.dtype.numpy()
+    if not file_backed(source):
+        return ir.tensor(np.asarray(fn(source.numpy()), dtype=dtype), name=name)
+
+    def read() -> ir.Tensor:
+        out = np.asarray(fn(source.numpy()), dtype=dtype)
+        drop_pages(source)
+        return ir.tensor(out, name=name)
+
+    lazy = ir.LazyTensor(read, dtype=source.dtype, shape=ir.Shape(source.shape), name=name)
+    lazy.qcompile_file_backed = True
+    return lazy
 
 
 @contextmanager
@@ -232,5 +264,5 @@ def save(model: ir.Model, path: str | os.PathLike, external_data: str = "auto", 
     return path.stat().st_size + (data.stat().st_size if external else 0)
 
 
-__all__ = ["LARGE_MODEL_BYTES", "MODES", "PROTO_LIMIT", "prepack", "data_files", "drop_pages", "mark_input", "save", "session_file", "session_path",
+__all__ = ["LARGE_MODEL_BYTES", "MODES", "PROTO_LIMIT", "prepack", "data_files", "derived", "drop_pages", "file_backed", "mark_input", "save", "session_file", "session_path",
            "wants_external", "weight_bytes"]

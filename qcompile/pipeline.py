@@ -46,6 +46,7 @@ from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
 from qcompile.targets import Target, get_target
 from qcompile.validate import compare, output_names, reference_outputs, verdict
+from qcompile.weights import WeightCache
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
@@ -473,13 +474,14 @@ def _compile_once(
         if not work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(tgt, kept))
     snapshot = restore.snapshot(m) if probe and validate and not replay and model_bytes(m) <= restore.MAX_WEIGHT_BYTES else None
+    quantized = WeightCache()  # each weight's scale search runs once (bias correction, then Q/DQ)
     means = stages.run("bias-means", bias_means, m, work, calib_ds, batch_size) if tgt.bias_correction else None
     if means:
-        stages.run("BiasCorrectionPass", BiasCorrectionPass(work, means), m)
+        stages.run("BiasCorrectionPass", BiasCorrectionPass(work, means, quantized), m)
     plan = plan.with_specs_of(work)  # the plan to save names the original graph's values
     act_sqnr = stages.run("activation-sqnr", activation_sqnr, m, work, eval_ds, batch_size) if validate else {}
 
-    insert = InsertQDQPass(work, caps)
+    insert = InsertQDQPass(work, caps, quantized)
     stages.run(repr(insert), insert, m)
     stages.run("LowerForOnnxruntimePass", LowerForOnnxruntimePass(caps), m)
     nb = LowerToMatMulNBitsPass(insert.stored, lowering, 0 if accuracy_level == "auto" else accuracy_level,

@@ -64,15 +64,16 @@ class PackedTensor:
         full = codec.expand_param(self.scale_values(), self.shape, self.axis, self.block_size)
         return self.element_values() * full
 
-    def row_slices(self, chunk: int = 1 << 22):
+    def row_slices(self, chunk: int = 1 << 20):
         """Yield (start, stop, dequantized rows start:stop) over axis 0, ~`chunk` elements each
-        (a whole number of scale blocks when the blocks run along axis 0): `dequantize()` in pieces."""
+        (a whole number of scale blocks when several blocks run along axis 0; per output channel,
+        one block spans all rows, any slice of them is fine): `dequantize()` in pieces."""
         if len(self.shape) == 0 or self.codes.size <= chunk:
             yield 0, self.shape[0] if self.shape else 1, self.dequantize()
             return
         rows = self.shape[0]
         step = max(1, chunk // (self.codes.size // rows))
-        if self.axis == 0:
+        if self.axis == 0 and self.scale.shape[0] > 1:  # several blocks along the rows: slice at their edges
             step = max(self.block_size, step // self.block_size * self.block_size)
         for i in range(0, rows, step):
             j = min(i + step, rows)
@@ -122,12 +123,16 @@ def from_scalar(codes: np.ndarray, scale: np.ndarray, fmt: IntFormat | FloatForm
     return PackedTensor(fmt, _encode_chunked(values, fmt), s, ax, bs)
 
 
-ENCODE_CHUNK = 1 << 22  # elements encoded at a time (encode works in float64)
+ENCODE_CHUNK = 1 << 20  # elements encoded at a time (encode works in float64)
 
 
 def _encode_chunked(values: np.ndarray, fmt: IntFormat | FloatFormat) -> np.ndarray:
     """codec.encode of grid values (ints scaled by 2**-frac_bits for IntFormat), elementwise over
-    slices along axis 0, so its float64 temporaries stay ~8 bytes x ENCODE_CHUNK."""
+    slices along axis 0, so its float64 temporaries stay ~8 bytes x ENCODE_CHUNK. Integers stored
+    at exactly the format's width are viewed, not copied (the compiled model's DequantizeLinear
+    codes and the stored form then share one array)."""
+    if isinstance(fmt, IntFormat) and not fmt.frac_bits and values.dtype.kind in "iu" and values.dtype.itemsize * 8 == fmt.bits:
+        return values.view(codec.code_dtype(fmt.bits))  # int8 / int16 codes are their own two's-complement bits
     unit = 2.0**-fmt.frac_bits if isinstance(fmt, IntFormat) else 1.0
     if values.ndim == 0 or values.size <= ENCODE_CHUNK:
         return codec.encode(values.astype(np.float64) * unit, fmt)

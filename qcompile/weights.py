@@ -54,114 +54,136 @@ class QuantizedWeight:
         return q * s
 
 
-def _grouped_amax(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int | None, int | None]:
-    g = spec.granularity
-    a = np.abs(w)
-    if isinstance(g, PerTensor):
-        return np.asarray(a.max(), dtype=np.float32), None, None
-    axis = g.axis % w.ndim
-    if isinstance(g, PerChannel):
-        other = tuple(i for i in range(w.ndim) if i != axis)
-        return a.max(axis=other).astype(np.float32), axis, None
-    n = w.shape[axis]
-    pad = (-n) % g.size
-    if pad:
-        widths = [(0, 0)] * w.ndim
-        widths[axis] = (0, pad)
-        a = np.pad(a, widths)
-    shape = list(a.shape)
-    shape[axis : axis + 1] = [shape[axis] // g.size, g.size]
-    return a.reshape(shape).max(axis=axis + 1).astype(np.float32), axis, g.size
-
-
 def _fmt_top(fmt) -> float:
     return float(fmt.qmax) if isinstance(fmt, IntFormat) else float(fmt.max)
 
 
-def _group_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
-    """Squared error of every group when its clip is `ratio` x amax."""
-    s = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
-    err = (w - fake_quant(w, codec.expand_param(s, w.shape, axis, block), 0.0, fmt)) ** 2
-    if axis is None:
-        return np.asarray(err.sum())
-    if block is None:
-        return err.sum(axis=tuple(i for i in range(w.ndim) if i != axis))
-    pad = (-w.shape[axis]) % block
+def _groups(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, int | None, int | None, tuple]:
+    """w viewed so that every quantization group is one slot of a broadcastable scale.
+
+    Returns (g, axis, block, reduce): per tensor g = w, per channel g = w with the scale broadcast
+    along `axis`; per block g = w zero-padded along `axis` to whole blocks and reshaped
+    [..., n_blocks, block, ...]. `reduce` are the axes of g a group spans (sum or max over them
+    gives one value per group, keepdims-shaped so it broadcasts against g).
+    """
+    g = spec.granularity
+    if isinstance(g, PerTensor):
+        return w, None, None, tuple(range(w.ndim))
+    axis = g.axis % w.ndim
+    if isinstance(g, PerChannel):
+        return w, axis, None, tuple(i for i in range(w.ndim) if i != axis)
+    pad = (-w.shape[axis]) % g.size
     if pad:
         widths = [(0, 0)] * w.ndim
         widths[axis] = (0, pad)
-        err = np.pad(err, widths)
-    shape = list(err.shape)
-    shape[axis : axis + 1] = [shape[axis] // block, block]
-    return err.reshape(shape).sum(axis=axis + 1)
+        w = np.pad(w, widths)
+    shape = list(w.shape)
+    shape[axis : axis + 1] = [shape[axis] // g.size, g.size]
+    return w.reshape(shape), axis, g.size, (axis + 1,)
 
 
-SEARCH_CHUNK = 1 << 22  # elements per slice of the MSE search (its float64 temporaries scale with it)
+def _ungroup(g: np.ndarray, shape: tuple[int, ...], axis: int | None, block: int | None) -> np.ndarray:
+    """Inverse of `_groups` for an array shaped like its g (drops the block padding)."""
+    if block is None:
+        return g
+    full = list(shape)
+    full[axis] = g.shape[axis] * block
+    return g.reshape(full).take(np.arange(shape[axis]), axis=axis) if full[axis] != shape[axis] else g.reshape(full)
 
 
-def _search_errors(w, amax, ratio, fmt, axis, block) -> np.ndarray:
-    """`_group_errors`, computed over slices of at most ~SEARCH_CHUNK elements of w.
+def _onnx_scale(scale_g: np.ndarray, axis: int | None, block: int | None) -> np.ndarray:
+    """A keepdims group scale in DequantizeLinear's shape: scalar, 1-D per axis, or blocked."""
+    if axis is None:
+        return scale_g.reshape(())
+    if block is None:
+        return scale_g.reshape(-1)
+    return np.squeeze(scale_g, axis=axis + 1)
 
-    Groups never straddle a slice: per channel, w is sliced along the channel axis itself; per
-    block, along another axis (blocks run along `axis`). So the result is exactly the unsliced
-    one, while the search's temporaries stay ~8 bytes x SEARCH_CHUNK instead of ~8x the weight.
+
+SLICE_ELEMENTS = 1 << 20  # a large weight is quantized in slices of about this many elements
+
+
+def _slice_axis(w: np.ndarray, spec: QuantSpec) -> int | None:
+    """An axis along which w splits into slices that no quantization group straddles: the channel
+    axis per channel, the largest other axis per block; None per tensor."""
+    g = spec.granularity
+    if isinstance(g, PerTensor) or w.ndim == 0:
+        return None
+    axis = g.axis % w.ndim
+    if isinstance(g, PerChannel):
+        return axis
+    others = [i for i in range(w.ndim) if i != axis]
+    return max(others, key=lambda i: w.shape[i]) if others else None
+
+
+def quantize_weight(w: np.ndarray, spec: QuantSpec, slice_elements: int = SLICE_ELEMENTS) -> QuantizedWeight:
+    """Quantize a float weight with `spec` (symmetric; see the module doc).
+
+    Every group (channel, block) is quantized on its own, so a weight larger than `slice_elements`
+    is quantized one slice of whole groups at a time (`_slice_axis`): exactly the unsliced result,
+    with the search's and the rounding's float64 temporaries bounded by the slice instead of ~10x
+    the weight. Only the codes (the format's storage type) are allocated at the weight's size.
     """
-    if axis is None or w.size <= SEARCH_CHUNK or w.ndim < (1 if block is None else 2):
-        return _group_errors(w, amax, ratio, fmt, axis, block)
-    d = axis if block is None else max((i for i in range(w.ndim) if i != axis), key=lambda i: w.shape[i])
-    step = max(1, SEARCH_CHUNK // (w.size // w.shape[d]))
-    a_dim = 0 if block is None else d
-    parts = []
-    for j in range(0, w.shape[d], step):
-        ws = np.take(w, np.arange(j, min(j + step, w.shape[d])), axis=d)
-        am = np.take(amax, np.arange(j, min(j + step, w.shape[d])), axis=a_dim)
-        parts.append(_group_errors(ws, am, ratio, fmt, axis, block))
-    return np.concatenate(parts, axis=a_dim)
-
-
-def quantize_weight(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
-    """Quantize a float weight with `spec` (symmetric; see the module doc)."""
     fmt = spec.fmt
     if not isinstance(fmt, (IntFormat, FloatFormat)):
         raise NotImplementedError(f"weight format {spec.format} needs the block-format lowering")
     w = np.asarray(w, dtype=np.float32)
-    amax, axis, block = _grouped_amax(w, spec)
+    d = _slice_axis(w, spec)
+    if d is None or w.size <= slice_elements:
+        return _quantize_groups(w, spec)
+    step = max(1, slice_elements // (w.size // w.shape[d]))
+    codes = np.empty(w.shape, dtype=fmt.storage_dtype if isinstance(fmt, IntFormat) else fmt.ml_dtype)
+    parts = []
+    for j in range(0, w.shape[d], step):
+        sl = (slice(None),) * d + (slice(j, j + step),)
+        part = _quantize_groups(w[sl], spec)
+        codes[sl], part.codes = part.codes, None  # keep only the slice's scales
+        parts.append(part)
+    cat = 0 if parts[0].block_size is None else d  # per-axis scales are 1-D along the channel axis
+    scale = np.concatenate([p.scale for p in parts], axis=cat)
+    zp = None if parts[0].zero_point is None else np.concatenate([p.zero_point for p in parts], axis=cat)
+    return QuantizedWeight(codes, scale, zp, parts[0].axis, parts[0].block_size, sum(p.grown for p in parts))
+
+
+def _squared_error(g: np.ndarray, s: np.ndarray, fmt) -> np.ndarray:
+    """(g - DQ(Q(g, s)))**2 elementwise; for INT formats in place on one float32 temporary
+    (clip(rint(g / s)) * s, the same arithmetic as `fake_quant`)."""
+    if not isinstance(fmt, IntFormat):
+        return (g - fake_quant(g, s, 0.0, fmt)) ** 2
+    q = np.divide(g, s)
+    np.rint(q, out=q)
+    np.clip(q, fmt.qmin, fmt.qmax, out=q)
+    q *= s
+    q -= g
+    return np.square(q, out=q)
+
+
+def _quantize_groups(w: np.ndarray, spec: QuantSpec) -> QuantizedWeight:
+    """`quantize_weight` of one slice: group maxima, the MSE clip search, the pair fit, the codes."""
+    fmt = spec.fmt
+    g, axis, block, reduce = _groups(w, spec)
+    amax = np.abs(g).max(axis=reduce, keepdims=True).astype(np.float32)
     ratio = np.ones_like(amax)
     if spec.method == "mse":
         best = np.full(amax.shape, np.inf)
         for r in LOW_BIT_RATIOS if fmt.bits <= 3 else MSE_RATIOS:
-            e = _search_errors(w, amax, r, fmt, axis, block)
+            s = np.where(amax > 0, amax * r / _fmt_top(fmt), 1.0).astype(np.float32)
+            e = _squared_error(g, s, fmt).sum(axis=reduce, keepdims=True)
             better = e < best
             best = np.where(better, e, best)
             ratio = np.where(better, r, ratio)
     scale = np.where(amax > 0, amax * ratio / _fmt_top(fmt), 1.0).astype(np.float32)
     grown = 0
     if spec.pairs is not None and isinstance(fmt, IntFormat) and block is None:
-        fitted = _fit_pairs(w, scale, fmt, spec.pairs, axis)
-        grown, scale = int(np.sum(fitted != scale)), fitted
-    full = codec.expand_param(scale, w.shape, axis, block)
+        fitted = _fit_pairs(w, _onnx_scale(scale, axis, block), fmt, spec.pairs, axis)
+        grown = int(np.sum(fitted != _onnx_scale(scale, axis, block)))
+        scale = fitted.reshape(scale.shape)
+    r = _ungroup(codec.round_to_grid(g / scale, fmt), w.shape, axis, block)
     if isinstance(fmt, IntFormat):
-        codes = _round_chunked(w, full, fmt, fmt.storage_dtype)
-        zp = np.zeros(scale.shape, dtype=fmt.storage_dtype)
+        codes, zp = r.astype(fmt.storage_dtype), np.zeros(_onnx_scale(scale, axis, block).shape, dtype=fmt.storage_dtype)
     else:
-        codes = _round_chunked(w, full, fmt, fmt.ml_dtype)
-        zp = None
-    return QuantizedWeight(codes, scale, zp, axis, block, grown)
-
-
-def _round_chunked(w: np.ndarray, full: np.ndarray, fmt, dtype) -> np.ndarray:
-    """round_to_grid(w / full) cast to `dtype` (None: as rounded), elementwise over slices of
-    ~SEARCH_CHUNK elements along axis 0 (the rounding's float64 temporaries stay small)."""
-    if w.ndim == 0 or w.size <= SEARCH_CHUNK:
-        r = codec.round_to_grid(w / full, fmt)
-        return r.astype(dtype) if dtype is not None else r
-    step = max(1, SEARCH_CHUNK // (w.size // w.shape[0]))
-    full = np.broadcast_to(full, w.shape)
-    parts = []
-    for i in range(0, w.shape[0], step):
-        r = codec.round_to_grid(w[i : i + step] / full[i : i + step], fmt)
-        parts.append(r.astype(dtype) if dtype is not None else r)
-    return np.concatenate(parts, axis=0)
+        codes, zp = r.astype(fmt.ml_dtype), None
+    return QuantizedWeight(codes, _onnx_scale(scale, axis, block), zp, axis, block, grown)
 
 
 def _pair_rows(q: np.ndarray, axis: int | None, channel: int) -> np.ndarray:
@@ -197,22 +219,36 @@ def pair_sums(q: np.ndarray, pairs: PairBound, channel: int) -> np.ndarray:
 
 
 def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBound, axis: int | None) -> np.ndarray:
-    """Grow the scale of each channel whose codes break the pair bound (see the module doc)."""
-    channel = pair_channel_axis(w.ndim, pairs, PerChannel(axis) if axis is not None else PerTensor())
+    """Grow the scale of each channel whose codes break the pair bound (see the module doc).
+
+    Each round re-rounds only the channels the previous round grew: the others keep their scale,
+    hence their codes and pair sums.
+    """
+    if axis is None:  # one scale for the tensor: its worst channel decides
+        channel = pair_channel_axis(w.ndim, pairs, PerTensor())
+        for _ in range(64):
+            p = pair_sums(codec.round_to_grid(w / scale, fmt), pairs, channel).astype(np.float64).max(initial=0)
+            if p <= pairs.bound:
+                return scale
+            scale = np.asarray(scale * (p / pairs.bound) * (1 + 1e-6), dtype=np.float32)
+        raise AssertionError("pair bound not reached")  # P / B shrinks every step; unreachable
+    scale = np.array(scale, dtype=np.float32)
+    todo = np.arange(scale.size)
     for _ in range(64):
-        q = codec.round_to_grid(w / codec.expand_param(scale, w.shape, axis, None), fmt)
-        p = pair_sums(q, pairs, channel).astype(np.float64)
-        if axis is None:
-            p = p.max(initial=0)
+        part = np.take(w, todo, axis=axis)
+        q = codec.round_to_grid(part / codec.expand_param(scale[todo], part.shape, axis, None), fmt)
+        p = pair_sums(q, pairs, axis).astype(np.float64)
         over = p > pairs.bound
         if not np.any(over):
             return scale
-        scale = np.where(over, scale * (p / pairs.bound) * (1 + 1e-6), scale).astype(np.float32)
+        todo, p = todo[over], p[over]
+        scale[todo] = (scale[todo] * (p / pairs.bound) * (1 + 1e-6)).astype(np.float32)
     raise AssertionError("pair bound not reached")  # P / B shrinks every step; unreachable
 
 
-def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:
-    """Quantize a float weight with `spec`, any format, into its stored form."""
+def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> storage.PackedTensor:
+    """Quantize a float weight with `spec`, any format, into its stored form (`qw`: the weight's
+    `quantize_weight` result, when already computed)."""
     fmt = spec.fmt
     w = np.asarray(w, dtype=np.float32)
     if isinstance(fmt, BlockFormat):
@@ -220,10 +256,42 @@ def quantize(w: np.ndarray, spec: QuantSpec) -> storage.PackedTensor:
         if not isinstance(g, PerBlock) or g.size != fmt.block_size:
             raise ValueError(f"{spec.format} weights are blocked by {fmt.block_size} along the reduction axis, not {g}")
         return storage.from_block(codec.quantize_block(w, fmt, g.axis), fmt)
-    qw = quantize_weight(w, spec)
+    qw = quantize_weight(w, spec) if qw is None else qw
     return storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
+
+
+def dequantized(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> np.ndarray:
+    """DQ(Q(w)): the float32 weight the compiled model computes with (`quantize(w, spec).dequantize()`,
+    without encoding and packing the codes for scalar formats)."""
+    if isinstance(spec.fmt, BlockFormat):
+        return quantize(w, spec).dequantize()
+    return (quantize_weight(w, spec) if qw is None else qw).dequantize()
+
+
+class WeightCache:
+    """`quantize_weight` results by (weight tensor, spec), so the passes that quantize the same
+    constant weight (BiasCorrectionPass, then InsertQDQPass) search its scales once; the last user
+    `take`s the entry (its codes then live only in the compiled graph). Block formats have no
+    search and are not cached (None)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, QuantSpec], tuple[ir.TensorProtocol, QuantizedWeight]] = {}
+
+    def get(self, tensor: ir.TensorProtocol, spec: QuantSpec, arr: np.ndarray | None = None,
+            take: bool = False) -> QuantizedWeight | None:
+        """quantize_weight(arr or tensor.numpy(), spec), computed at most once per (tensor, spec)."""
+        if isinstance(spec.fmt, BlockFormat):
+            return None
+        key = (id(tensor), spec)
+        hit = self._entries.pop(key, None) if take else self._entries.get(key)
+        if hit is not None and hit[0] is tensor:
+            return hit[1]
+        qw = quantize_weight(tensor.numpy() if arr is None else arr, spec)
+        if not take:
+            self._entries[key] = (tensor, qw)
+        return qw
 
 
 def to_ir_tensor(a: np.ndarray, fmt, name: str) -> ir.Tensor:
     """An onnx_ir tensor of the format's ONNX dtype holding codes `a`."""
-    return ir.Tensor(np.asarray(a).astype(fmt.onnx_dtype.numpy()), dtype=fmt.onnx_dtype, name=name)
+    return ir.Tensor(np.asarray(a).astype(fmt.onnx_dtype.numpy(), copy=False), dtype=fmt.onnx_dtype, name=name)

@@ -24,8 +24,9 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import external
 from qcompile.plan import QuantPlan
-from qcompile.weights import quantize
+from qcompile.weights import WeightCache, dequantized
 
 log = logging.getLogger(__name__)
 DONE = "qcompile.bias_corrected"
@@ -59,10 +60,11 @@ def channel_means(values_stream, names: list[str], axes: dict[str, int]) -> dict
 
 
 class BiasCorrectionPass(ir.passes.InPlacePass):
-    def __init__(self, plan: QuantPlan, means: dict[str, np.ndarray]) -> None:
+    def __init__(self, plan: QuantPlan, means: dict[str, np.ndarray], cache: WeightCache | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.means = means  # activation value -> per-channel mean
+        self.cache = cache or WeightCache()  # shared with InsertQDQPass: each weight quantized once
 
     def __repr__(self) -> str:
         return f"BiasCorrectionPass({len(self.means)} inputs)"
@@ -76,9 +78,10 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
             node = nodes[name]
             if mean is None or node.metadata_props.get(DONE) == "1":
                 continue
-            w = node.inputs[1].const_value.numpy().astype(np.float64)
-            spec = self.plan.nodes[name].inputs[1].spec
-            dw = w - quantize(w.astype(np.float32), spec).dequantize().astype(np.float64)
+            tensor, spec = node.inputs[1].const_value, self.plan.nodes[name].inputs[1].spec
+            w = tensor.numpy()
+            dw = w.astype(np.float64) - dequantized(w, spec, self.cache.get(tensor, spec, w))
+            external.drop_pages(tensor)  # a memory-mapped weight is read again only by InsertQDQPass
             shift = _output_shift(node, dw, mean)
             if shift is None or not np.any(shift):
                 continue

@@ -44,7 +44,7 @@ from qcompile.calibrate import qparams_from_clip
 from qcompile.errors import PreconditionError
 from qcompile.formats import BlockFormat, FloatFormat, IntFormat
 from qcompile.plan import InputQuant, QuantPlan, QuantSpec
-from qcompile.weights import quantize, quantize_weight, to_ir_tensor
+from qcompile.weights import QuantizedWeight, WeightCache, quantize, to_ir_tensor
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,11 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray, chunk: int = 1 << 22) -> float:
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
-    def __init__(self, plan: QuantPlan, caps: Capabilities) -> None:
+    def __init__(self, plan: QuantPlan, caps: Capabilities, cache: WeightCache | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.caps = caps
+        self.cache = cache or WeightCache()  # weights BiasCorrectionPass quantized already
         self.records: list[LayerRecord] = []
         self.stored: dict[str, storage.PackedTensor] = {}
         # FakeQuant output name -> (its input, block format, static tensor scale, axis): block-format
@@ -210,14 +211,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key in cache:
             return cache[key]
         arr = w.const_value.numpy()
+        qw = self.cache.get(w.const_value, q.spec, arr, take=True)  # None for block formats
         pairs = None
         if native:
-            out, scale, t, grown = self._native_weight(graph, w, q.spec)
+            out, scale, t, grown = self._native_weight(graph, w, qw, q.spec)
             if q.spec.pairs is not None:
                 permuted = node.metadata_props.get("qcompile.pairs")
                 pairs = "; ".join(x for x in (permuted, f"{grown} channel scales grown" if grown else None) if x) or "fits"
         else:
-            t = quantize(arr, q.spec)
+            t = quantize(arr, q.spec, qw)
             out, scale = functions.dequantize(self._emitter(graph), t, self._name(w.name)), None
         self.stored[out.name] = t
         self.records.append(
@@ -228,10 +230,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         cache[key] = (out, scale)
         return cache[key]
 
-    def _native_weight(self, graph, w: ir.Value, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor, int]:
-        """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of a weight."""
+    def _native_weight(self, graph, w: ir.Value, qw: QuantizedWeight, spec: QuantSpec) -> tuple[ir.Value, np.ndarray, storage.PackedTensor, int]:
+        """DequantizeLinear(codes of the format's ONNX type, scale[, zero point]) of weight `w`, quantized as `qw`."""
         fmt = spec.fmt
-        qw = quantize_weight(w.const_value.numpy(), spec)
         codes = self._const(graph, to_ir_tensor(qw.codes, fmt, f"{w.name}_q"))
         scale = self._const(graph, ir.tensor(qw.scale, name=f"{w.name}_scale"))
         ins = [codes, scale]

@@ -31,6 +31,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile import external
 from qcompile.analyze import is_depthwise
 from qcompile.plan import PairBound, QuantPlan
 from qcompile.weights import pair_channel_axis, quantize_weight
@@ -78,32 +79,36 @@ def _channel_dim(shape: tuple, rank: int, axis: int, c: int) -> int | None | boo
     return pos if shape[pos] == c else False
 
 
+def _const_shape(v: ir.Value | None) -> tuple[int, ...] | None:
+    return tuple(v.const_value.shape) if v is not None and v.const_value is not None else None
+
+
 def _producer_axis(node: ir.Node, c: int) -> tuple[int, int] | None:
     """(weight index, weight axis of the output channels) of a linear producer writing c channels."""
-    w = _const(node.inputs[1] if len(node.inputs) > 1 else None)
+    w = _const_shape(node.inputs[1] if len(node.inputs) > 1 else None)
     if w is None or node.domain != "":
         return None
-    if node.op_type == "MatMul" and w.ndim == 2 and w.shape[1] == c:
+    if node.op_type == "MatMul" and len(w) == 2 and w[1] == c:
         return 1, 1
-    if node.op_type == "Gemm" and w.ndim == 2 and not _attr(node, "transA"):
+    if node.op_type == "Gemm" and len(w) == 2 and not _attr(node, "transA"):
         ax = 0 if _attr(node, "transB") else 1
-        return (1, ax) if w.shape[ax] == c else None
-    if node.op_type == "Conv" and w.shape[0] == c and _attr(node, "group", 1) == 1:
+        return (1, ax) if w[ax] == c else None
+    if node.op_type == "Conv" and w[0] == c and _attr(node, "group", 1) == 1:
         return 1, 0
     return None
 
 
 def _consumer_axis(node: ir.Node, index: int, c: int) -> int | None:
     """Weight axis of the input channels of a linear consumer reading c channels at input `index`."""
-    w = _const(node.inputs[1] if len(node.inputs) > 1 else None)
+    w = _const_shape(node.inputs[1] if len(node.inputs) > 1 else None)
     if index != 0 or w is None or node.domain != "":
         return None
-    if node.op_type == "MatMul" and w.ndim == 2 and w.shape[0] == c:
+    if node.op_type == "MatMul" and len(w) == 2 and w[0] == c:
         return 0
-    if node.op_type == "Gemm" and w.ndim == 2 and not _attr(node, "transA"):
+    if node.op_type == "Gemm" and len(w) == 2 and not _attr(node, "transA"):
         ax = 1 if _attr(node, "transB") else 0
-        return ax if w.shape[ax] == c else None
-    if node.op_type == "Conv" and _attr(node, "group", 1) == 1 and w.shape[1] == c:
+        return ax if w[ax] == c else None
+    if node.op_type == "Conv" and _attr(node, "group", 1) == 1 and w[1] == c:
         return 1
     return None
 
@@ -197,19 +202,51 @@ def find_chain(x: ir.Value, axis: int, c: int) -> Chain | None:
 
 
 def _conflicts(rows: list[np.ndarray], bound: int) -> np.ndarray:
-    """C x C: channels i, j would form a saturating pair in some column of some consumer."""
+    """C x C: channels i, j would form a saturating pair in some column of some consumer, i.e.
+    max_col (a_i + a_j) > bound for a = max(sign * codes, 0), either sign. One of the two codes is
+    then above bound / 2, so each column is visited only for its channels above it (vectorized
+    over the other channel)."""
     c = rows[0].shape[0]
     bad = np.zeros((c, c), dtype=bool)
     for r in rows:  # r: [C, columns] codes
         for sign in (1, -1):
             a = np.maximum(sign * r, 0)
-            for col in np.nonzero((a > bound // 2).any(axis=0))[0]:
+            large = a > bound // 2
+            for col in np.nonzero(large.any(axis=0))[0]:
                 v = a[:, col]
-                for i in np.nonzero(v > bound // 2)[0]:
-                    bad[i, v + v[i] > bound] = True
-                    bad[v + v[i] > bound, i] = True
+                i = np.nonzero(large[:, col])[0]
+                bad[i] |= v[None, :] + v[i, None] > bound
+    bad |= bad.T
     np.fill_diagonal(bad, False)
     return bad
+
+
+SAMPLE_CHANNELS = 16
+CONFLICT_BUDGET = 2e9  # element operations of `_conflicts` computed without asking `_hopeless` first
+
+
+def _conflict_cost(rows: list[np.ndarray], bound: int) -> float:
+    """Element operations of `_conflicts`: channels x (codes above bound / 2), per sign."""
+    return float(sum(r.shape[0] * np.count_nonzero(np.abs(r) > bound // 2) for r in rows))
+
+
+def _hopeless(rows: list[np.ndarray], bound: int) -> bool:
+    """Whether none of SAMPLE_CHANNELS evenly spaced channels has a single compatible partner: the
+    channels then (almost) all conflict with each other, the matching can pair almost nothing, and
+    `_conflicts` (columns x channels^2 at worst: dense random weights, where every pair of an
+    8192-channel layer saturates somewhere) is not worth its cost. Asked only past CONFLICT_BUDGET:
+    a sample can miss the few channels that do pair (EfficientNet-Lite0's project convolutions,
+    93 -> 88 saturating pairs, are computed exactly)."""
+    c = rows[0].shape[0]
+    sample = np.unique(np.linspace(0, c - 1, min(SAMPLE_CHANNELS, c)).astype(np.int64))
+    ok = np.ones((sample.size, c), dtype=bool)
+    for r in rows:
+        for sign in (1, -1):
+            a = np.maximum(sign * r, 0)
+            for k, i in enumerate(sample):
+                ok[k] &= ~(a + a[i][None, :] > bound).any(axis=1)
+    ok[np.arange(sample.size), sample] = False
+    return not ok.any()
 
 
 def _every_pair_saturates(rows: list[np.ndarray], bound: int) -> bool:
@@ -314,9 +351,10 @@ class PairPermutationPass(ir.passes.InPlacePass):
         wq = np_.inputs.get(1) if np_ is not None else None
         if wq is None or wq.role != "weight" or wq.spec.pairs is None or wq.spec.pairs.axis is None:
             return None
-        w = node.inputs[1].const_value.numpy()
+        tensor = node.inputs[1].const_value
         spec = dataclasses.replace(wq.spec, pairs=None)
-        q = quantize_weight(w, spec).codes.astype(np.int32)
+        q = quantize_weight(tensor.numpy(), spec).codes.astype(np.int16)  # |a + b|, a * b of int8 codes fit int16
+        external.drop_pages(tensor)  # a memory-mapped weight: its pages are not needed until InsertQDQPass
         return np.moveaxis(q, rows_axis, 0).reshape(q.shape[rows_axis], -1), wq.spec.pairs
 
     def _permute(self, chain: Chain, nodes) -> bool:
@@ -324,7 +362,7 @@ class PairPermutationPass(ir.passes.InPlacePass):
         only follow the permutation); False when nothing improves."""
         rows, bounds, bounded = [], set(), []
         for node, ax in chain.consumers:
-            if node.op_type == "Conv" and node.inputs[1].const_value.numpy().ndim > 3 and node.inputs[1].shape[1] % 2:
+            if node.op_type == "Conv" and len(node.inputs[1].const_value.shape) > 3 and node.inputs[1].shape[1] % 2:
                 return False  # odd channel count with taps: pairs run across taps, not channels
             r = self._rows(node, ax)
             if r is not None:
@@ -341,6 +379,9 @@ class PairPermutationPass(ir.passes.InPlacePass):
         if _every_pair_saturates(rows, bound):
             log.debug("pair permutation skipped: a column saturates every pair whatever the order")
             return False
+        if _conflict_cost(rows, bound) > CONFLICT_BUDGET and _hopeless(rows, bound):
+            log.debug("pair permutation skipped: no sampled channel has a compatible partner")
+            return False
         order = pairing(_conflicts(rows, bound))
         after = _violations(rows, order, bound)
         if after >= before:
@@ -349,10 +390,9 @@ class PairPermutationPass(ir.passes.InPlacePass):
         if any(len(n.inputs[i].uses()) > 1 or n.inputs[i].is_graph_input() for n, i, _ in edits):
             log.debug("pair permutation skipped: a weight or constant of the chain is shared")
             return False
-        for n, i, ax in edits:
+        for n, i, ax in edits:  # file-backed weights stay so (`external.derived`)
             v = n.inputs[i]
-            a = v.const_value.numpy()
-            v.const_value = ir.tensor(np.ascontiguousarray(np.take(a, order, axis=ax)), name=v.name)
+            v.const_value = external.derived(v.const_value, lambda a, ax=ax: np.take(a, order, axis=ax), v.name)
         for n in bounded:
             n.metadata_props[META] = f"permuted: {before} -> {after} saturating pairs"
         log.debug("pair permutation of %d channels: %d -> %d saturating pairs (%s)", len(order), before, after,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -37,24 +38,31 @@ from qcompile.plan import QuantPlan
 log = logging.getLogger(__name__)
 
 
+def _weight_kn(node: ir.Node) -> tuple[ir.Value, bool] | None:
+    """(W, transposed) when `node` computes x @ W with a constant 2-D W read as [K, N] (a Gemm with
+    transB stores W^T), or None if not smoothable. Reads no weight bytes."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if w is None or w.const_value is None or len(w.const_value.shape) != 2:
+        return None
+    if node.op_type == "MatMul":
+        return w, False
+    if node.op_type == "Gemm" and not _attr_int(node, "transA"):
+        return w, bool(_attr_int(node, "transB"))
+    return None
+
+
 def _weight_rows(node: ir.Node) -> np.ndarray | None:
     """W as [K, N] (rows indexed by the activation's channel), or None if not smoothable."""
-    if node.op_type == "MatMul":
-        w = node.inputs[1]
-        if w is None or w.const_value is None or len(w.shape) != 2:
-            return None
-        return w.const_value.numpy()
-    if node.op_type == "Gemm":
-        attrs = node.attributes
-        if attrs.get("transA") is not None and attrs["transA"].as_int():
-            return None
-        w = node.inputs[1]
-        if w is None or w.const_value is None:
-            return None
-        arr = w.const_value.numpy()
-        trans = attrs.get("transB") is not None and attrs["transB"].as_int()
-        return arr.T if trans else arr
-    return None
+    kn = _weight_kn(node)
+    if kn is None:
+        return None
+    arr = kn[0].const_value.numpy()
+    return arr.T if kn[1] else arr
+
+
+def _attr_int(node: ir.Node, name: str) -> int:
+    a = node.attributes.get(name)
+    return a.as_int() if a is not None else 0
 
 
 def smoothable(graph: ir.Graph, plan: QuantPlan) -> dict[str, list[str]]:
@@ -71,7 +79,7 @@ def smoothable(graph: ir.Graph, plan: QuantPlan) -> dict[str, list[str]]:
                 readers.setdefault(q.value, []).append((name, i))
     out = {}
     for value, rs in readers.items():
-        ok = all(i == 0 and name in nodes and 1 in plan.nodes[name].inputs and _weight_rows(nodes[name]) is not None
+        ok = all(i == 0 and name in nodes and 1 in plan.nodes[name].inputs and _weight_kn(nodes[name]) is not None
                  for name, i in rs)
         if ok:
             out[value] = [name for name, _ in rs]
@@ -112,7 +120,7 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
     the whole calibration set.
     """
     from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
-    from qcompile.weights import quantize
+    from qcompile.weights import dequantized
 
     nodes = {n.name: n for n in graph}
     out = {}
@@ -139,7 +147,7 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
             for w, ref, node, spec in zip(ws, refs, consumers, wspecs):
                 gemm_t = nodes[node].op_type == "Gemm" and _trans_b(nodes[node])
                 ws_ = w * s[:, None]
-                q = quantize(ws_.T if gemm_t else ws_, spec).dequantize()
+                q = dequantized(ws_.T if gemm_t else ws_, spec)
                 err += float(np.sum((ref - xq @ (q.T if gemm_t else q)) ** 2))
             return err
 
@@ -156,7 +164,7 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
     return out
 
 
-SEARCH_ELEMENTS = 1 << 24  # weights larger than this are searched on a subset of their output columns
+SEARCH_ELEMENTS = 1 << 22  # weights larger than this are searched on a subset of their output columns
 
 
 def _search_columns(w: np.ndarray) -> np.ndarray:
@@ -165,8 +173,8 @@ def _search_columns(w: np.ndarray) -> np.ndarray:
     A column's quantized values depend only on that column for per-output-channel and
     K-blocked weights, so the search's error on the kept columns is their exact error: the sum
     over all N columns estimated from an even sample, at a bounded cost per candidate (13
-    candidates each quantize the whole searched weight). Weights up to SEARCH_ELEMENTS (16.8M,
-    e.g. 4096 x 4096) are searched whole, as before.
+    candidates each quantize the whole searched weight). Weights up to SEARCH_ELEMENTS (4.2M,
+    e.g. 2048 x 2048; every MatMul of MiniLM-L6) are searched whole.
     """
     k, n = w.shape
     if k * n <= SEARCH_ELEMENTS:
@@ -209,13 +217,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 self._insert_mul(graph, x, consumers, s, nodes)
             for c in consumers:
                 node = nodes[c]
-                w = node.inputs[1]
-                arr = w.const_value.numpy()
-                new = (arr * s[None, :]) if node.op_type == "Gemm" and _trans_b(node) else (arr * s[:, None])
-                nv = ir.Value(name=f"{w.name}_smooth_{c}", const_value=ir.tensor(new.astype(np.float32), name=f"{w.name}_smooth_{c}"))
-                nv.dtype, nv.shape = ir.DataType.FLOAT, ir.Shape(new.shape)
-                graph.register_initializer(nv)
-                node.replace_input_with(1, nv)
+                rows = s[None, :] if node.op_type == "Gemm" and _trans_b(node) else s[:, None]
+                _replace_const(graph, node, 1, lambda a, rows=rows: a * rows, f"{node.inputs[1].name}_smooth_{c}")
             changed += 1
         if changed:
             # Folding may have replaced weights of other planned nodes too: re-read every name.
@@ -259,27 +262,38 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         edits = _plan_fold(x, s)
         if edits is None:
             return None
-        for node, idx, arr in edits:
-            old = node.inputs[idx]
-            name = f"{old.name}_smooth_{node.name}"
-            nv = ir.Value(name=name, const_value=ir.tensor(arr.astype(np.float32), name=name))
-            nv.dtype, nv.shape = ir.DataType.FLOAT, ir.Shape(arr.shape)
-            graph.register_initializer(nv)
-            node.replace_input_with(idx, nv)
+        for node, idx, fn in edits:
+            _replace_const(graph, node, idx, fn, f"{node.inputs[idx].name}_smooth_{node.name}")
         return x
 
 
-def _per_channel(v: ir.Value | None, k: int) -> np.ndarray | None:
+def _replace_const(graph: ir.Graph, node: ir.Node, idx: int, fn, name: str) -> None:
+    """Input `idx` of `node` := a new initializer fn(old) (`external.derived`: recomputed from the
+    file for a file-backed weight); the old one is dropped once nothing reads it (a weight rewritten
+    twice, as a consumer and as a producer, is never held twice)."""
+    old = node.inputs[idx]
+    nv = ir.Value(name=name, const_value=external.derived(old.const_value, fn, name))
+    nv.dtype, nv.shape = old.const_value.dtype, ir.Shape(old.const_value.shape)
+    graph.register_initializer(nv)
+    node.replace_input_with(idx, nv)
+    if not old.uses() and not old.is_graph_output() and graph.initializers.get(old.name) is old:
+        del graph.initializers[old.name]
+
+
+def _per_channel(v: ir.Value | None, k: int) -> bool:
+    """v is a constant of k values along its last axis (a per-channel gain, bias or scale)."""
     if v is None or v.const_value is None:
-        return None
-    a = v.const_value.numpy()
-    return a if a.size == k and a.shape[-1:] == (k,) else None
+        return False
+    shape = tuple(v.const_value.shape)
+    return int(np.prod(shape)) == k and shape[-1:] == (k,)
 
 
-def _plan_fold(x: ir.Value, s: np.ndarray) -> list[tuple[ir.Node, int, np.ndarray]] | None:
-    """The constant edits that divide channel j of x by s_j (see `_fold_backward`), or None."""
+def _plan_fold(x: ir.Value, s: np.ndarray) -> list[tuple[ir.Node, int, Callable]] | None:
+    """The constant edits (node, input, old -> new) that divide channel j of x by s_j (see
+    `_fold_backward`), or None. Reads shapes only."""
     k = s.size
-    edits: list[tuple[ir.Node, int, np.ndarray]] = []
+    per_channel, columns, rows = (lambda a: a / s), (lambda a: a / s[None, :]), (lambda a: a / s[:, None])
+    edits: list[tuple[ir.Node, int, Callable]] = []
     v = x
     while True:
         p = v.producer()
@@ -292,40 +306,37 @@ def _plan_fold(x: ir.Value, s: np.ndarray) -> list[tuple[ir.Node, int, np.ndarra
                 return None
             continue
         if op == "LayerNormalization":
-            gains = [(i, _per_channel(p.inputs[i] if i < len(p.inputs) else None, k)) for i in (1, 2)]
-            if gains[0][1] is None:
+            gains = [i for i in (1, 2) if i < len(p.inputs) and _per_channel(p.inputs[i], k)]
+            if 1 not in gains:
                 return None
-            return edits + [(p, i, g / s) for i, g in gains if g is not None]
+            return edits + [(p, i, per_channel) for i in gains]
         if op in ("Mul", "Add"):
-            ci = next((i for i in (0, 1) if _per_channel(p.inputs[i], k) is not None), None)
+            ci = next((i for i in (0, 1) if _per_channel(p.inputs[i], k)), None)
             if ci is None:
                 return None
-            edits.append((p, ci, _per_channel(p.inputs[ci], k) / s))
+            edits.append((p, ci, per_channel))
             if op == "Mul":
                 return edits
             v = p.inputs[1 - ci]
             if v is None or v.const_value is not None or len(v.uses()) != 1 or v.is_graph_output():
                 return None
             continue
-        if op == "MatMul" and p.inputs[1] is not None and p.inputs[1].const_value is not None:
-            w = p.inputs[1].const_value.numpy()
-            if w.ndim != 2 or w.shape[1] != k:
+        w = p.inputs[1] if op in ("MatMul", "Gemm") and len(p.inputs) > 1 else None
+        if w is None or w.const_value is None:
+            return None
+        shape = tuple(w.const_value.shape)
+        if op == "MatMul":
+            return edits + [(p, 1, columns)] if len(shape) == 2 and shape[1] == k else None
+        trans = _trans_b(p)
+        if len(shape) != 2 or (shape[0] if trans else shape[1]) != k:
+            return None
+        edits.append((p, 1, rows if trans else columns))
+        c = p.inputs[2] if len(p.inputs) > 2 else None
+        if c is not None:
+            if not _per_channel(c, k):
                 return None
-            return edits + [(p, 1, w / s[None, :])]
-        if op == "Gemm" and p.inputs[1] is not None and p.inputs[1].const_value is not None:
-            w = p.inputs[1].const_value.numpy()
-            trans = _trans_b(p)
-            if (w.shape[0] if trans else w.shape[1]) != k:
-                return None
-            edits.append((p, 1, w / s[:, None] if trans else w / s[None, :]))
-            c = p.inputs[2] if len(p.inputs) > 2 else None
-            if c is not None:
-                cc = _per_channel(c, k)
-                if cc is None:
-                    return None
-                edits.append((p, 2, cc / s))
-            return edits
-        return None
+            edits.append((p, 2, per_channel))
+        return edits
 
 
 def channel_stats(values_stream, names: list[str], max_rows: int = 2048) -> tuple[dict, dict]:

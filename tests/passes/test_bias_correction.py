@@ -101,3 +101,23 @@ def test_gemm_alpha_and_beta_scale_the_correction():
     # the mean output shift is cancelled (up to float noise), and it was not small before
     assert np.abs((got - ref).mean(axis=0)).max() < 1e-5
     assert np.abs((uncorrected - ref).mean(axis=0)).max() > 1e-3
+
+
+def test_insert_qdq_reuses_the_weights_bias_correction_quantized():
+    """A WeightCache shared by the two passes: InsertQDQPass takes what BiasCorrectionPass quantized
+    (nothing is left cached: the codes live only in the graph), and the compiled graph is the one
+    both passes give with separate quantizations (same bytes: the scale search is deterministic)."""
+    from qcompile.backends.onnxruntime.capabilities import CAPABILITIES
+    from qcompile.passes.insert_qdq import InsertQDQPass
+    from qcompile.weights import WeightCache
+
+    graphs = []
+    for shared in (True, False):
+        model, plan, means = _corrected(bias=True)
+        cache = WeightCache()
+        BiasCorrectionPass(plan, means, cache)(model)
+        assert len(cache._entries) == 1
+        InsertQDQPass(plan, CAPABILITIES, cache if shared else None)(model)
+        assert not cache._entries if shared else len(cache._entries) == 1
+        graphs.append(helpers.snapshot(model))
+    assert graphs[0] == graphs[1]

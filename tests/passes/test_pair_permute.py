@@ -154,3 +154,41 @@ def test_a_column_that_saturates_every_pair_skips_the_search():
     r[0, :] = 10  # one small channel in every column: a pairing can avoid the bound in each
     assert not _every_pair_saturates([r], 128)
     assert _every_pair_saturates([-np.full((4, 2), 127, np.int32)], 128)
+
+
+def _conflicts_brute_force(rows, bound):
+    c = rows[0].shape[0]
+    bad = np.zeros((c, c), dtype=bool)
+    for r in rows:
+        for i in range(c):
+            for j in range(c):
+                same = r[i] * r[j] > 0
+                bad[i, j] |= bool(np.any(same & (np.abs(r[i] + r[j]) > bound))) and i != j
+    return bad
+
+
+def test_conflicts_equal_the_definition():
+    """The vectorized conflict graph: i, j conflict iff some column has same-signed codes whose sum
+    exceeds the bound (codes near +-127 so that many, but not all, pairs conflict)."""
+    from qcompile.passes.pair_permute import _conflicts
+
+    rng = np.random.default_rng(4)
+    rows = [rng.integers(-127, 128, (24, 7)).astype(np.int16), rng.integers(-127, 128, (24, 3)).astype(np.int16)]
+    bad = _conflicts(rows, 128)
+    assert np.array_equal(bad, _conflicts_brute_force(rows, 128))
+    assert 0 < bad.sum() < bad.size - 24
+
+
+def test_dense_random_weights_are_skipped_cheaply():
+    """Random Gaussian int8 codes over many columns: every channel conflicts with (almost) every
+    other, so no order helps; `_hopeless` says so from a sample, and a real chain of such layers is
+    left as it is (the conflict graph of an 8192-channel layer cost minutes)."""
+    from qcompile.passes.pair_permute import _hopeless
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 512)).astype(np.float32)
+    from qcompile.plan import PerChannel, QuantSpec
+    q = quantize_weight(w, QuantSpec("int8", PerChannel(1))).codes.astype(np.int16)
+    assert _hopeless([q], 128)
+    small = (q // 4).astype(np.int16)  # |codes| <= 32: nothing conflicts
+    assert not _hopeless([small], 128)
