@@ -51,7 +51,8 @@ RANKING_SAMPLES = 8  # of which the single-layer ones (a ranking, run once per l
 MARGIN_DB = 1.0  # calibration -> held-out: the prediction aims this far above the gate
 MAX_LAYER_SHARE = 0.25  # never restore more than this share of the quantized layers
 MAX_ROUNDS = 2  # recompiles after the first one
-MAX_WEIGHT_BYTES = 1 << 30  # past this, one simulation per layer costs more than the compile
+MAX_WEIGHT_BYTES = 256 << 20  # the snapshot keeps the float weights alive through the compile: bounded
+# to small models, where one simulation per layer is also cheap
 BUDGET = 0.05  # default share of the quantized weights (float bytes) that may be restored
 
 
