@@ -44,6 +44,7 @@ from qcompile.passes.bias_correction import BiasCorrectionPass
 from qcompile.passes.insert_qdq import InsertQDQPass
 from qcompile.plan import QuantPlan
 from qcompile.validate import output_names
+from qcompile.weights import WeightCache
 
 log = logging.getLogger(__name__)
 SAMPLES = 16  # calibration samples a simulation runs on
@@ -82,6 +83,7 @@ class Simulator:
         sess = make_session(snapshot, level="all")
         self.refs = [[np.asarray(r) for r in sess.run(self.names, b)] for b in self.batches]
         self.runs = 0
+        self.quantized = WeightCache(keep=True)  # each weight's codes computed once for all simulations
 
     def noise(self, layers, samples: int | None = None) -> float:
         """max over outputs of sum (ref - out)^2 / sum ref^2 with `layers` quantized, on the first
@@ -89,8 +91,8 @@ class Simulator:
         sub = QuantPlan(self.plan.target, {n: self.plan.nodes[n] for n in layers}, self.plan.smoothing)
         sim = self.snapshot.clone()
         if self.means:
-            BiasCorrectionPass(sub, self.means)(sim)
-        InsertQDQPass(sub, self.caps)(sim)
+            BiasCorrectionPass(sub, self.means, self.quantized)(sim)
+        InsertQDQPass(sub, self.caps, self.quantized)(sim)
         LowerForOnnxruntimePass(self.caps)(sim)
         sess = make_session(sim, level="all")
         self.runs += 1

@@ -274,8 +274,9 @@ class WeightCache:
     `take`s the entry (its codes then live only in the compiled graph). Block formats have no
     search and are not cached (None)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self._entries: dict[tuple[int, QuantSpec], tuple[ir.TensorProtocol, QuantizedWeight]] = {}
+        self.keep = keep  # entries outlive `take` (one cache across the many simulations of `qcompile.restore`)
 
     def get(self, tensor: ir.TensorProtocol, spec: QuantSpec, arr: np.ndarray | None = None,
             take: bool = False) -> QuantizedWeight | None:
@@ -283,11 +284,11 @@ class WeightCache:
         if isinstance(spec.fmt, BlockFormat):
             return None
         key = (id(tensor), spec)
-        hit = self._entries.pop(key, None) if take else self._entries.get(key)
+        hit = self._entries.pop(key, None) if take and not self.keep else self._entries.get(key)
         if hit is not None and hit[0] is tensor:
             return hit[1]
         qw = quantize_weight(tensor.numpy() if arr is None else arr, spec)
-        if not take:
+        if not take or self.keep:
             self._entries[key] = (tensor, qw)
         return qw
 
