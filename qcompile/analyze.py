@@ -251,7 +251,7 @@ def _weight_spec(node: ir.Node, index: int, target: Target, cpu: str = "portable
     pairs = _pair_bound(node, index, target, cpu, caps)
     fmt = parse_format(pol.format)
     if isinstance(fmt, BlockFormat):  # intrinsic blocks along the reduction axis, for every op
-        return QuantSpec(pol.format, PerBlock(reduce, fmt.block_size), True, "minmax")
+        return QuantSpec(pol.format, PerBlock(reduce, fmt.block_size), True, pol.method)
     if pol.granularity == "block" and node.op_type in ("MatMul", "Gemm"):
         k = node.inputs[index].shape[reduce]
         if isinstance(k, int) and k >= pol.block_size:

@@ -17,7 +17,8 @@ class WeightPolicy:
 
     granularity: "tensor", "channel" (output channel) or "block" (along the reduction axis).
                  A block format (MX, NVFP4) is always blocked, with its own block size.
-    method:      minmax (absmax) or mse (per-channel/per-block MSE-optimal clipping; scalar formats).
+    method:      minmax (absmax) or mse (per-channel/per-block MSE-optimal clipping; for block formats the
+                 block scale of least error around the spec's rule, `codec.quantize_block`).
     """
 
     format: str
@@ -46,7 +47,7 @@ class Target:
     quantize_conv_output: bool = False  # Q after Conv(+Relu) so onnxruntime builds QLinearConv
     quantize_bias: bool = False  # int32 bias with scale s_x*s_w for Conv/Gemm
     smooth: bool = False  # SmoothQuant with a per-layer alpha search before calibration
-    bias_correction: bool = False  # add dW E[x] to the biases (passes/bias_correction.py)
+    bias_correction: bool = True  # add dW E[x] to Conv/Gemm biases (passes/bias_correction.py)
     ops: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # op types it quantizes
 
     def formats(self):
@@ -79,7 +80,6 @@ TARGETS: dict[str, Target] = {
             quantize_conv_output=True,
             quantize_bias=True,
             smooth=True,
-            bias_correction=True,
         ),
         Target(
             "a16w8",
@@ -89,17 +89,14 @@ TARGETS: dict[str, Target] = {
             min_sqnr_db=20.0,
             quantize_conv_output=True,
             quantize_bias=True,
-            bias_correction=True,
         ),
-        Target("w8", "weight-only int8, per output channel", WeightPolicy("int8"), None, min_sqnr_db=20.0,
-               bias_correction=True),
+        Target("w8", "weight-only int8, per output channel", WeightPolicy("int8"), None, min_sqnr_db=20.0),
         Target(
             "w4",
             "weight-only int4 MatMul/Gemm weights, blocks of 32 along the reduction axis (MatMulNBits)",
             WeightPolicy("int4", granularity="block", method="mse"),
             None,
             min_sqnr_db=10.0,
-            bias_correction=True,
             # Conv weights stay float: 4-bit per-channel depthwise/stem kernels break CNNs
             # (EfficientNet-Lite0: 1.8 dB output SQNR, and unfused DQ->Conv runs 3.6x slower).
             ops=("MatMul", "Gemm"),
@@ -110,7 +107,6 @@ TARGETS: dict[str, Target] = {
             WeightPolicy("e4m3fn"),
             ActivationPolicy("e4m3fn", symmetric=True, method="mse"),
             min_sqnr_db=15.0,
-            bias_correction=True,
         ),
         Target(
             "fp8-e5m2",
@@ -118,7 +114,6 @@ TARGETS: dict[str, Target] = {
             WeightPolicy("e5m2"),
             ActivationPolicy("e5m2", symmetric=True, method="mse"),
             min_sqnr_db=10.0,
-            bias_correction=True,
         ),
         Target(
             "w4a8",
@@ -142,15 +137,15 @@ TARGETS: dict[str, Target] = {
         # OCP MX and NVFP4 simulate hardware whose GEMMs take both operands in the format: weights
         # and activations, activations scaled per block at run time (`w:mxfp4` is weight-only).
         Target("mxfp8", "OCP MXFP8 (E4M3 elements, E8M0 scale per 32) weights and activations",
-               WeightPolicy("mxfp8_e4m3"), ActivationPolicy("mxfp8_e4m3", True, "minmax"), min_sqnr_db=15.0),
+               WeightPolicy("mxfp8_e4m3", method="mse"), ActivationPolicy("mxfp8_e4m3", True, "minmax"), min_sqnr_db=15.0),
         Target("mxfp6", "OCP MXFP6 (E2M3 elements, E8M0 scale per 32) weights and activations",
-               WeightPolicy("mxfp6_e2m3"), ActivationPolicy("mxfp6_e2m3", True, "minmax"), min_sqnr_db=12.0),
+               WeightPolicy("mxfp6_e2m3", method="mse"), ActivationPolicy("mxfp6_e2m3", True, "minmax"), min_sqnr_db=12.0),
         Target("mxfp4", "OCP MXFP4 (E2M1 elements, E8M0 scale per 32) weights and activations",
-               WeightPolicy("mxfp4"), ActivationPolicy("mxfp4", True, "minmax"), min_sqnr_db=5.0),
+               WeightPolicy("mxfp4", method="mse"), ActivationPolicy("mxfp4", True, "minmax"), min_sqnr_db=5.0),
         Target("mxint8", "OCP MXINT8 (int8 elements, E8M0 scale per 32) weights and activations",
-               WeightPolicy("mxint8"), ActivationPolicy("mxint8", True, "minmax"), min_sqnr_db=15.0),
+               WeightPolicy("mxint8", method="mse"), ActivationPolicy("mxint8", True, "minmax"), min_sqnr_db=15.0),
         Target("nvfp4", "NVIDIA NVFP4 (E2M1, E4M3 scale per 16, fp32 tensor scale) weights and activations",
-               WeightPolicy("nvfp4"), ActivationPolicy("nvfp4", True, "minmax"), min_sqnr_db=5.0),
+               WeightPolicy("nvfp4", method="mse"), ActivationPolicy("nvfp4", True, "minmax"), min_sqnr_db=5.0),
     ]
 }
 
@@ -167,7 +162,8 @@ def compose(spec: str) -> Target:
     """A target from `w:FORMAT[/BLOCK][,a:FORMAT]` (e.g. `w:e3m4,a:e4m3`, `w:int4/128`, `w:mxfp4`).
 
     Weights: a block format keeps its own blocks; a scalar format is per output channel, or in
-    blocks of BLOCK along the reduction axis, with MSE-searched scales below 8 bits. Activations:
+    blocks of BLOCK along the reduction axis, with MSE-searched scales below 8 bits (block formats: always,
+    `codec.quantize_block`). Activations:
     a scalar format is per tensor, symmetric for float formats, calibrated with format-aware MSE;
     a block format is dynamic per block. Without `a:` the target is weight-only.
     """
@@ -184,7 +180,7 @@ def compose(spec: str) -> Target:
     if block and (not block.isdigit() or int(block) < 1 or isinstance(wfmt, BlockFormat)):
         raise KeyError(f"target {spec!r}: /BLOCK must be a positive integer, for a scalar weight format")
     weights = WeightPolicy(wname, "block" if block else "channel", int(block or 32),
-                           "mse" if _bits(wfmt) < 8 and not isinstance(wfmt, BlockFormat) else "minmax")
+                           "mse" if isinstance(wfmt, BlockFormat) or _bits(wfmt) < 8 else "minmax")
     acts = None
     if "a" in parts:
         afmt = parse_format(parts["a"])

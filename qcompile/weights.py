@@ -1,7 +1,8 @@
 """Offline weight quantization: scales per tensor, channel or block, then codes.
 
 `quantize` is the entry point for every format and returns the stored form (`storage.PackedTensor`).
-Block formats (OCP MX, NVFP4) follow their specification's scale rule (`codec.quantize_block`);
+Block formats (OCP MX, NVFP4) take their specification's scale rule (`codec.quantize_block`), with
+method="mse" the per-block candidate of least squared error around it;
 scalar formats (INT, FP8/FP6/FP4, any ExMy) use the rule below.
 
 Symmetric only (zero point 0): s = clip / qmax for INT formats, clip / max for float formats,
@@ -255,7 +256,7 @@ def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) 
         g = spec.granularity
         if not isinstance(g, PerBlock) or g.size != fmt.block_size:
             raise ValueError(f"{spec.format} weights are blocked by {fmt.block_size} along the reduction axis, not {g}")
-        return storage.from_block(codec.quantize_block(w, fmt, g.axis), fmt)
+        return storage.from_block(codec.quantize_block(w, fmt, g.axis, search=spec.method == "mse"), fmt)
     qw = quantize_weight(w, spec) if qw is None else qw
     return storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
 
