@@ -247,10 +247,13 @@ def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBoun
     raise AssertionError("pair bound not reached")  # P / B shrinks every step; unreachable
 
 
-def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> storage.PackedTensor:
+def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | storage.PackedTensor | None = None) -> storage.PackedTensor:
     """Quantize a float weight with `spec`, any format, into its stored form (`qw`: the weight's
-    `quantize_weight` result, when already computed)."""
+    `WeightCache` entry -- its `quantize_weight` result, or a block format's stored form --
+    when already computed)."""
     fmt = spec.fmt
+    if isinstance(fmt, BlockFormat) and qw is not None:
+        return qw
     w = np.asarray(w, dtype=np.float32)
     if isinstance(fmt, BlockFormat):
         g = spec.granularity
@@ -261,34 +264,34 @@ def quantize(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) 
     return storage.from_scalar(qw.codes, qw.scale, fmt, qw.axis, qw.block_size)
 
 
-def dequantized(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | None = None) -> np.ndarray:
+def dequantized(w: np.ndarray, spec: QuantSpec, qw: QuantizedWeight | storage.PackedTensor | None = None) -> np.ndarray:
     """DQ(Q(w)): the float32 weight the compiled model computes with (`quantize(w, spec).dequantize()`,
     without encoding and packing the codes for scalar formats)."""
     if isinstance(spec.fmt, BlockFormat):
-        return quantize(w, spec).dequantize()
+        return quantize(w, spec, qw).dequantize()
     return (quantize_weight(w, spec) if qw is None else qw).dequantize()
 
 
 class WeightCache:
     """`quantize_weight` results by (weight tensor, spec), so the passes that quantize the same
     constant weight (BiasCorrectionPass, then InsertQDQPass) search its scales once; the last user
-    `take`s the entry (its codes then live only in the compiled graph). Block formats have no
-    search and are not cached (None)."""
+    `take`s the entry (its codes then live only in the compiled graph). A block format's entry is
+    its stored form (`quantize`), whose scale search is the costly part."""
 
     def __init__(self, keep: bool = False) -> None:
-        self._entries: dict[tuple[int, QuantSpec], tuple[ir.TensorProtocol, QuantizedWeight]] = {}
+        self._entries: dict[tuple[int, QuantSpec], tuple[ir.TensorProtocol, QuantizedWeight | storage.PackedTensor]] = {}
         self.keep = keep  # entries outlive `take` (one cache across the many simulations of `qcompile.restore`)
 
     def get(self, tensor: ir.TensorProtocol, spec: QuantSpec, arr: np.ndarray | None = None,
-            take: bool = False) -> QuantizedWeight | None:
-        """quantize_weight(arr or tensor.numpy(), spec), computed at most once per (tensor, spec)."""
-        if isinstance(spec.fmt, BlockFormat):
-            return None
+            take: bool = False) -> QuantizedWeight | storage.PackedTensor:
+        """quantize_weight(arr or tensor.numpy(), spec) (block formats: quantize), computed at most
+        once per (tensor, spec)."""
         key = (id(tensor), spec)
         hit = self._entries.pop(key, None) if take and not self.keep else self._entries.get(key)
         if hit is not None and hit[0] is tensor:
             return hit[1]
-        qw = quantize_weight(tensor.numpy() if arr is None else arr, spec)
+        arr = tensor.numpy() if arr is None else arr
+        qw = quantize(arr, spec) if isinstance(spec.fmt, BlockFormat) else quantize_weight(arr, spec)
         if not take or self.keep:
             self._entries[key] = (tensor, qw)
         return qw

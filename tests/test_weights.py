@@ -13,7 +13,7 @@ import pytest
 
 from qcompile import codec, storage
 from qcompile.plan import PairBound, PerBlock, PerChannel, PerTensor, QuantSpec
-from qcompile.weights import WeightCache, _fit_pairs, pair_channel_axis, pair_sums, quantize_weight
+from qcompile.weights import WeightCache, _fit_pairs, pair_channel_axis, pair_sums, quantize, quantize_weight
 
 SPECS = [
     QuantSpec("int8", PerChannel(1)),
@@ -109,7 +109,10 @@ def test_cache_quantizes_once_and_take_releases():
     assert cache.get(t, spec) is first  # a second user: no second search
     assert cache.get(t, spec, take=True) is first and not cache._entries
     _same(first, quantize_weight(w, spec))
-    assert cache.get(t, QuantSpec("mxfp4", PerBlock(0, 32))) is None  # block formats: nothing to cache
+    mx = QuantSpec("mxfp4", PerBlock(0, 32), method="mse")  # block formats: the stored form, searched once
+    stored = cache.get(t, mx)
+    assert cache.get(t, mx) is stored and quantize(w, mx, stored) is stored
+    np.testing.assert_array_equal(stored.dequantize(), quantize(w, mx).dequantize())
 
 
 def test_int8_codes_are_shared_not_reencoded():

@@ -211,7 +211,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if key in cache:
             return cache[key]
         arr = w.const_value.numpy()
-        qw = self.cache.get(w.const_value, q.spec, arr, take=True)  # None for block formats
+        qw = self.cache.get(w.const_value, q.spec, arr, take=True)
         pairs = None
         if native:
             out, scale, t, grown = self._native_weight(graph, w, qw, q.spec)
