@@ -77,9 +77,16 @@ def test_exports_are_the_old_opsets(data):
 @pytest.mark.parametrize("model,target", list(_cases()))
 def test_compiles_to_every_target_and_validates(data, model, target):
     path, calib, held = data[model]
-    result = qcompile.compile(str(path), target, calib=str(calib), eval=str(held))
-    assert result.passed and result.report["validation"]["samples"] == N
+    try:
+        result = qcompile.compile(str(path), target, calib=str(calib), eval=str(held))
+    except ValidationFailed as e:
+        print(f"\n{model} {target}: {e}")  # the figures of the README table (pytest -s)
+        raise
     restored = result.report.get("restored")
+    first = restored["first_sqnr_db"] if restored else None
+    print(f"\n{model} {target}: {result.report['verdict']['worst_output_sqnr_db']:.2f} dB"
+          + (f" (first {first:.2f} dB, {len(restored['layers'])} layers restored)" if restored else ""))
+    assert result.passed and result.report["validation"]["samples"] == N
     if restored is not None:  # kept in float to meet the gate: within the budget, named in the layer table
         assert restored["weight_share"] <= restore.BUDGET
         kept = {r["node"] for r in result.report["layers"] if "kept_float" in r}
