@@ -11,16 +11,18 @@ Paragraphs are split into sentences, whitespace is collapsed, code/doctest lines
 only sentences of 5-60 words that look like prose are kept, deduplicated. Every sentence is
 assigned to the ``calib`` or the ``eval`` split by a content hash (SHA-256), so the splits never
 overlap, whatever the seed. The corpus depends on the Python and scikit-learn versions (docstrings
-change between releases) but is identical from run to run on one installation.
+change between releases) but is identical from run to run on one installation, whatever else the
+process has imported (the docstrings are read in a fresh interpreter without site-packages).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
-import inspect
+import json
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,26 +69,38 @@ def _sklearn_texts() -> list[str]:
     return [getattr(ds, f"load_{name}")().DESCR for name in SKLEARN_DATASETS]
 
 
-def _stdlib_texts() -> list[str]:
-    texts: list[str] = []
-    for mod_name in STDLIB_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:  # e.g. a Python built without sqlite3/ssl
+# Run in a fresh interpreter without site-packages (-I -S): a third-party package may replace a stdlib
+# function (torch patches `inspect.getfile`) or add a method to a stdlib class (transformers adds
+# `logging.Logger.warning_once`), and the corpus must not depend on what the calling process imported.
+_STDLIB_CHILD = """
+import importlib, inspect, json, sys
+texts = []
+for mod_name in json.loads(sys.argv[1]):
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError:  # e.g. a Python built without sqlite3/ssl
+        continue
+    texts.append(mod.__doc__)
+    for name in sorted(getattr(mod, "__all__", None) or dir(mod)):
+        if name.startswith("_"):
             continue
-        texts.append(mod.__doc__)
-        for name in sorted(getattr(mod, "__all__", None) or dir(mod)):
-            if name.startswith("_"):
-                continue
-            obj = getattr(mod, name, None)
-            if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            texts.append(obj.__doc__)
-            if inspect.isclass(obj):
-                for meth_name, meth in sorted(vars(obj).items()):
-                    if not meth_name.startswith("_") and inspect.isroutine(meth):
-                        texts.append(getattr(meth, "__doc__", None))
-    return [t for t in texts if isinstance(t, str)]  # some __doc__ are descriptors
+        obj = getattr(mod, name, None)
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+            continue
+        texts.append(obj.__doc__)
+        if inspect.isclass(obj):
+            for meth_name, meth in sorted(vars(obj).items()):
+                if not meth_name.startswith("_") and inspect.isroutine(meth):
+                    texts.append(getattr(meth, "__doc__", None))
+json.dump([t for t in texts if isinstance(t, str)], sys.stdout)  # some __doc__ are descriptors
+"""
+
+
+def _stdlib_texts() -> list[str]:
+    """The docstrings of STDLIB_MODULES and of their public classes, functions and methods."""
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _STDLIB_CHILD, json.dumps(STDLIB_MODULES)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
 
 
 def split_sentences(text: str) -> list[str]:
