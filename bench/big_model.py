@@ -119,6 +119,18 @@ def finish_compile(target: str, out: Path, proc: subprocess.Popen, t0: float) ->
     return rec
 
 
+def at_level0(path: Path) -> Path:
+    """A copy of the graph file at `path` with every MatMulNBits at accuracy_level 0, sharing its data file."""
+    m = onnx.load(str(path), load_external_data=False)
+    for n in m.graph.node:
+        for a in n.attribute:
+            if n.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    out = path.with_name(path.stem + ".level0.onnx")
+    onnx.save(m, str(out))
+    return out
+
+
 def cpu_flags() -> str:
     try:
         flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
@@ -178,6 +190,9 @@ def main() -> int:
                     rec["session_rss_over_file_total"] = round(load["session_peak_rss_bytes"] / load["file_bytes"], 3)
             results["rows"].append(rec)
             print(json.dumps(rec), file=sys.stderr)
+            if rec.get("accuracy_level") == 4:  # the same file at level 0: what MatMulNBits' level-4 packing costs
+                level0 = at_level0(outs[target])
+                results["rows"].append({"target": f"{target} (same file, accuracy_level 0)", "load": load_isolated(level0, feed)})
         results["input_unchanged"] = before == {p.name: sha256(p) for p in files_of(model)}
     finally:
         if a.keep is None:
@@ -185,6 +200,17 @@ def main() -> int:
     a.out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
     return 0 if all("error" not in r for r in results["rows"]) and results.get("input_unchanged") else 1
+
+
+def _load_cells(ld: dict) -> str:
+    """session s | session peak RSS GB | / file | (peak - before) / file | first run s"""
+    if not ld:
+        return "- | - | - | - | -"
+    if "error" in ld:
+        return f"load failed: {ld['error']} | - | - | - | -"
+    return (f"{ld['session_seconds']:.2f} | {ld['session_peak_rss_bytes'] / 1e9:.2f} | "
+            f"{ld['session_peak_rss_bytes'] / ld['file_bytes']:.2f} | {ld['session_rss_over_file']:.2f} | "
+            f"{ld['first_run_seconds']:.2f}")
 
 
 def markdown(r: dict) -> str:
@@ -196,24 +222,18 @@ def markdown(r: dict) -> str:
              "/ file | (peak - before) / file | first run s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     fl = r.get("float_load")
-    if fl and "error" not in fl:
-        lines.append(f"| float | - | - | - | {fl['file_bytes'] / gb:.2f} | {fl['session_seconds']:.2f} | "
-                     f"{fl['session_peak_rss_bytes'] / gb:.2f} | {fl['session_peak_rss_bytes'] / fl['file_bytes']:.2f} | "
-                     f"{fl['session_rss_over_file']:.2f} | {fl['first_run_seconds']:.2f} |")
+    if fl:
+        lines.append(f"| float | - | - | - | {fl.get('file_bytes', 0) / gb:.2f} | {_load_cells(fl)} |")
     for row in r["rows"]:
         if "error" in row:
             lines.append(f"| {row['target']} | {row['seconds']} | failed: {row['error']} |")
-            continue
-        ld = row.get("load") or {}
-        if "error" in ld:
-            load = f"load failed: {ld['error']} | - | - | - | -"
+        elif "seconds" not in row:  # a load-only row
+            lines.append(f"| {row['target']} | - | - | - | {row['load'].get('file_bytes', 0) / gb:.3f} | {_load_cells(row['load'])} |")
         else:
-            load = (f"{ld['session_seconds']:.2f} | {ld['session_peak_rss_bytes'] / gb:.2f} | "
-                    f"{row['session_rss_over_file_total']:.2f} | {ld['session_rss_over_file']:.2f} | {ld['first_run_seconds']:.2f}")
-        lines.append(f"| {row['target']} | {row['seconds']:.0f} | {row['peak_rss_bytes'] / gb:.2f} | "
-                     f"{row['compile_rss_over_weights']:.2f} | {row['file_bytes'] / gb:.3f} | {load} |")
+            lines.append(f"| {row['target']} | {row['seconds']:.0f} | {row['peak_rss_bytes'] / gb:.2f} | "
+                         f"{row['compile_rss_over_weights']:.2f} | {row['file_bytes'] / gb:.3f} | {_load_cells(row.get('load') or {})} |")
     lines += ["", f"input files unchanged: {r.get('input_unchanged')}; outputs written with external data: "
-              + ", ".join(f"{x['target']}={x.get('external_data')}" for x in r["rows"])]
+              + ", ".join(f"{x['target']}={x.get('external_data')}" for x in r["rows"] if "seconds" in x)]
     return "\n".join(lines)
 
 
