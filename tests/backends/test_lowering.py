@@ -264,3 +264,31 @@ def test_fp8_emission_matches_numpy_simulation(fp8_compiled, name):
     ref = _simulate(name, proto, r.plan, feeds["x"])
     for level in ("all", "disable"):
         _assert_same_up_to_flips(helpers.run(r.model, feeds, level)[0], ref, f"{name}: {level} vs numpy simulation")
+
+
+@pytest.mark.parametrize("target, lowering", [("w4", "auto"), ("fp4", "integer"), ("w4", "native")])
+def test_matmulnbits_lowering_contract(target, lowering):
+    """LowerToMatMulNBitsPass under the pass contract: it lowers the Q/DQ model's stored 4-bit
+    weights, and a second run (nothing left to lower) reports modified=False on an unchanged model
+    (it used to report True: its per-instance record of lowered nodes carried over between runs)."""
+    from qcompile.analyze import make_plan
+    from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
+    from qcompile.data import ArrayDataset, InputInfo
+    from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+    from qcompile.passes.insert_qdq import InsertQDQPass
+    from qcompile.passes.normalize import NormalizePass
+    from qcompile.pipeline import calibrate_plan
+    from qcompile.targets import get_target
+
+    proto = tiny_models.mlp()
+    model = ir.from_proto(proto)
+    NormalizePass(21, 26)(model)
+    FoldBatchNormPass()(model)
+    plan = calibrate_plan(model, make_plan(model, get_target(target)),
+                          ArrayDataset(tiny_models.inputs_for(proto, 32, seed=1), InputInfo.of_model(model)))
+    insert = InsertQDQPass(plan, CAPABILITIES)
+    insert(model)
+    lower = LowerToMatMulNBitsPass(insert.stored, lowering, 0, insert.block_activations, CAPABILITIES)
+    helpers.assert_pass_contract(lower, model, expect_modified=True)
+    ops = helpers.op_counts(ir.to_proto(model))
+    assert ops.get("MatMulNBits", 0) + ops.get("MatMulFp4", 0) > 0, ops

@@ -66,18 +66,20 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         if self.lowering == "function":
             return ir.passes.PassResult(model, modified=False)
         graph = model.graph
+        count = 0  # lowered by this call (`self.lowered` records every call's, for the layer table)
         for node in list(graph):
             t = self._lowerable(node)
             if t is not None:
                 self._lower(graph, node, t)
-        if self.lowered:
+                count += 1
+        if count:
             model.opset_imports.setdefault(nbits.DOMAIN, 1)
             if any(n.domain == native.DOMAIN for n in graph):
                 model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             graph.sort()
             _drop_dead(graph)
             functions.attach(model)
-        return ir.passes.PassResult(model, modified=bool(self.lowered))
+        return ir.passes.PassResult(model, modified=count > 0)
 
     def _lowerable(self, node: ir.Node) -> PackedTensor | None:
         """The weight's stored form in [K, N] orientation, if this layer is lowered."""
