@@ -139,3 +139,25 @@ def test_efficientnet_lite0_float16(efficientnet16, target, keep_io, tmp_path):
     (ref,), (got,) = helpers.run(f16, {name: x}), helpers.run(out, {name: x})
     assert helpers.sqnr_db(ref, got) >= EFF_FLOORS[target]
     assert out.stat().st_size < f16.stat().st_size
+
+
+@pytest.mark.parametrize("keep_io", [False, True], ids=["fp16-io", "fp32-io"])
+def test_half_passes_contract(keep_io, tmp_path):
+    """PromoteFloatPass (float16 I/O kept through boundary Casts), StoreHalfPass and HalfInterfacePass
+    under the pass contract: honest `modified`, a valid model, and a second run that changes nothing
+    (a second PromoteFloatPass used to add a second Cast at every kept float16 input and output)."""
+    import onnx_ir as ir
+
+    from qcompile.passes.promote_float import HalfInterfacePass, PromoteFloatPass, StoreHalfPass
+
+    src = tmp_path / "f32.onnx"
+    onnx.save(tiny_models.mlp(), str(src))
+    model = ir.load(str(fm.float16(src, tmp_path / "f16.onnx", keep_io_types=keep_io)))
+    model.graph.sort()  # the converter appends its I/O Casts last; NormalizePass sorts in a compile
+    promote = PromoteFloatPass()
+    helpers.assert_pass_contract(promote, model, expect_modified=True)
+    helpers.assert_pass_contract(StoreHalfPass(ir.DataType.FLOAT16), model, expect_modified=True)
+    helpers.assert_pass_contract(HalfInterfacePass(promote.interface), model, expect_modified=False)
+    f32 = ir.load(str(src))  # float32 interface made float16: HalfInterfacePass's own case
+    interface = [("input", v.name, ir.DataType.FLOAT16) for v in f32.graph.inputs]
+    helpers.assert_pass_contract(HalfInterfacePass(interface), f32, expect_modified=True)

@@ -63,8 +63,12 @@ class PromoteFloatPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         main = model.graph
         changed = 0
-        boundary_in = [v for v in main.inputs if v.dtype in HALF and not v.is_initializer()]
-        boundary_out = [(k, v, v.dtype) for k, v in enumerate(main.outputs) if v.dtype in HALF]
+        # a kept-type input already read through Casts to float32, or output already a Cast of a float32
+        # value (a first run's work, or the source's own), needs no boundary Cast
+        boundary_in = [v for v in main.inputs if v.dtype in HALF and not v.is_initializer()
+                       and not (v.dtype in self.keep and _read_as_float_already(v))]
+        boundary_out = [(k, v, v.dtype) for k, v in enumerate(main.outputs) if v.dtype in HALF
+                        and not (v.dtype in self.keep and _written_as_already(v))]
         for g in _graphs(main):
             for name, v in g.initializers.items():
                 if v.dtype in HALF and v.const_value is not None:
@@ -76,7 +80,10 @@ class PromoteFloatPass(ir.passes.InPlacePass):
                 if v.dtype in HALF and g is not main:
                     v.dtype = ir.DataType.FLOAT
                     changed += 1
+        kept_casts = {id(v.producer()) for v in main.outputs if v.dtype in self.keep and _written_as_already(v)}
         for node in ir.traversal.RecursiveGraphIterator(main):
+            if id(node) in kept_casts:  # an output Cast a first run wrote: it stays half
+                continue
             changed += _promote_attributes(node)
             for o in node.outputs:
                 if o.dtype in HALF:
@@ -94,6 +101,20 @@ class PromoteFloatPass(ir.passes.InPlacePass):
             else:
                 self.interface.append(("output", v.name, src))
         return ir.passes.PassResult(model, modified=changed + len(boundary_in) + len(boundary_out) > 0)
+
+
+def _read_as_float_already(x: ir.Value) -> bool:
+    """Whether every reader of input x is a Cast to float32 (`_read_as_float` ran: a second run adds none)."""
+    uses = list(x.uses())
+    return bool(uses) and all(u.node.op_type == "Cast" and u.node.domain == "" and u.node.attributes.get_int("to") == ir.DataType.FLOAT
+                              for u in uses)
+
+
+def _written_as_already(v: ir.Value) -> bool:
+    """Whether graph output v is a Cast of a float32 value (`_write_as` ran)."""
+    p = v.producer()
+    return (p is not None and p.op_type == "Cast" and p.domain == "" and p.inputs[0] is not None
+            and p.inputs[0].dtype == ir.DataType.FLOAT)
 
 
 def _read_as_float(graph: ir.Graph, x: ir.Value) -> None:
