@@ -25,9 +25,17 @@ import helpers
 import tiny_models
 import qcompile
 from qcompile import codec
+from qcompile.analyze import make_plan
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES
+from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
+from qcompile.data import ArrayDataset, InputInfo
 from qcompile.formats import parse_format
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.insert_qdq import InsertQDQPass
+from qcompile.passes.normalize import NormalizePass
+from qcompile.pipeline import calibrate_plan
+from qcompile.targets import get_target
 
 RTOL = 1e-5  # see module doc
 
@@ -271,15 +279,6 @@ def test_matmulnbits_lowering_contract(target, lowering):
     """LowerToMatMulNBitsPass under the pass contract: it lowers the Q/DQ model's stored 4-bit
     weights, and a second run (nothing left to lower) reports modified=False on an unchanged model
     (it used to report True: its per-instance record of lowered nodes carried over between runs)."""
-    from qcompile.analyze import make_plan
-    from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
-    from qcompile.data import ArrayDataset, InputInfo
-    from qcompile.passes.fold_batchnorm import FoldBatchNormPass
-    from qcompile.passes.insert_qdq import InsertQDQPass
-    from qcompile.passes.normalize import NormalizePass
-    from qcompile.pipeline import calibrate_plan
-    from qcompile.targets import get_target
-
     proto = tiny_models.mlp()
     model = ir.from_proto(proto)
     NormalizePass(21, 26)(model)
