@@ -12,9 +12,9 @@ from qcompile.formats import FORMATS, parse_format  # noqa: E402
 from qcompile.plan import QuantPlan, QuantSpec  # noqa: E402
 from qcompile.targets import TARGETS  # noqa: E402
 from qcompile.pipeline import CompileResult, compile, load_model, save_model  # noqa: E402
-from qcompile.api import validate  # noqa: E402
+from qcompile.api import explain, lower, validate  # noqa: E402
 
 __all__ = [
-    "compile", "validate", "CompileResult", "load_model", "save_model", "FORMATS", "parse_format", "TARGETS",
+    "compile", "validate", "lower", "explain", "CompileResult", "load_model", "save_model", "FORMATS", "parse_format", "TARGETS",
     "QuantPlan", "QuantSpec", "QCompileError", "InputError", "UnsupportedModelError", "ValidationFailed",
 ]

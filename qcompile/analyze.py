@@ -9,6 +9,8 @@ inserted on the inputs of quantized nodes and propagated through range-preservin
 """
 from __future__ import annotations
 
+import dataclasses
+
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -341,3 +343,21 @@ def summarize(model: ir.Model, options: PlanOptions = PlanOptions()) -> ModelSum
             s.param_bytes += v.const_value.nbytes
     s.quantizable = [n.name for n in candidate_nodes(model.graph, options)]
     return s
+
+
+def plan_on(graph: ir.Graph, plan: QuantPlan) -> QuantPlan:
+    """`plan` naming what its nodes of the main graph read now: after a rewrite replaced their
+    inputs (SmoothQuantPass: a smoothed activation, new weights), each input quantizer takes the
+    current value's name. Nodes inside If / Loop / Scan bodies keep theirs (never rewritten)."""
+    nodes = {n.name: n for n in graph}
+    renamed = {}
+    for name, np_ in plan.nodes.items():
+        node = nodes.get(name)
+        inputs = dict(np_.inputs)
+        if node is not None:
+            for i, q in np_.inputs.items():
+                current = node.inputs[i] if i < len(node.inputs) else None
+                if current is not None and current.name != q.value:
+                    inputs[i] = dataclasses.replace(q, value=current.name)
+        renamed[name] = dataclasses.replace(np_, inputs=inputs)
+    return QuantPlan(plan.target, renamed, plan.smoothing)

@@ -96,6 +96,8 @@ def main() -> None:
 
     \b
     qcompile MODEL --target int8 [-o OUT] [--calib DATA] [--eval DATA] ...
+    qcompile explain MODEL --target int8      (what a compile would run, per layer kernel)
+    qcompile lower QDQ_MODEL [-o OUT]         (the backend stages alone)
     qcompile validate FLOAT COMPILED --eval DATA
     qcompile inspect MODEL
     qcompile formats
@@ -141,12 +143,16 @@ def main() -> None:
 @click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
               help="Below the gate, keep the most sensitive layers (each measured alone on calibration data) in float, "
                    "up to this share of the weights, and compile again; 0: never")
+@click.option("--dump-after", multiple=True, metavar="STAGE",
+              help="Write the model after STAGE (a name `qcompile explain` lists) to DIR/after-STAGE.onnx (repeatable)")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Where --dump-after writes")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout")
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                max_float, as_json, verbose, quiet):
+                max_float, dump_after, dump_dir, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -169,7 +175,8 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        validate=not no_validate, min_sqnr=min_sqnr, options=options,
                                        batch_size=batch_size, progress=progress.advance, lowering=lowering,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
-                                       cpu=cpu, input_shapes=input_shape, max_float=max_float)
+                                       cpu=cpu, input_shapes=input_shape, max_float=max_float,
+                                       dump_after=tuple(dump_after), dump_dir=dump_dir)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None
@@ -256,6 +263,68 @@ def validate_cmd(float_model, compiled, eval_, min_sqnr, as_json, verbose):
         if "verdict" in res and not res["verdict"]["passed"]:
             click.echo(f"qcompile: error: output SQNR {res['verdict']['worst_output_sqnr_db']:.2f} dB below {min_sqnr} dB", err=True)
             sys.exit(3)
+
+    _run(work, verbose)
+
+
+@main.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", "-t", required=True, callback=lambda ctx, p, v: _target(v), help="As for compile")
+@click.option("--lowering", type=click.Choice(["auto", "function", "integer", "native"]), default="auto", show_default=True)
+@click.option("--exclude-node", multiple=True, help="As for compile")
+@click.option("--exclude-op", multiple=True, help="As for compile")
+@click.option("--keep-last", is_flag=True, help="As for compile")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def explain_cmd(model, target, lowering, exclude_node, exclude_op, keep_last, as_json, verbose):
+    """The stages a compile would run, its plan, and per layer the kernel and why (no data needed)."""
+    _setup_logging(verbose, False)
+
+    def work():
+        from qcompile.analyze import PlanOptions
+        from qcompile.api import explain
+
+        e = explain(model, target, lowering, options=PlanOptions(tuple(exclude_node), tuple(exclude_op), keep_last))
+        if as_json:
+            click.echo(_dump(e))
+            return
+        click.echo(f"{model}: target {e['target']}, lowering {e['lowering']}")
+        click.echo("pipeline:")
+        for st in e["pipeline"]:
+            cond = " (when needed)" if st["conditional"] else ""
+            click.echo(f"  {st['group']:<9} {st['stage']}{cond}" + (f"  -- {st['doc']}" if st["doc"] else ""))
+        click.echo(f"layers ({len(e['layers'])} quantized, {len(e['kept_float'])} kept in float):")
+        for row in e["layers"]:
+            what = ", ".join(f"{k} {row[k]}" for k in ("weight", "activation") if k in row)
+            click.echo(f"  {row['node']} ({row['op_type']}): {what} -> {row.get('kernel', '-')}")
+            for k, why in row.get("kernels_not_taken", {}).items():
+                click.echo(f"      not {k}: {why}")
+        for name, k in e["kept_float"].items():
+            click.echo(f"  {name} ({k['op_type']}): float ({k['reason']})")
+
+    _run(work, verbose)
+
+
+@main.command("lower")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Default: MODEL.lowered.onnx")
+@click.option("--lowering", type=click.Choice(["auto", "function", "integer", "native"]), default="auto", show_default=True)
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+def lower_cmd(model, output, lowering, accuracy_level, verbose):
+    """Run only the backend stages on a Q/DQ model (e.g. from --dump-after InsertQDQPass)."""
+    _setup_logging(verbose, False)
+
+    def work():
+        from qcompile.api import lower
+        from qcompile.errors import InputError
+        from qcompile.pipeline import save_model
+
+        out = output or model.with_name(f"{model.name[:-5] if model.name.endswith('.onnx') else model.name}.lowered.onnx")
+        if model.exists() and out.exists() and out.resolve() == model.resolve():
+            raise InputError("output path is the input model; choose another -o")
+        save_model(lower(model, lowering, accuracy_level), out)
+        click.echo(str(out))
 
     _run(work, verbose)
 

@@ -2,7 +2,7 @@
 
 Reading one target top-down tells the whole story: which formats weights and activations get, at
 which granularity, how scales are chosen, and which output SQNR the compiled model must keep. The
-pass list every target runs is in `qcompile.pipeline.compile_model`; targets differ only in data.
+stage list every target runs is declared by `qcompile.stages.pipeline_for`; targets differ only in data.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ def test_old_export_compiles_and_runs(models, name, target):
     conv = result.report["opset_conversion"]
     assert conv["from"] == source_opset and conv["to"] == result.model.opset_imports[""] > source_opset
     assert conv["samples"] == 8 and conv["max_rel_err"] <= RTOL
-    assert result.model.opset_imports[""] == qcompile.pipeline._required_opset(
+    assert result.model.opset_imports[""] == qcompile.pipeline.required_opset_for(
         qcompile.targets.get_target(target).formats(), qcompile.targets.get_target(target).weights.granularity == "block",
         qcompile.backends.onnxruntime.capabilities.CAPABILITIES), "raised only as far as the target needs"
     proto = ir.to_proto(result.model)

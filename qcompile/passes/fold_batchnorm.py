@@ -15,6 +15,8 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import drop_unused_initializers
+
 log = logging.getLogger(__name__)
 
 
@@ -64,9 +66,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             graph.remove(bn, safe=True)
             folded += 1
         if folded:
-            for name, v in list(graph.initializers.items()):
-                if not v.uses() and not v.is_graph_output():
-                    del graph.initializers[name]
+            drop_unused_initializers(graph, recursive=False)
         return ir.passes.PassResult(model, modified=folded > 0)
 
 

@@ -10,7 +10,10 @@ After:   y = MatMul(DQ(Q(x, sx, zx)), DQ(Wq, sw, axis=1))
   their bit width behind a `qcompile.Dequantize*` function op (`qcompile.functions`), which the
   MatMulNBits lowering may replace, e.g. for E2M1 / OCP MX:
       W  ->  qcompile.DequantizeMX(packed_codes:uint8, scale_codes:uint8 E8M0) -> MatMul
-  Every weight's stored form is kept in `stored` (DQ output name -> PackedTensor) for the lowering.
+  The decoding node names its format in metadata (`stored.FORMAT_KEY`), so the lowering reads
+  every weight's stored form back from the graph (`qcompile.stored`), also from a saved model.
+- What the report shows per weight (`LayerRecord`) is written on the quantized node itself, as
+  JSON in its `qcompile.weights` metadata (`layer_records` reads it back): the pass keeps no state.
 - An activation in a format onnxruntime has no QuantizeLinear for (FP6, FP4, any ExMy, MX, NVFP4)
   gets a `qcompile.FakeQuant*` op instead of the Q/DQ pair, with the same arithmetic.
 - An activation gets one Q/DQ pair per (value, spec); only the plan's consumers read the DQ output,
@@ -31,6 +34,8 @@ The pass is idempotent: an input already produced by DequantizeLinear is left al
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 
@@ -39,14 +44,16 @@ import onnx_ir as ir
 
 from qcompile import codec, external, functions, storage
 from qcompile.analyze import tie_heads
-from qcompile.backends.onnxruntime.capabilities import Capabilities
 from qcompile.calibrate import qparams_from_clip
 from qcompile.errors import PreconditionError
 from qcompile.formats import BlockFormat, FloatFormat, IntFormat
+from qcompile.graph import drop_unused_initializers
 from qcompile.plan import InputQuant, QuantPlan, QuantSpec
+from qcompile.stored import FORMAT_KEY
 from qcompile.weights import QuantizedWeight, WeightCache, quantize, to_ir_tensor
 
 log = logging.getLogger(__name__)
+RECORDS_KEY = "qcompile.weights"  # node metadata: JSON list of the node's LayerRecords
 
 
 @dataclass
@@ -62,6 +69,21 @@ class LayerRecord:
     quant_bytes: float
     emission: str = "DequantizeLinear"  # the op that decodes the stored weight
     pairs: str | None = None  # how an int16 pair bound was met: permuted channels, grown channel scales
+
+
+def layer_records(graph: ir.Graph) -> list[LayerRecord]:
+    """Every LayerRecord InsertQDQPass wrote on the nodes of `graph` (and its bodies), in graph order."""
+    out = []
+    for n in ir.traversal.RecursiveGraphIterator(graph):
+        text = n.metadata_props.get(RECORDS_KEY)
+        if text:
+            out.extend(LayerRecord(**r) for r in json.loads(text))
+    return out
+
+
+def _add_record(node: ir.Node, record: LayerRecord) -> None:
+    rows = json.loads(node.metadata_props.get(RECORDS_KEY, "[]"))
+    node.metadata_props[RECORDS_KEY] = json.dumps(rows + [dataclasses.asdict(record)])
 
 
 def weight_sqnr_db(w: np.ndarray, t: storage.PackedTensor) -> float:
@@ -97,16 +119,12 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray, chunk: int = 1 << 22) -> float:
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
-    def __init__(self, plan: QuantPlan, caps: Capabilities, cache: WeightCache | None = None) -> None:
+    def __init__(self, plan: QuantPlan, caps, cache: WeightCache | None = None) -> None:
+        """caps: the backend's `Capabilities` (which Q/DQ types it has, which fuse through shape ops)."""
         super().__init__()
         self.plan = plan
         self.caps = caps
         self.cache = cache or WeightCache()  # weights BiasCorrectionPass quantized already
-        self.records: list[LayerRecord] = []
-        self.stored: dict[str, storage.PackedTensor] = {}
-        # FakeQuant output name -> (its input, block format, static tensor scale, axis): block-format
-        # activations a fused kernel may take over (lower_nbits, --lowering native)
-        self.block_activations: dict[str, tuple[ir.Value, BlockFormat, float | None, int]] = {}
         self._emit: functions.Emitter | None = None  # names + initializers, shared with the qcompile ops
         self._emitters: dict[int, functions.Emitter] = {}  # id(graph) -> an Emitter adding to that graph
 
@@ -221,11 +239,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         else:
             t = quantize(arr, q.spec, qw)
             out, scale = functions.dequantize(self._emitter(graph), t, self._name(w.name)), None
-        self.stored[out.name] = t
-        self.records.append(
-            LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), weight_sqnr_db(arr, t), arr.nbytes, t.nbytes,
-                        _op_name(out.producer()), pairs)
-        )
+        out.producer().metadata_props[FORMAT_KEY] = t.fmt.name
+        _add_record(node, LayerRecord(node.name, w.name, q.spec.format, _gran(q.spec), float(weight_sqnr_db(arr, t)),
+                                      int(arr.nbytes), float(t.nbytes), _op_name(out.producer()), pairs))
         external.drop_pages(w.const_value)  # a memory-mapped float weight is read once: return its pages
         cache[key] = (out, scale)
         return cache[key]
@@ -283,7 +299,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if isinstance(fmt, BlockFormat):
             st = codec.tensor_scale_from_amax(amax, fmt) if fmt.tensor_scale is not None else None
             out = functions.fake_quant(self._emitter(graph), v, fmt, name, tensor_scale=st, axis=spec.granularity.axis)
-            self.block_activations[out.name] = (v, fmt, st, spec.granularity.axis)
+            out.producer().metadata_props[FORMAT_KEY] = fmt.name
             return out
         s, _ = qparams_from_clip(spec.clip[0], spec.clip[1], fmt, True)
         return functions.fake_quant(self._emitter(graph), v, fmt, name, scale=s)
@@ -355,13 +371,3 @@ def _function_activation(spec: QuantSpec) -> bool:
 def _gran(spec: QuantSpec) -> str:
     g = spec.granularity.to_json()
     return g["kind"] + (f"(axis={g['axis']})" if "axis" in g else "") + (f"/{g['size']}" if "size" in g else "")
-
-
-def drop_unused_initializers(graph: ir.Graph) -> None:
-    """Of `graph` and of every body in it."""
-    bodies = [a.as_graph() for n in ir.traversal.RecursiveGraphIterator(graph) for a in n.attributes.values()
-              if a.type == ir.AttributeType.GRAPH]
-    for g in [graph, *bodies]:
-        for name, v in list(g.initializers.items()):
-            if not v.uses() and not v.is_graph_output():
-                del g.initializers[name]

@@ -24,6 +24,7 @@ no larger than in the input. Model-local functions are inlined before this pass 
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -44,18 +45,28 @@ def _float32(t: ir.TensorProtocol, name: str | None = None) -> ir.Tensor:
     return ir.tensor(t.numpy().astype(np.float32), name=name if name is not None else t.name)
 
 
+SOURCE_TYPE_KEY = "qcompile.source_float_type"  # model metadata: the half type most weights had
+INTERFACE_KEY = "qcompile.half_interface"  # model metadata: JSON [[kind, name, type], ...] for HalfInterfacePass
+
+
+def source_type(model: ir.Model) -> ir.DataType | None:
+    """The half type PromoteFloatPass found most weights in (None: the model was not half precision)."""
+    name = model.metadata_props.get(SOURCE_TYPE_KEY)
+    return None if name is None else ir.DataType[name]
+
+
+def interface(model: ir.Model) -> list[tuple[str, str, ir.DataType]]:
+    """The (kind, name, type) of the inputs/outputs PromoteFloatPass left float32 for now."""
+    return [(k, n, ir.DataType(t)) for k, n, t in json.loads(model.metadata_props.get(INTERFACE_KEY, "[]"))]
+
+
 class PromoteFloatPass(ir.passes.InPlacePass):
+    """Stateless: the source type and the interface left float32 are written to the model's metadata
+    (`source_type`, `interface` read them; `StoreHalfPass` and `HalfInterfacePass` use them)."""
+
     def __init__(self, keep: tuple[ir.DataType, ...] = (ir.DataType.FLOAT16,)) -> None:
         super().__init__()
         self.keep = keep  # interface types kept through the whole compile (onnxruntime takes numpy float16)
-        self.promoted: dict[str, ir.DataType] = {}  # initializer name -> its source type
-        self.interface: list[tuple[str, str, ir.DataType]] = []  # I/O made float32 for now: HalfInterfacePass
-
-    @property
-    def source_type(self) -> ir.DataType | None:
-        """The half type most weights had (None: the model was not half precision)."""
-        types = list(self.promoted.values())
-        return max(set(types), key=types.count) if types else None
 
     def __repr__(self) -> str:
         return "PromoteFloatPass()"
@@ -63,6 +74,8 @@ class PromoteFloatPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         main = model.graph
         changed = 0
+        promoted: list[ir.DataType] = []
+        left = interface(model)
         # a kept-type input already read through Casts to float32, or output already a Cast of a float32
         # value (a first run's work, or the source's own), needs no boundary Cast
         boundary_in = [v for v in main.inputs if v.dtype in HALF and not v.is_initializer()
@@ -72,7 +85,7 @@ class PromoteFloatPass(ir.passes.InPlacePass):
         for g in _graphs(main):
             for name, v in g.initializers.items():
                 if v.dtype in HALF and v.const_value is not None:
-                    self.promoted[name] = v.dtype
+                    promoted.append(v.dtype)
                     v.const_value = _float32(v.const_value)
                     v.dtype = ir.DataType.FLOAT
                     changed += 1
@@ -93,13 +106,17 @@ class PromoteFloatPass(ir.passes.InPlacePass):
             if x.dtype in self.keep:
                 _read_as_float(main, x)
             else:
-                self.interface.append(("input", x.name, x.dtype))
+                left.append(("input", x.name, x.dtype))
                 x.dtype = ir.DataType.FLOAT
         for k, v, src in boundary_out:
             if src in self.keep:
                 _write_as(main, k, src)
             else:
-                self.interface.append(("output", v.name, src))
+                left.append(("output", v.name, src))
+        if promoted and SOURCE_TYPE_KEY not in model.metadata_props:
+            model.metadata_props[SOURCE_TYPE_KEY] = max(set(promoted), key=promoted.count).name
+        if left:
+            model.metadata_props[INTERFACE_KEY] = json.dumps([[k, n, int(t)] for k, n, t in left])
         return ir.passes.PassResult(model, modified=changed + len(boundary_in) + len(boundary_out) > 0)
 
 

@@ -20,12 +20,13 @@ After:   y_c = MatMul(Mul(x, 1/s), W'_c),  W'_c = diag(s) W_c  (a new initialize
 When x is used only by the smoothed consumers, 1/s is folded into its producers instead of
 inserting a Mul: through Relu and bias Adds into a LayerNormalization gain, a per-channel Mul
 (decomposed RMSNorm), or the output columns of a MatMul/Gemm (`_plan_fold`). This keeps Relu
-right before the quantizer, so onnxruntime still folds it into an integer kernel. Per-channel maxima come from a calibration pass (`channel_absmax`). The plan is
-rewritten to name the smoothed activation and weights (`new_plan`); calibration runs after it. Exact in float: the float output changes only by rounding.
+right before the quantizer, so onnxruntime still folds it into an integer kernel. Per-channel maxima come from a calibration pass (`channel_stats`).
+Every smoothed consumer is marked (node metadata `qcompile.smoothed`), so a second run smooths
+nothing twice; the plan is re-read from the graph afterwards (`analyze.plan_on`), since the
+consumers now read the smoothed activation and weights. Exact in float: the float output changes only by rounding.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -33,9 +34,11 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
+from qcompile.graph import drop_unused_initializers
 from qcompile.plan import QuantPlan
 
 log = logging.getLogger(__name__)
+SMOOTHED_KEY = "qcompile.smoothed"  # node metadata on a consumer whose weight absorbed s
 
 
 def _weight_kn(node: ir.Node) -> tuple[ir.Value, bool] | None:
@@ -188,13 +191,13 @@ def _trans_b(node: ir.Node) -> bool:
 
 
 class SmoothQuantPass(ir.passes.InPlacePass):
-    """Apply given per-channel smoothing scales {activation value: s} (see the module doc)."""
+    """Apply given per-channel smoothing scales {activation value: s} (see the module doc).
+    `plan` names the graph the pass runs on; afterwards `analyze.plan_on` names the new one."""
 
     def __init__(self, plan: QuantPlan, scales: dict[str, np.ndarray]) -> None:
         super().__init__()
         self.plan = plan
         self.scales = scales
-        self.new_plan = plan
 
     def __repr__(self) -> str:
         return f"SmoothQuantPass({len(self.scales)} values)"
@@ -203,36 +206,23 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         graph = model.graph
         nodes = {n.name: n for n in graph}
         values = {o.name: o for n in graph for o in n.outputs} | {v.name: v for v in graph.inputs}
-        plan = QuantPlan(self.plan.target, {k: dataclasses.replace(v, inputs=dict(v.inputs)) for k, v in self.plan.nodes.items()},
-                         self.plan.smoothing)
         changed = 0
         for value, consumers in smoothable(graph, self.plan).items():
             s = self.scales.get(value)
             x = values.get(value)
-            if s is None or x is None:
+            if s is None or x is None or any(SMOOTHED_KEY in nodes[c].metadata_props for c in consumers):
                 continue
-            # divide x by s: inside its producers when possible, else with a Mul (the plan's
-            # names are re-read from the graph below)
+            # divide x by s: inside its producers when possible, else with a Mul
             if self._fold_backward(graph, x, consumers, s) is None:
                 self._insert_mul(graph, x, consumers, s, nodes)
             for c in consumers:
                 node = nodes[c]
                 rows = s[None, :] if node.op_type == "Gemm" and _trans_b(node) else s[:, None]
                 _replace_const(graph, node, 1, lambda a, rows=rows: a * rows, f"{node.inputs[1].name}_smooth_{c}")
+                node.metadata_props[SMOOTHED_KEY] = value
             changed += 1
         if changed:
-            # Folding may have replaced weights of other planned nodes too: re-read every name.
-            for name, np_ in plan.nodes.items():
-                for i, q in np_.inputs.items():
-                    if name not in nodes:  # inside an If / Loop / Scan body: never smoothed
-                        continue
-                    current = nodes[name].inputs[i]
-                    if current is not None and current.name != q.value:
-                        np_.inputs[i] = dataclasses.replace(q, value=current.name)
-            for name, v in list(graph.initializers.items()):
-                if not v.uses() and not v.is_graph_output():
-                    del graph.initializers[name]
-        self.new_plan = plan
+            drop_unused_initializers(graph, recursive=False)
         return ir.passes.PassResult(model, modified=changed > 0)
 
     def _insert_mul(self, graph, x: ir.Value, consumers: list[str], s: np.ndarray, nodes) -> ir.Value:

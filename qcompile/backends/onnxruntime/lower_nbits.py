@@ -21,59 +21,66 @@ NVFP4 activation FakeQuant along K (its `act` attribute), and MatMulNBits planes
 
 Such a model needs the library registered in its session (`qcompile.native.session_options`).
 
-Policy per layer: a layer whose activation arrives through DequantizeLinear (int8/uint8/int16
-activations) is left to onnxruntime's integer QDQ fusions. Lowering "function" never rewrites;
-"integer" rewrites every layer `nbits.unsupported` accepts; "auto" also requires at most
-`caps.nbits_auto_max_planes` planes (1), or `caps.nbits_auto_max_planes_gemv` (2) when the
-activation has one row per sample ([batch, K]): each plane is a GEMM of its own, and with many rows
-(a transformer's tokens) two planes are slower than the float MatMul the function path folds to.
-"native" lowers what MatMulFp4 takes (E2M1 weights with E8M0/E4M3 block scales) and what MatMulF8
-takes (E4M3FN/E5M2 weights with a scale per column) to them, and the rest as "auto".
+Which layer gets which kernel is decided in one place, the ordered table of `kernels.py`
+(integer activations stay with onnxruntime's QDQ fusions; "function" never rewrites; "integer"
+takes every layer MatMulNBits represents exactly; "auto" only those with few digit planes; "native"
+prefers the C++ kernels).
 """
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompile import functions, native
-from qcompile.backends.onnxruntime import nbits
+from qcompile.backends.onnxruntime import kernels, nbits
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
-from qcompile.passes.insert_qdq import drop_unused_initializers
+from qcompile.formats import BlockFormat, parse_format
+from qcompile.graph import drop_unused_initializers
 from qcompile.storage import PackedTensor
+from qcompile.stored import FORMAT_KEY, stored_form
 
 log = logging.getLogger(__name__)
-LOWERINGS = ("auto", "function", "integer", "native")
+LOWERINGS = kernels.LOWERINGS
+LAYER_KEY = "qcompile.layer"  # node metadata on an emitted kernel: the MatMul/Gemm it replaced
+KERNEL_BYTES_KEY = "qcompile.kernel_bytes"  # ... and the bytes of the initializers it reads
 
 
 class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
-    def __init__(self, stored: dict[str, PackedTensor], lowering: str = "auto", accuracy_level: int = 0,
-                 block_activations: dict | None = None, caps: Capabilities = CAPABILITIES) -> None:
+    """Every MatMul/Gemm of the main graph whose weight is decoded from constants goes to the
+    kernel `kernels.choose` picks; the weight's stored form is read from the graph
+    (`qcompile.stored`), so the pass runs on any saved Q/DQ model. Stateless: what it decides is
+    written on the nodes (`kernels.KERNEL_KEY`, `LAYER_KEY`, `KERNEL_BYTES_KEY`)."""
+
+    def __init__(self, lowering: str = "auto", accuracy_level: int = 0, caps: Capabilities = CAPABILITIES) -> None:
         super().__init__()
-        self.caps = caps
-        self.block_activations = block_activations or {}
         if lowering not in LOWERINGS:
             raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
-        self.stored = stored
+        self.caps = caps
         self.lowering = lowering
         self.accuracy_level = accuracy_level
-        self.lowered: dict[str, int] = {}  # node name -> bytes of the initializers its kernel reads
 
     def __repr__(self) -> str:
         return f"LowerToMatMulNBitsPass({self.lowering}, accuracy_level={self.accuracy_level})"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.lowering == "function":
-            return ir.passes.PassResult(model, modified=False)
         graph = model.graph
-        count = 0  # lowered by this call (`self.lowered` records every call's, for the layer table)
+        count = 0  # lowered, or newly recorded, by this call
         for node in list(graph):
-            t = self._lowerable(node)
-            if t is not None:
-                self._lower(graph, node, t)
+            layer = _layer(node, self.caps)
+            if layer is None:
+                continue
+            decision = kernels.choose(layer, self.lowering)
+            if decision.kernel.emits:
+                self._lower(graph, node, layer.weight, decision)
+                count += 1
+            elif kernels.recorded(node) != decision.to_json():
+                kernels.record(node, decision)
                 count += 1
         if count:
-            model.opset_imports.setdefault(nbits.DOMAIN, 1)
+            if any(n.domain == nbits.DOMAIN for n in graph):
+                model.opset_imports.setdefault(nbits.DOMAIN, 1)
             if any(n.domain == native.DOMAIN for n in graph):
                 model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             graph.sort()
@@ -81,42 +88,23 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
             functions.attach(model)
         return ir.passes.PassResult(model, modified=count > 0)
 
-    def _lowerable(self, node: ir.Node) -> PackedTensor | None:
-        """The weight's stored form in [K, N] orientation, if this layer is lowered."""
-        if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-            return None
-        w = node.inputs[1]
-        t = self.stored.get(w.name) if w is not None else None
-        if t is None or (node.op_type == "Gemm" and not _plain_gemm(node)):
-            return None
-        x = node.inputs[0]
-        if x is not None and x.producer() is not None and x.producer().op_type == "DequantizeLinear":
-            return None  # integer activations: onnxruntime fuses the Q/DQ MatMul into its int8 kernels
-        if node.op_type == "Gemm" and _attr(node, "transB"):
-            t = t.transposed()
-        if self.lowering == "native" and _native_kernel(t):
-            return t
-        reason = nbits.unsupported(node, t)
-        gemv = x is not None and x.shape is not None and len(x.shape) == 2
-        limit = self.caps.nbits_auto_max_planes_gemv if gemv else self.caps.nbits_auto_max_planes
-        if reason is None and self.lowering in ("auto", "native") and nbits.plane_count(t) > limit:
-            reason = f"{nbits.plane_count(t)} digit planes (auto lowers at most {limit} here)"
-        if reason is not None:
-            log.debug("%s stays %s: %s", node.name, self.lowering, reason)
-            return None
-        return t
-
-    def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor) -> None:
+    def _lower(self, graph: ir.Graph, node: ir.Node, t: PackedTensor, decision: kernels.Decision) -> None:
         name = f"{node.name or node.outputs[0].name}_nbits"
-        kernel = _native_kernel(t) if self.lowering == "native" else None
         before = set(graph.initializers)
-        if kernel == "fp4":
-            x, act, act_scale = self._fused_activation(node.inputs[0])
+        if decision.kernel.name == "qcompile.native.MatMulFp4":
+            x, act, act_scale = _fused_activation(node.inputs[0])
             y = native.emit_matmul_fp4(graph, x, t, name, act=act, act_tensor_scale=act_scale)
-        elif kernel == "f8":
+        elif decision.kernel.name == "qcompile.native.MatMulF8":
             y = native.emit_matmul_f8(graph, node.inputs[0], t, name)
         else:
             y = nbits.emit_matmul_nbits(graph, node, node.inputs[0], t, self.accuracy_level, name)
+        kernel_node = y.producer()
+        kernels.record(kernel_node, decision)
+        kernel_node.metadata_props[LAYER_KEY] = node.name
+        for key, text in node.metadata_props.items():  # the layer's records follow it
+            kernel_node.metadata_props.setdefault(key, text)
+        kernel_node.metadata_props[KERNEL_BYTES_KEY] = str(
+            sum(graph.initializers[k].const_value.nbytes for k in set(graph.initializers) - before))
         if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
             add = ir.node("Add", [y, node.inputs[2]], name=f"{name}_bias")
             add.outputs[0].dtype, add.outputs[0].shape = ir.DataType.FLOAT, node.outputs[0].shape
@@ -129,36 +117,45 @@ class LowerToMatMulNBitsPass(ir.passes.InPlacePass):
         out.name = None
         y.name = out_name
         y.shape = y.shape or out.shape  # a graph output keeps its declared shape (the input's may be unknown)
-        self.lowered[node.name] = sum(graph.initializers[k].const_value.nbytes for k in set(graph.initializers) - before)
 
 
-    def _fused_activation(self, x: ir.Value):
-        """(input, format, tensor scale) of an MXFP4/NVFP4 FakeQuant on the last axis feeding the
-        MatMul, which MatMulFp4 then quantizes itself (`act`); else (x, None, None)."""
-        entry = self.block_activations.get(x.name)
-        if entry is not None and x.producer() is not None and x.producer().domain == functions.DOMAIN:
-            src, fmt, st, axis = entry
-            rank = len(src.shape) if src.shape is not None else None
-            last = axis == -1 or (rank is not None and axis == rank - 1)
-            try:
-                act = native.act_attribute(fmt)
-            except ValueError:
-                act = "none"
-            if last and act != "none":
-                return src, fmt, st
+def _layer(node: ir.Node, caps) -> kernels.Layer | None:
+    """The policy's view of `node` when it is a MatMul / plain Gemm reading a decoded weight."""
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    p = node.inputs[1].producer()
+    if p is None or not (p.op_type == "DequantizeLinear" and p.domain == "" or p.domain == functions.DOMAIN):
+        return None
+    if node.op_type == "Gemm" and not _plain_gemm(node):
+        return None
+    t = stored_form(p)
+    if t is not None and node.op_type == "Gemm" and _attr(node, "transB"):
+        t = t.transposed()
+    return kernels.Layer(node, t, caps)
+
+
+def _fused_activation(x: ir.Value):
+    """(input, format, tensor scale) of an MXFP4/NVFP4 FakeQuant on the last axis feeding the
+    MatMul, which MatMulFp4 then quantizes itself (`act`); else (x, None, None)."""
+    p = x.producer()
+    name = p.metadata_props.get(FORMAT_KEY) if p is not None and p.domain == functions.DOMAIN else None
+    if name is None or p.op_type not in ("FakeQuantMX", "FakeQuantNVFP4"):
         return x, None, None
-
-
-def _native_kernel(t: PackedTensor) -> str | None:
-    """The native MatMul that takes this weight: "fp4" (MatMulFp4: E2M1 blocks with E8M0 / E4M3
-    scales along K), "f8" (MatMulF8: E4M3FN / E5M2 with a scale per column or tensor), or None."""
-    for kind, check in (("fp4", native.check_weight), ("f8", native.check_weight_f8)):
-        try:
-            check(t)
-        except ValueError:
-            continue
-        return kind
-    return None
+    fmt = parse_format(name)
+    src = p.inputs[0]
+    axis = int(_attr(p, "axis", -1))
+    rank = len(src.shape) if src.shape is not None else None
+    last = axis == -1 or (rank is not None and axis == rank - 1)
+    st = None
+    if len(p.inputs) > 1 and p.inputs[1] is not None and p.inputs[1].const_value is not None:
+        st = float(np.asarray(p.inputs[1].const_value.numpy()).reshape(()))
+    try:
+        act = native.act_attribute(fmt if isinstance(fmt, BlockFormat) else None)
+    except ValueError:
+        act = "none"
+    if last and act != "none":
+        return src, fmt, st
+    return x, None, None
 
 
 def _attr(node: ir.Node, name: str, default=0):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from qcompile.backends.onnxruntime.capabilities import Capabilities
-from qcompile.passes.insert_qdq import drop_unused_initializers
+from qcompile.graph import drop_unused_initializers
 
 
 class LowerForOnnxruntimePass(ir.passes.InPlacePass):

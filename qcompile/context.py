@@ -1,0 +1,84 @@
+"""What a compile knows: its settings (fixed before the first stage) and its context (filled in by
+the stages, read by the ones after). Passed explicitly to every stage (`qcompile.stages`); passes
+themselves never see it: they take their settings in `__init__` and write what they learn on the
+model (node and model metadata), which a stage then reads into the context.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from qcompile.analyze import PlanOptions
+from qcompile.cpu import Cpu
+from qcompile.data import Dataset, InputInfo
+from qcompile.plan import QuantPlan
+from qcompile.targets import Target
+from qcompile.weights import WeightCache
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `qcompile.compile` was asked for, validated and resolved (see its docstring)."""
+
+    target: Target
+    options: PlanOptions
+    deploy: Cpu  # the resolved deployment CPU class
+    lowering: str = "auto"
+    accuracy_level: int | str = "auto"
+    validate: bool = True
+    min_sqnr: float | None = None
+    samples: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    caps: object = None  # the backend's Capabilities
+    input_shapes: dict | None = None
+    probe: bool = True  # offer restore's sensitivity measurement when the result misses its gate
+    dump_after: tuple[str, ...] = ()  # stage names after which the model is written to dump_dir
+    dump_dir: str | os.PathLike | None = None
+
+    @property
+    def gate_db(self) -> float:
+        return self.target.min_sqnr_db if self.min_sqnr is None else self.min_sqnr
+
+
+@dataclass
+class CompileContext:
+    """The state of one compile. Stages read and write these fields; the runner adds `entries`."""
+
+    settings: Settings
+    source: object  # what the caller passed as the model (a path, a ModelProto, an ir.Model)
+    calib_arg: object = None
+    eval_arg: object = None
+    plan_arg: QuantPlan | None = None
+    progress: Callable | None = None
+
+    model: ir.Model | None = None
+    inputs: list[InputInfo] = field(default_factory=list)
+    calib: Dataset | None = None
+    eval: Dataset | None = None
+    synthesized: bool = False
+    opset: int = 13
+    conversion: dict | None = None  # {from, to, max_abs_err, max_rel_err, samples} when the opset was raised
+    float_proto: object = None  # the float model validation compares against (after the exact folds)
+
+    plan: QuantPlan | None = None  # the plan to save: names the float graph's values
+    work: QuantPlan | None = None  # the same plan naming the graph as it is now (after smoothing)
+    replay: bool = False
+    kept: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (op type, why it stays float)
+    smoothing: dict = field(default_factory=dict)
+    means: dict | None = None  # per-channel input means for bias correction
+    weights: WeightCache = field(default_factory=WeightCache)  # each weight's scale search runs once
+    snapshot: ir.Model | None = None  # the float model restore's simulations start from
+    activation_sqnr: dict[str, float] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)  # the report's per-layer rows
+    reference: object = None  # the float model's outputs on the held-out data
+    float_model: ir.Model | None = None
+    report: dict = field(default_factory=dict)
+    entries: list[dict] = field(default_factory=list)  # one per stage run: name, seconds, modified
+
+    @property
+    def source_path(self) -> str | None:
+        return str(self.source) if isinstance(self.source, (str, os.PathLike)) else None

@@ -1,0 +1,35 @@
+"""Small graph edits every pass shares: new initializers, new nodes, dropping dead constants.
+
+One place for them, so that a pass never hand-builds an `ir.Value` with a const_value (and forgets
+its type or shape) and no pass keeps its own copy of "drop unused initializers".
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def bodies(graph: ir.Graph) -> list[ir.Graph]:
+    """`graph` and every If / Loop / Scan body in it."""
+    return [graph] + [a.as_graph() for n in ir.traversal.RecursiveGraphIterator(graph) for a in n.attributes.values()
+                      if a.type == ir.AttributeType.GRAPH]
+
+
+def initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a constant named `name` (typed and shaped from the tensor) in `graph`."""
+    tensor = value if isinstance(value, ir.TensorProtocol) else ir.tensor(value, name=name)
+    tensor.name = name
+    v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(v)
+    return v
+
+
+def drop_unused_initializers(graph: ir.Graph, recursive: bool = True) -> int:
+    """Remove the initializers nothing reads (of every body too with `recursive`); returns how many."""
+    dropped = 0
+    for g in bodies(graph) if recursive else [graph]:
+        for name, v in list(g.initializers.items()):
+            if not v.uses() and not v.is_graph_output():
+                del g.initializers[name]
+                dropped += 1
+    return dropped

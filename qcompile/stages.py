@@ -1,0 +1,478 @@
+"""The compile as data: every stage a compile can run, and `pipeline_for`, which declares the list a
+given target and settings run, top to bottom.
+
+A stage is a name, a function of the `CompileContext` and an optional condition read at run time
+(`when`: e.g. SmoothQuantPass only when the search chose any scales). `qcompile.pipeline.run_stages`
+runs the list: timing, progress, `--dump-after STAGE`, the report's pass list. `qcompile explain`
+prints it without running it.
+
+    front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
+               FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
+    plan       plan, smoothing-search, SmoothQuantPass, PairPermutationPass, calibrate,
+               restore-snapshot, bias-means, BiasCorrectionPass, activation-sqnr
+    quantize   InsertQDQPass
+    backend    the backend's lowering stages (`qcompile.backends.onnxruntime.backend.lowering_stages`)
+    emit       StoreHalfPass, emit, onnx.checker, layer-table
+    validate   float-reference, accuracy-level, validate, HalfInterfacePass, finish
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from qcompile import __version__, external, restore
+from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
+from qcompile.calibrate import choose_clip, collect, simulate, stream_values
+from qcompile.context import CompileContext, Settings
+from qcompile.cpu import Cpu
+from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
+from qcompile.errors import InputError, QCompileError, UnsupportedModelError
+from qcompile.formats import parse_format
+from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
+from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
+from qcompile.passes.fold_batchnorm import FoldBatchNormPass
+from qcompile.passes.fold_constant_of_shape import FoldConstantOfShapePass
+from qcompile.passes.insert_qdq import InsertQDQPass, layer_records
+from qcompile.passes.normalize import NormalizePass
+from qcompile.passes.pair_permute import PairPermutationPass
+from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
+                                           StoreHalfPass, interface, source_type)
+from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
+from qcompile.plan import PerBlock, QuantPlan
+from qcompile.subgraphs import all_values, location
+from qcompile.validate import compare, output_names, reference_outputs, verdict
+
+log = logging.getLogger(__name__)
+REPORT_SCHEMA = "qcompile.report/1"
+HELD_OUT = 64  # samples held out of the calibration data when no --eval is given
+SYNTH_SAMPLES = 64  # synthesized calibration samples when no data is given
+CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is checked
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[CompileContext], object]  # may return a PassResult (its `modified` goes to the report)
+    when: Callable[[CompileContext], bool] | None = None  # checked just before running; None: always
+    doc: str = ""
+    group: str = ""  # front / plan / quantize / backend / emit / report / validate (set by pipeline_for)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def pass_stage(name: str, make: Callable[[CompileContext], ir.passes.PassBase], when=None, doc: str = "") -> Stage:
+    """A stage running the pass `make(ctx)` builds (from settings and what earlier stages learned)."""
+    return Stage(name, lambda ctx: make(ctx)(ctx.model), when, doc)
+
+
+BACKEND_GROUPS = ("backend", "emit", "finish")  # what `qcompile.lower` runs on a saved Q/DQ model
+
+
+# --- front: load, data, exact normalizations ----------------------------------------------------
+def load_model(source) -> ir.Model:
+    """An onnx_ir model from a path (external data stays memory-mapped), a ModelProto or a Model."""
+    from google.protobuf.message import DecodeError
+
+    if isinstance(source, ir.Model):
+        return source.clone() if hasattr(source, "clone") else ir.from_proto(ir.to_proto(source))
+    if isinstance(source, onnx.ModelProto):
+        return ir.from_proto(source)
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        model = ir.load(path)
+    except (DecodeError, ValueError, RuntimeError, OSError, IndexError, TypeError) as e:
+        raise InputError(f"{path}: not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputError(f"{path}: not an ONNX model (empty graph)")
+    external.mark_input(model, path)
+    return model
+
+
+def as_dataset(data, inputs: list[InputInfo]) -> Dataset | None:
+    """A Dataset from what a caller may pass as data: None, a Dataset, {input: array} or a path."""
+    if data is None or isinstance(data, Dataset):
+        return data
+    if isinstance(data, dict):
+        return ArrayDataset(data, inputs)
+    return Dataset(data, inputs)
+
+
+def _load(ctx: CompileContext) -> None:
+    ctx.model = load_model(ctx.source)
+    if not has_compute(ctx.model):  # refused before any pass runs (cheap on the many models with none)
+        raise UnsupportedModelError(nothing_to_quantize(ctx.settings.target, {}))
+    ctx.inputs = InputInfo.of_model(ctx.model, ctx.settings.input_shapes)
+
+
+def _data(ctx: CompileContext) -> None:
+    """Calibration and held-out data: given, synthesized (with a warning), or held out of calib."""
+    s = ctx.settings
+    calib, held = as_dataset(ctx.calib_arg, ctx.inputs), as_dataset(ctx.eval_arg, ctx.inputs)
+    ctx.synthesized = calib is None
+    if ctx.synthesized:
+        n = s.samples or SYNTH_SAMPLES
+        log.warning("no calibration data given: synthesizing %d random inputs from the model's input types; "
+                    "ranges (and the validation verdict) will not reflect real data", n)
+        calib = ArrayDataset(synthesize(ctx.inputs, n, s.seed), ctx.inputs)
+        if held is None:
+            held = ArrayDataset(synthesize(ctx.inputs, HELD_OUT, s.seed + 1), ctx.inputs)
+    if held is None:
+        n_held = min(HELD_OUT, len(calib) // 4)
+        if n_held == 0 and s.validate:
+            raise InputError("calibration data has too few samples to hold some out for validation; give --eval")
+        held = calib.take(len(calib) - n_held)
+        calib = calib.take(0, len(calib) - n_held)
+    if s.samples is not None:
+        calib = calib.take(0, s.samples)
+    ctx.calib, ctx.eval = calib, held
+    ctx.opset = required_opset(ctx)
+
+
+def required_opset_for(formats: list, blocked: bool, caps) -> int:
+    """The lowest default-domain opset whose Q/DQ covers `formats` (blocked Q/DQ needs 21, and so
+    do the qcompile function ops that formats without a native Q/DQ use)."""
+    native = [caps.min_opset(f.onnx_dtype) for f in formats if caps.qdq_native(getattr(f, "onnx_dtype", None))]
+    lacking = len(native) < len(formats)
+    return max([13] + native + ([21] if blocked or lacking else []))
+
+
+def required_opset(ctx: CompileContext) -> int:
+    """`required_opset_for` the formats of the target, or of the replayed plan."""
+    if ctx.plan_arg is None:
+        tgt = ctx.settings.target
+        return required_opset_for(tgt.formats(), tgt.weights.granularity == "block", ctx.settings.caps)
+    specs = [q.spec for n in ctx.plan_arg.nodes.values() for q in [*n.inputs.values(), *([n.output] if n.output else [])]]
+    return required_opset_for([s.fmt for s in specs], any(isinstance(s.granularity, PerBlock) for s in specs),
+                              ctx.settings.caps)
+
+
+def _convert_opset(ctx: CompileContext):
+    check = ctx.calib.take(0, CONVERSION_SAMPLES)
+    result = ConvertOpsetPass(ctx.opset, ctx.settings.caps.max_opset, check.batches(ctx.settings.batch_size))(ctx.model)
+    ctx.conversion = pop_record(ctx.model)
+    if ctx.conversion is not None:
+        ctx.conversion["samples"] = len(check)
+    return result
+
+
+def _float_snapshot(ctx: CompileContext) -> None:
+    ctx.float_proto = ir.to_proto(ctx.model)
+
+
+# --- plan ---------------------------------------------------------------------------------------
+def _plan(ctx: CompileContext) -> None:
+    s, m = ctx.settings, ctx.model
+    if ctx.plan_arg is None:
+        ctx.plan = make_plan(m, s.target, s.options, s.caps)
+    else:
+        ctx.replay, ctx.plan = True, ctx.plan_arg
+        graph_nodes = {n.name for n in ir.traversal.RecursiveGraphIterator(m.graph)}
+        unknown = [n for n in ctx.plan.nodes if n not in graph_nodes]
+        if unknown:
+            raise InputError(f"plan names nodes not in the model: {unknown[:3]}")
+    tgt = s.target
+    if s.deploy is Cpu.VNNI and s.caps.pair_bound("portable", parse_format(tgt.weights.format).onnx_dtype,
+                                                  parse_format(tgt.activations.format) if tgt.activations else None):
+        log.warning("--cpu vnni: the int8 layers are validated on this CPU's kernels only; on x86 CPUs without VNNI "
+                    "their int16 pair sums can saturate (use --cpu portable for a model that runs the same everywhere)")
+    ctx.kept = kept_in_float(m, tgt, s.options, ctx.plan)
+    if not ctx.plan.nodes:
+        raise UnsupportedModelError(nothing_to_quantize(tgt, ctx.kept))
+    ctx.work = ctx.plan
+
+
+def _smoothing_search(ctx: CompileContext) -> None:
+    """SmoothQuant scales per activation: per-channel maxima and sample rows from the calibration
+    data, then a per-value search over candidate scales (`choose_scales`)."""
+    names = sorted(smoothable(ctx.model.graph, ctx.plan))
+    scales = {}
+    if names:
+        amax, rows = channel_stats(stream_values(ctx.model, names, ctx.calib.batches(ctx.settings.batch_size)), names)
+        scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.plan, amax, rows).items()}
+    ctx.plan.smoothing = scales
+
+
+def _smooth(ctx: CompileContext):
+    scales = {k: np.asarray(v, dtype=np.float32) for k, v in ctx.plan.smoothing.items()}
+    result = SmoothQuantPass(ctx.plan, scales)(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.plan)
+    return result
+
+
+def _has_pairs(ctx: CompileContext) -> bool:
+    return any(q.spec.pairs is not None for n in ctx.work.nodes.values() for q in n.inputs.values())
+
+
+def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
+                   caps=None) -> QuantPlan:
+    """Fill the clip of every activation spec without one, from histograms of the value itself or,
+    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads.
+    A value the data never computes (in an If branch no sample takes) keeps no clip (`uncalibrated`)."""
+    if caps is None:
+        from qcompile.backends.onnxruntime.capabilities import CAPABILITIES as caps
+    specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None and not s.dynamic}
+    if not specs:
+        return plan
+    by_name = all_values(model.graph)
+    heads = {
+        v: [h.name for h in tie_heads(by_name[v])[1]] if getattr(s.fmt, "onnx_dtype", None) in caps.shape_op_qdq_drop else [v]
+        for v, s in specs.items()
+    }
+    hists = collect(model, sorted({h for hs in heads.values() for h in hs}), data.batches(batch_size), progress)
+    clips = {}
+    for v, spec in specs.items():
+        h = hists[heads[v][0]]
+        for other in heads[v][1:]:
+            h.merge(hists[other])
+        if h.count:
+            clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
+    return plan.with_clips(clips)
+
+
+def uncalibrated(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str]]:
+    """Plan node -> (op type, reason) for nodes with an activation that calibration never saw."""
+    out = {}
+    for name, node in plan.nodes.items():
+        quants = [*node.inputs.values(), *([node.output] if node.output else [])]
+        if any(q.role == "activation" and q.spec.clip is None and not q.spec.dynamic for q in quants):
+            where = next((location(n, model.graph) for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name == name), None)
+            out[name] = (node.op_type, "not computed on the calibration data" + (f" (in {where})" if where else ""))
+    return out
+
+
+def _without(plan: QuantPlan, names) -> QuantPlan:
+    return QuantPlan(plan.target, {k: v for k, v in plan.nodes.items() if k not in names}, plan.smoothing)
+
+
+def _calibrate(ctx: CompileContext) -> None:
+    s = ctx.settings
+    ctx.work = calibrate_plan(ctx.model, ctx.work, ctx.calib, s.batch_size, ctx.progress, s.caps)
+    unseen = uncalibrated(ctx.model, ctx.work)
+    if unseen:
+        ctx.kept.update(unseen)
+        ctx.work, ctx.plan = _without(ctx.work, unseen), _without(ctx.plan, unseen)
+        if not ctx.work.nodes:
+            raise UnsupportedModelError(nothing_to_quantize(s.target, ctx.kept))
+    ctx.plan = ctx.plan.with_specs_of(ctx.work)  # the plan to save names the original graph's values
+
+
+def _restore_snapshot(ctx: CompileContext) -> None:
+    ctx.snapshot = restore.snapshot(ctx.model)
+
+
+def _wants_snapshot(ctx: CompileContext) -> bool:
+    s = ctx.settings
+    return s.probe and s.validate and not ctx.replay and external.weight_bytes(ctx.model) <= restore.MAX_WEIGHT_BYTES
+
+
+def _bias_means(ctx: CompileContext) -> None:
+    """Per-channel means of the correctable layers' inputs on the calibration data (BiasCorrectionPass)."""
+    model, targets = ctx.model, correctable(ctx.model.graph, ctx.work)
+    ctx.means = {}
+    if targets:
+        ops = {n.name: n.op_type for n in model.graph}
+        axes = {value: 1 if ops[node] == "Conv" else -1 for node, value in targets.items()}
+        names = sorted(axes)
+        ctx.means = channel_means(stream_values(model, names, ctx.calib.batches(ctx.settings.batch_size)), names, axes)
+
+
+def _activation_sqnr(ctx: CompileContext) -> None:
+    """Quantization SQNR (dB) of every planned activation on the held-out data, in the float model."""
+    specs = ctx.work.activation_specs()
+    if not specs:
+        return
+    acc = {v: [0.0, 0.0] for v in specs}
+    for _, values in stream_values(ctx.model, list(specs), ctx.eval.batches(ctx.settings.batch_size)):
+        for v, x in values.items():
+            x64 = x.astype(np.float64)
+            acc[v][0] += float(np.sum(x64**2))
+            acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
+    ctx.activation_sqnr = {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3))
+                           for v, (sig, n) in acc.items()}
+
+
+# --- emit ---------------------------------------------------------------------------------------
+def _emit(ctx: CompileContext) -> None:
+    """Within the backend's limits: IR version <= caps.max_ir_version, checked by onnx.checker."""
+    model = ctx.model
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    need = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+    model.ir_version = min(max(model.ir_version, need), ctx.settings.caps.max_ir_version)
+
+
+def check_model(model: ir.Model) -> None:
+    """onnx.checker on the model's structure. A model with external weights or past the backend's
+    file-session size is checked as a file (`external.session_path`: weights referenced in place,
+    never one protobuf of them in memory); a small one as a proto."""
+    from qcompile.backends.onnxruntime.session import FILE_SESSION_BYTES
+
+    try:
+        if external.external_tensors(model) or external.weight_bytes(model) > FILE_SESSION_BYTES:
+            with external.session_path(model) as path:
+                onnx.checker.check_model(str(path), full_check=False)
+        else:
+            onnx.checker.check_model(ir.to_proto(model), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise QCompileError(f"compiled model fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
+def _worst(row: dict) -> float:
+    vals = [v for v in (row.get("activation_sqnr_db"), row.get("weight_sqnr_db")) if v is not None]
+    return min(vals) if vals else float("inf")
+
+
+def layer_table(model: ir.Model, plan: QuantPlan, act_sqnr: dict[str, float]) -> list[dict]:
+    """The report's row per planned node, read from what the passes wrote on the graph: the weight
+    records of InsertQDQPass, the kernel decisions and bytes of the lowering."""
+    from qcompile.backends.onnxruntime import kernels
+    from qcompile.backends.onnxruntime.lower_nbits import KERNEL_BYTES_KEY, LAYER_KEY
+
+    recs, kernel_bytes, decisions = {}, {}, {}
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        layer = n.metadata_props.get(LAYER_KEY, n.name)
+        if KERNEL_BYTES_KEY in n.metadata_props:
+            kernel_bytes[layer] = int(n.metadata_props[KERNEL_BYTES_KEY])
+        d = kernels.recorded(n)
+        if d is not None:
+            decisions[layer] = d
+    for r in layer_records(model.graph):
+        recs.setdefault(r.node, r)
+    rows = []
+    for name, node in plan.nodes.items():
+        row: dict = {"node": name, "op_type": node.op_type}
+        r = recs.get(name)
+        if r is not None:
+            lowered = name in kernel_bytes
+            row.update(weight=r.value, weight_format=r.format, weight_granularity=r.granularity,
+                       weight_sqnr_db=round(r.weight_sqnr_db, 3), float_bytes=r.float_bytes,
+                       quant_bytes=int(kernel_bytes.get(name, r.quant_bytes)),  # a kernel's layout may store more
+                       emission=decisions[name]["kernel"] if lowered else r.emission)
+            if r.pairs is not None:
+                row["int16_pairs"] = r.pairs
+        if name in decisions:
+            row["kernel"] = decisions[name]["kernel"]
+            if decisions[name]["rejected"]:
+                row["kernels_not_taken"] = decisions[name]["rejected"]
+        acts = [q for q in node.inputs.values() if q.role == "activation"]
+        if acts:
+            row["activation_format"] = acts[0].spec.format
+            vals = [act_sqnr[q.value] for q in acts if q.value in act_sqnr]
+            if vals:
+                row["activation_sqnr_db"] = min(vals)
+        rows.append(row)
+    return rows
+
+
+def _layer_table(ctx: CompileContext) -> None:
+    ctx.layers = layer_table(ctx.model, ctx.work, ctx.activation_sqnr)
+    ctx.layers += [{"node": name, "op_type": op, "kept_float": reason} for name, (op, reason) in ctx.kept.items()]
+    s = ctx.settings
+    ctx.report.update({
+        "schema": REPORT_SCHEMA,
+        "qcompile": __version__,
+        "input": ctx.source_path,
+        "target": s.target.name,
+        "cpu": s.deploy.value,
+        "calibration": {"samples": len(ctx.calib), "synthesized": ctx.synthesized},
+        **({"opset_conversion": ctx.conversion} if ctx.conversion is not None else {}),
+        "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": external.weight_bytes(ctx.model)},
+        "layers": ctx.layers,
+    })
+
+
+# --- validate -----------------------------------------------------------------------------------
+def _float_reference(ctx: CompileContext) -> None:
+    ctx.float_model = ir.from_proto(ctx.float_proto)
+    if ctx.source_path is not None:  # weights left in the input's external data file
+        ir.external_data.set_base_dir(ctx.float_model.graph, Path(ctx.source_path).resolve().parent)
+    ctx.report["sizes"]["float_weight_bytes"] = external.weight_bytes(ctx.float_model)
+    ctx.reference = reference_outputs(ctx.float_model, output_names(ctx.float_model, ctx.model), ctx.eval,
+                                      ctx.settings.batch_size)
+
+
+def _accuracy_level(ctx: CompileContext) -> None:
+    from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
+
+    ctx.report["accuracy_level"] = choose_accuracy_level(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size,
+                                                         ctx.reference)
+
+
+def _validate(ctx: CompileContext) -> None:
+    from qcompile.cpu import host_description
+
+    r = ctx.report
+    r["outputs"] = compare(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size, None, ctx.reference)
+    r["validation"] = {"samples": len(ctx.eval), "session": "onnxruntime ENABLE_ALL, 1 thread", "host_cpu": host_description()}
+    v = verdict(r["outputs"], ctx.settings.gate_db)
+    v["worst_layers"] = sorted(ctx.layers, key=_worst)[:5]
+    r["verdict"] = v
+
+
+def _finish(ctx: CompileContext) -> None:
+    for key in (SOURCE_TYPE_KEY, INTERFACE_KEY):
+        ctx.model.metadata_props.pop(key, None)
+
+
+# --- the declared pipeline ----------------------------------------------------------------------
+def pipeline_for(s: Settings) -> list[Stage]:
+    """The stages a compile with settings `s` runs, in order (conditions are read at run time)."""
+    from qcompile.backends.onnxruntime.backend import lowering_stages
+
+    tgt = s.target
+    validate = [Stage("float-reference", _float_reference)] if s.validate else []
+    if s.accuracy_level == "auto":
+        validate.append(Stage("accuracy-level", _accuracy_level, doc="MatMulNBits accuracy level 4 where it is harmless"))
+    if s.validate:
+        validate.append(Stage("validate", _validate))
+    groups = {
+        "front": [
+            Stage("load", _load),
+            Stage("data", _data, doc="calibration and held-out data (given, held out, or synthesized)"),
+            pass_stage("InlinePass", lambda c: common_passes.InlinePass(), doc="model-local functions become the graph's"),
+            pass_stage("PromoteFloatPass", lambda c: PromoteFloatPass()),
+            Stage("ConvertOpsetPass", _convert_opset),
+            pass_stage("NormalizePass", lambda c: NormalizePass(c.opset, s.caps.max_opset)),
+            pass_stage("FoldConstantOfShapePass", lambda c: FoldConstantOfShapePass()),
+            pass_stage("FoldBatchNormPass", lambda c: FoldBatchNormPass()),
+            *([Stage("float-snapshot", _float_snapshot)] if s.validate else []),
+        ],
+        "plan": [
+            Stage("plan", _plan),
+            *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay)] if tgt.smooth else []),
+            Stage("SmoothQuantPass", _smooth, when=lambda c: bool(c.plan.smoothing)),
+            pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
+            Stage("calibrate", _calibrate),
+            Stage("restore-snapshot", _restore_snapshot, when=_wants_snapshot),
+            *([Stage("bias-means", _bias_means),
+               pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
+                          when=lambda c: bool(c.means))] if tgt.bias_correction else []),
+            *([Stage("activation-sqnr", _activation_sqnr)] if s.validate else []),
+        ],
+        "quantize": [pass_stage("InsertQDQPass", lambda c: InsertQDQPass(c.work, s.caps, c.weights))],
+        "backend": lowering_stages(s),
+        "emit": [
+            pass_stage("StoreHalfPass", lambda c: StoreHalfPass(source_type(c.model)),
+                       when=lambda c: source_type(c.model) is not None),
+            Stage("emit", _emit),
+            Stage("onnx.checker", lambda c: check_model(c.model)),
+        ],
+        "report": [Stage("layer-table", _layer_table)],
+        "validate": validate,
+        "finish": [
+            pass_stage("HalfInterfacePass", lambda c: HalfInterfacePass(interface(c.model)),
+                       when=lambda c: bool(interface(c.model))),
+            Stage("finish", _finish, doc="the compile's model metadata removed"),
+        ],
+    }
+    return [dataclasses.replace(st, group=g) for g, stages in groups.items() for st in stages]
