@@ -170,7 +170,7 @@ def compile(
     accuracy_level: MatMulNBits' accuracy_level: 0 computes in float (the output equals the
     simulation), 4 quantizes activations to int8 inside the kernel (faster, ~5e-3 relative error),
     "auto" is 4 where validation measures its change >= 20 dB below the weight error, else 0
-    (`backends/onnxruntime/accuracy_level.py`; report["accuracy_level"] says which and why).
+    (`qcompile/accuracy_level.py`; report["accuracy_level"] says which and why).
     cpu: the deployment CPU (`qcompile.cpu.Cpu`): "portable" (default) emits int8 layers whose
     integer results are the same on every CPU (no int16 pair of the non-VNNI x86 kernels can
     saturate: reduction channels renumbered where the graph allows, `PairPermutationPass`, else

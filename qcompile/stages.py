@@ -11,7 +11,7 @@ prints it without running it.
     plan       plan, smoothing-search, SmoothQuantPass, PairPermutationPass, calibrate,
                restore-snapshot, bias-means, BiasCorrectionPass, activation-sqnr
     quantize   InsertQDQPass
-    backend    the backend's lowering stages (`qcompile.backends.onnxruntime.backend.lowering_stages`)
+    backend    the backend's lowering passes (`qcompile.backends.onnxruntime.backend.lowering_passes`)
     emit       StoreHalfPass, emit, onnx.checker, layer-table
     validate   float-reference, accuracy-level, validate, HalfInterfacePass, finish
 """
@@ -30,7 +30,8 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile import __version__, external, restore
 from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
-from qcompile.calibrate import choose_clip, collect, simulate, stream_values
+from qcompile.calibrate import choose_clip, simulate
+from qcompile.statistics import collect, stream_values
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
@@ -159,7 +160,10 @@ def required_opset(ctx: CompileContext) -> int:
 
 def _convert_opset(ctx: CompileContext):
     check = ctx.calib.take(0, CONVERSION_SAMPLES)
-    result = ConvertOpsetPass(ctx.opset, ctx.settings.caps.max_opset, check.batches(ctx.settings.batch_size))(ctx.model)
+    from qcompile.backends.onnxruntime.session import make_session
+
+    result = ConvertOpsetPass(ctx.opset, ctx.settings.caps.max_opset, check.batches(ctx.settings.batch_size),
+                              session=make_session)(ctx.model)
     ctx.conversion = pop_record(ctx.model)
     if ctx.conversion is not None:
         ctx.conversion["samples"] = len(check)
@@ -402,7 +406,7 @@ def _float_reference(ctx: CompileContext) -> None:
 
 
 def _accuracy_level(ctx: CompileContext) -> None:
-    from qcompile.backends.onnxruntime.accuracy_level import choose_accuracy_level
+    from qcompile.accuracy_level import choose_accuracy_level
 
     ctx.report["accuracy_level"] = choose_accuracy_level(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size,
                                                          ctx.reference)
@@ -425,9 +429,16 @@ def _finish(ctx: CompileContext) -> None:
 
 
 # --- the declared pipeline ----------------------------------------------------------------------
+def lowering_stages(s: Settings) -> list[Stage]:
+    """The backend's lowering passes as stages (accuracy level 0 until `accuracy-level` decides)."""
+    from qcompile.backends.onnxruntime.backend import lowering_passes
+
+    level = 0 if s.accuracy_level == "auto" else s.accuracy_level
+    return [pass_stage(type(p).__name__, lambda c, p=p: p) for p in lowering_passes(s.lowering, level, s.caps)]
+
+
 def pipeline_for(s: Settings) -> list[Stage]:
     """The stages a compile with settings `s` runs, in order (conditions are read at run time)."""
-    from qcompile.backends.onnxruntime.backend import lowering_stages
 
     tgt = s.target
     validate = [Stage("float-reference", _float_reference)] if s.validate else []

@@ -1,4 +1,4 @@
-"""MatMulNBits accuracy level `auto` (the default; qcompile/backends/onnxruntime/accuracy_level.py).
+"""MatMulNBits accuracy level `auto` (the default; qcompile.accuracy_level.py).
 
 Issue 9 ("What to build", portable emission, last sentence): the default `w4` ran MatMulNBits at
 accuracy level 0 (float activations), 1.1x float at batch 1 on AVX2 CPUs. `auto` keeps level 4
@@ -25,7 +25,7 @@ from onnx import numpy_helper as nh
 import qcompile
 import tiny_models
 from helpers import avx2_command
-from qcompile.backends.onnxruntime.accuracy_level import MARGIN_DB
+from qcompile.accuracy_level import MARGIN_DB
 from qcompile.backends.onnxruntime.session import make_session
 from qcompile.errors import InputError
 

@@ -7,7 +7,8 @@ import pytest
 
 import helpers
 import tiny_models
-from qcompile.calibrate import Histogram, choose_clip, collect, fake_quant, qparams_from_clip, stream_values
+from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
+from qcompile.statistics import collect, stream_values
 from qcompile.formats import parse_format
 
 

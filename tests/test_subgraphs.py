@@ -16,7 +16,7 @@ import foreign_models as fm
 import helpers
 import qcompile
 from qcompile.analyze import PlanOptions
-from qcompile.calibrate import stream_values
+from qcompile.statistics import stream_values
 from qcompile.errors import UnsupportedModelError
 from qcompile.subgraphs import expose
 

@@ -6,7 +6,6 @@ A backend is a module with (onnxruntime's: `qcompile.backends.onnxruntime.backen
     capabilities                           facts only (`Capabilities`: Q/DQ types, fusions, limits), each tested
     session(model, level, threads)         a session on an in-memory or saved model
     lowering_passes(lowering, level, caps) the passes that take a Q/DQ model to what it runs
-    lowering_stages(settings)              the same as pipeline stages
     KERNELS, choose(layer, lowering)       its one lowering policy: an ordered table of kernels,
                                            each with `applies(layer) -> reason | None`
 

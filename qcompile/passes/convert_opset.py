@@ -31,7 +31,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +179,9 @@ def _converter_reason(e: Exception) -> str:
     return text.splitlines()[0][-200:] if text else type(e).__name__
 
 
-def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[str], list[list[np.ndarray]]]:
-    from qcompile.backends.onnxruntime.session import make_session
-
+def _run(path: Path, feeds: list[dict[str, np.ndarray]], session: Callable) -> tuple[list[str], list[list[np.ndarray]]]:
     try:
-        s = make_session(path, level="disable")
+        s = session(path, level="disable")
     except Exception as e:  # onnxruntime's own error types
         raise UnsupportedModelError(f"onnxruntime cannot load the {path.stem} opset conversion model: "
                                     f"{str(e).splitlines()[0][:200]}") from None
@@ -191,10 +189,11 @@ def _run(path: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[list[str], lis
     return names, [s.run(names, {k: v for k, v in f.items() if k in {i.name for i in s.get_inputs()}}) for f in feeds]
 
 
-def compare_outputs(before: Path, after: Path, feeds: list[dict[str, np.ndarray]]) -> dict:
-    """Max abs and relative error (max |a-b| / max |b| per output) of `after` against `before` on `feeds`."""
-    names, ref = _run(before, feeds)
-    names_after, got = _run(after, feeds)
+def compare_outputs(before: Path, after: Path, feeds: list[dict[str, np.ndarray]], session: Callable) -> dict:
+    """Max abs and relative error (max |a-b| / max |b| per output) of `after` against `before` on
+    `feeds`, both run by `session(path, level=...)` (the backend's session factory)."""
+    names, ref = _run(before, feeds, session)
+    names_after, got = _run(after, feeds, session)
     if names_after != names:
         raise UnsupportedModelError(f"opset conversion changed the model's outputs {names} -> {names_after}")
     worst_abs, worst_rel, where = 0.0, 0.0, None
@@ -216,8 +215,13 @@ def compare_outputs(before: Path, after: Path, feeds: list[dict[str, np.ndarray]
 
 class ConvertOpsetPass(ir.passes.InPlacePass):
     def __init__(self, target: int, max_opset: int, feeds: Iterable[dict[str, np.ndarray]] | None = None,
-                 rtol: float = 1e-5, strip_bytes: int = STRIP_BYTES) -> None:
+                 rtol: float = 1e-5, strip_bytes: int = STRIP_BYTES, session: Callable | None = None) -> None:
+        """feeds: samples on which the conversion is checked, run by `session(path, level=...)` (a
+        backend's session factory; required with feeds: the pass imports no backend)."""
         super().__init__()
+        if feeds is not None and session is None:
+            raise ValueError("ConvertOpsetPass: checking a conversion on feeds needs a session factory")
+        self.session = session
         self.target = target
         self.max_opset = max_opset
         self.feeds = feeds
@@ -264,7 +268,7 @@ class ConvertOpsetPass(ir.passes.InPlacePass):
             if feeds:
                 onnx.save(structure, Path(d) / "before.onnx")
                 onnx.save(converted, Path(d) / "after.onnx")
-                record.update(compare_outputs(Path(d) / "before.onnx", Path(d) / "after.onnx", feeds))
+                record.update(compare_outputs(Path(d) / "before.onnx", Path(d) / "after.onnx", feeds, self.session))
                 if not record["max_rel_err"] <= self.rtol:
                     raise UnsupportedModelError(
                         f"opset conversion {source} -> {self.target} changed the float model: output "

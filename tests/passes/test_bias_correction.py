@@ -10,7 +10,7 @@ from onnx import numpy_helper as nh
 import helpers
 from qcompile.analyze import make_plan
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
-from qcompile.calibrate import stream_values
+from qcompile.statistics import stream_values
 from qcompile.targets import get_target
 from qcompile.weights import quantize_weight
 

@@ -16,6 +16,7 @@ from onnx import numpy_helper as nh
 import foreign_models
 import helpers
 from qcompile.errors import QCompileError, UnsupportedModelError
+from qcompile.backends.onnxruntime.session import make_session
 from qcompile.passes.convert_opset import ConvertOpsetPass, compare_outputs, pop_record
 
 RTOL = 1e-5  # exact rewrite (see module doc)
@@ -37,7 +38,7 @@ def test_classic_cnn_converts_exactly_and_weights_are_not_copied(tmp_path, opset
     proto = onnx.load(str(foreign_models.classic_cnn(tmp_path / "cnn.onnx", opset=opset)))
     model = ir.from_proto(proto)
     weight = model.graph.initializers["conv2.W"].const_value  # 18 KB: above STRIP_BYTES, never serialized
-    result = ConvertOpsetPass(13, 26, feeds=[_x(1), _x(2)])(model)
+    result = ConvertOpsetPass(13, 26, feeds=[_x(1), _x(2)], session=make_session)(model)
     assert result.modified and model.opset_imports[""] == 13
     assert model.graph.initializers["conv2.W"].const_value is weight, "the same tensor object is re-attached"
     ops = _ops(model.graph)
@@ -90,7 +91,7 @@ def test_if_branches_and_local_functions_are_converted():
     model = ir.from_proto(proto)
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     feeds = [{"x": x, "c": np.array(c)} for c in (True, False)]
-    ConvertOpsetPass(18, 26, feeds)(model)
+    ConvertOpsetPass(18, 26, feeds, session=make_session)(model)
     assert model.opset_imports[""] == 18 and not model.functions, "functions are inlined, then converted"
     ops = _ops(model.graph)
     assert len(ops["Unsqueeze"]) == 3 and all(len(n.inputs) == 2 for n in ops["Unsqueeze"] + ops["ReduceMean"])
@@ -129,7 +130,7 @@ def test_a_mismatch_is_refused(tmp_path):
     """The gate: with a threshold no error can meet, the pass refuses (it never continues silently)."""
     model = ir.from_proto(onnx.load(str(foreign_models.classic_cnn(tmp_path / "cnn.onnx"))))
     with pytest.raises(UnsupportedModelError, match=r"opset conversion 9 -> 13 changed the float model: output 'prob' differs by 0 relative"):
-        ConvertOpsetPass(13, 26, [_x()], rtol=-1.0)(model)
+        ConvertOpsetPass(13, 26, [_x()], rtol=-1.0, session=make_session)(model)
 
 
 def test_compare_outputs_measures_the_difference(tmp_path):
@@ -141,7 +142,7 @@ def test_compare_outputs_measures_the_difference(tmp_path):
         return p
 
     x = np.array([1, -2, 3, -4], np.float32)
-    r = compare_outputs(model(1.0), model(1.001), [{"x": x}])
+    r = compare_outputs(model(1.0), model(1.001), [{"x": x}], make_session)
     assert r["max_abs_err"] == pytest.approx(0.004, rel=1e-3) and r["max_rel_err"] == pytest.approx(1e-3, rel=1e-3)
 
 

@@ -1,7 +1,7 @@
 """onnxruntime as a qcompile backend: its capability facts, its sessions, its lowering stages.
 
-The protocol (`qcompile.backends.Backend`) is what the pipeline needs of a runtime; this module is
-its first implementation. The lowering stages run on a Q/DQ model alone (everything they need is
+The protocol (`qcompile.backends`' docstring) is what the pipeline needs of a runtime; this module
+is its first implementation. The lowering stages run on a Q/DQ model alone (everything they need is
 in the graph: `qcompile.stored`, node metadata), so `qcompile lower` can run them on a saved one.
 """
 from __future__ import annotations
@@ -26,12 +26,4 @@ def lowering_passes(lowering: str = "auto", accuracy_level: int = 0, caps=CAPABI
     return passes
 
 
-def lowering_stages(settings) -> list:
-    """`lowering_passes` as pipeline stages (accuracy level 0 until `accuracy-level` decides)."""
-    from qcompile.stages import pass_stage
-
-    level = 0 if settings.accuracy_level == "auto" else settings.accuracy_level
-    return [pass_stage(type(p).__name__, lambda c, p=p: p) for p in lowering_passes(settings.lowering, level, settings.caps)]
-
-
-__all__ = ["NAME", "KERNELS", "LOWERINGS", "capabilities", "choose", "lowering_passes", "lowering_stages", "session"]
+__all__ = ["NAME", "KERNELS", "LOWERINGS", "capabilities", "choose", "lowering_passes", "session"]

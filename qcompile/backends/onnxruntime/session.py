@@ -18,6 +18,19 @@ LEVELS = {
 FILE_SESSION_BYTES = 64 << 20  # in-memory models with more weight bytes than this load from a file
 
 
+def compile_threads() -> int:
+    """Intra-op threads of the sessions a compile runs on its data (calibration statistics, the float
+    reference): every core this process may use, as onnxruntime's own quantizer does. Benchmarks
+    and the validation of the compiled model keep 1 thread. QCOMPILE_THREADS overrides."""
+    env = os.environ.get("QCOMPILE_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def is_runtime_error(e: BaseException) -> bool:
     """An exception raised by onnxruntime itself (its pybind11 error types: Fail, InvalidGraph,
     InvalidArgument, NotImplemented, RuntimeException, ...)."""

@@ -1,0 +1,42 @@
+"""Statistics of a model's values on data, streamed out of one backend session per pass.
+
+`stream_values` instruments the float graph once (the values become extra outputs, threaded out of
+If / Loop / Scan bodies) and yields one batch of values at a time; the summaries that consume the
+stream keep bounded memory (`calibrate.Histogram`, `smooth_quant.channel_stats`,
+`bias_correction.channel_means`). This module is the only place the compile's statistics touch a
+session.
+"""
+from __future__ import annotations
+
+from qcompile.calibrate import Histogram
+
+
+def stream_values(model, names: list[str], batches):
+    """Yield {name: array} for each batch: the float model with `names` exposed as outputs.
+
+    The model is instrumented once (the values become extra graph outputs, threaded out of If /
+    Loop / Scan bodies by `subgraphs.expose`, and removed again right after the session is built)
+    and runs in one onnxruntime session at ENABLE_BASIC, so no fusion hides a value. Only one
+    batch of values is alive at a time. A value inside a body is empty for a sample that does not
+    run it, stacked over iterations for a Loop / Scan.
+    """
+    from qcompile import external
+    from qcompile.backends.onnxruntime.session import compile_threads, make_session
+    from qcompile.subgraphs import expose
+
+    with expose(model, names) as outputs:  # a session file referring to the weights' files in place
+        sess = make_session(model, level="basic", prepack=external.prepack(model), threads=compile_threads())
+    fetch = [outputs[h] for h in names]
+    for batch in batches:
+        yield batch, dict(zip(names, sess.run(fetch, batch)))
+
+
+def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:
+    """Histograms of the named values over all batches (bounded memory, see the module doc)."""
+    hists = {h: Histogram() for h in heads}
+    for batch, values in stream_values(model, heads, batches):
+        for name, arr in values.items():
+            hists[name].update(arr)
+        if progress is not None:
+            progress(next(iter(batch.values())).shape[0])
+    return hists
