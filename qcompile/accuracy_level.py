@@ -36,7 +36,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.backends.onnxruntime.session import make_session
+from qcompile.backends.onnxruntime.session import compile_threads, make_session
 from qcompile.validate import output_names, reference_outputs
 
 MARGIN_DB = 20.0
@@ -60,9 +60,9 @@ def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, b
                           reference: list | None = None) -> dict:
     """Set `model`'s level-0 MatMulNBits nodes to level 4 when that is measured negligible (module
     doc); returns the report entry: the level, why, and per output SQNR at both levels and the margin.
-    `reference`: `validate.reference_outputs` of the float model on `data`, used when `data` has
-    at most SAMPLES samples (else the float model runs on the first SAMPLES). One session exists
-    at a time."""
+    `reference`: the float model's outputs per batch of `data` (`validate.reference_outputs`); on
+    more than SAMPLES samples the first ceil(SAMPLES / batch_size) batches of it are used. Without
+    it the float model runs on the first SAMPLES. One session exists at a time."""
     nodes = _nbits_nodes(model)
     entry = {"policy": "auto", "nodes": len(nodes), "margin_db": MARGIN_DB}
     if not nodes:
@@ -70,13 +70,16 @@ def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, b
     if float_model is None or data is None:
         return entry | {"level": 0, "reason": "not measured (no validation): level 0, exact"}
     names = output_names(float_model, model)
-    if reference is None or len(data) > SAMPLES:
+    if reference is None:
         data = data.take(0, SAMPLES)
         reference = reference_outputs(float_model, names, data, batch_size)
+    elif len(data) > SAMPLES:
+        k = -(-SAMPLES // batch_size)
+        data, reference = data.take(0, min(len(data), k * batch_size)), reference[:k]
     runs = {}
     for level in (0, LEVEL):  # one compiled session at a time
         _set_level(nodes, level)
-        sess = make_session(model, level="all")
+        sess = make_session(model, level="all", threads=compile_threads())
         runs[level] = [sess.run(names, batch) for batch in data.batches(batch_size)]
         del sess
     _set_level(nodes, 0)

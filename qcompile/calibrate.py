@@ -158,6 +158,23 @@ def _weighted_centers(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
     return h.centers[keep], h.counts[keep].astype(np.float64)
 
 
+def qparams_from_clips(lo: np.ndarray, hi: np.ndarray, fmt: IntFormat | FloatFormat,
+                       symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`qparams_from_clip` of many clips at once: the same float64 arithmetic, element by element."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if isinstance(fmt, FloatFormat) or symmetric:
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        top = fmt.max if isinstance(fmt, FloatFormat) else fmt.qmax
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(amax > 0, amax / top, 1.0), np.zeros_like(amax)
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    empty = hi - lo <= 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(empty, 1.0, (hi - lo) / (fmt.qmax - fmt.qmin))
+        zp = np.where(empty, 0.0, np.clip(np.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax))
+    return scale, zp
+
+
 def _hist_errors(c: np.ndarray, w: np.ndarray, lo, hi, fmt, symmetric: bool) -> np.ndarray:
     """sum_i w_i (c_i - Q(c_i))^2 for each quantizer of [lo_k, hi_k] (arrays of candidates), the
     quantizer arithmetic of `qparams_from_clip` / `fake_quant` vectorized over candidates. Each
@@ -165,9 +182,8 @@ def _hist_errors(c: np.ndarray, w: np.ndarray, lo, hi, fmt, symmetric: bool) -> 
     float grids, a plain pairwise sum for INT), so the search picks the same clip as one call per
     candidate did."""
     lo, hi = np.broadcast_arrays(np.asarray(lo, np.float64), np.asarray(hi, np.float64))
-    params = [qparams_from_clip(float(a), float(b), fmt, symmetric) for a, b in zip(lo, hi)]
-    s = np.array([p[0] for p in params], np.float64)[:, None]
-    zp = np.array([p[1] for p in params], np.float64)[:, None]
+    s, zp = qparams_from_clips(lo, hi, fmt, symmetric)
+    s, zp = s[:, None], zp[:, None]
     if isinstance(fmt, FloatFormat):
         d = c[None, :] - fake_quant(c[None, :], s, zp, fmt)
         d **= 2

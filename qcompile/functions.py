@@ -74,6 +74,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
 from qcompile import codec
 from qcompile.formats import FORMATS, BlockFormat, FloatFormat, IntFormat
+from qcompile.graph import initializer
 from qcompile.storage import PackedTensor
 
 DOMAIN = "qcompile"
@@ -419,11 +420,7 @@ class Emitter:
             old = existing.const_value.numpy()
             if old.dtype == array.dtype and np.array_equal(old, array, equal_nan=True):
                 return existing
-        tensor = ir.tensor(array, name=self.fresh(name))
-        value = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(tensor.shape),
-                         type=ir.TensorType(tensor.dtype))
-        self.graph.register_initializer(value)
-        return value
+        return initializer(self.graph, self.fresh(name), array)
 
     def node(self, op_type: str, inputs: list[ir.Value], attrs: dict, out: str, dtype: ir.DataType, shape,
              domain: str = DOMAIN) -> ir.Value:

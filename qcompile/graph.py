@@ -17,8 +17,9 @@ def bodies(graph: ir.Graph) -> list[ir.Graph]:
 
 def initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorProtocol) -> ir.Value:
     """Register a constant named `name` (typed and shaped from the tensor) in `graph`."""
-    tensor = value if isinstance(value, ir.TensorProtocol) else ir.tensor(value, name=name)
-    tensor.name = name
+    tensor = ir.tensor(value, name=name) if isinstance(value, np.ndarray) else value
+    if tensor.name != name:
+        tensor.name = name
     v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(v)
     return v

@@ -87,7 +87,8 @@ def run_stages(ctx: CompileContext, stages: list[Stage]) -> CompileContext:
             raise runtime_refusal(ctx.source, ctx.calib, stage.name, e) from None
         modified = getattr(out, "modified", None)
         ctx.entries.append({"name": stage.name, "seconds": round(time.perf_counter() - t0, 4),
-                            **({"modified": modified} if modified is not None else {})})
+                            **({"modified": modified} if modified is not None else {}),
+                            "peak_rss_bytes": _rss_peak()})  # the process's peak so far
         log.info("%-28s %.3fs", stage.name, ctx.entries[-1]["seconds"])
         if stage.name in ctx.settings.dump_after and ctx.model is not None:
             _dump(ctx, stage.name)

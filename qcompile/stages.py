@@ -9,11 +9,12 @@ prints it without running it.
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
     plan       plan, smoothing-search, SmoothQuantPass, PairPermutationPass, calibrate,
-               restore-snapshot, bias-means, BiasCorrectionPass, activation-sqnr
+               restore-snapshot, bias-means, BiasCorrectionPass
     quantize   InsertQDQPass
     backend    the backend's lowering passes (`qcompile.backends.onnxruntime.backend.lowering_passes`)
-    emit       StoreHalfPass, emit, onnx.checker, layer-table
-    validate   float-reference, accuracy-level, validate, HalfInterfacePass, finish
+    emit       StoreHalfPass, emit, onnx.checker
+    validate   float-reference, layer-table, accuracy-level, validate
+    finish     HalfInterfacePass, finish
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import onnx_ir.passes.common as common_passes
 from qcompile import __version__, external, restore
 from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
 from qcompile.calibrate import choose_clip, simulate
-from qcompile.statistics import collect, stream_values
+from qcompile.statistics import collect, release_memory, stream_values
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
@@ -49,7 +50,7 @@ from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfI
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.subgraphs import all_values, location
-from qcompile.validate import compare, output_names, reference_outputs, verdict
+from qcompile.validate import compare, output_names, verdict
 
 log = logging.getLogger(__name__)
 REPORT_SCHEMA = "qcompile.report/1"
@@ -291,22 +292,27 @@ def _bias_means(ctx: CompileContext) -> None:
         ctx.means = channel_means(stream_values(model, names, ctx.calib.batches(ctx.settings.batch_size)), names, axes)
 
 
-def _activation_sqnr(ctx: CompileContext) -> None:
-    """Quantization SQNR (dB) of every planned activation on the held-out data, in the float model."""
+def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray | None]]:
+    """Planned activation (as the working graph names it) -> (the float model's value it is
+    computed from, the per-channel factor 1/s SmoothQuant applied to it, or None). A channel
+    permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the order."""
+    out: dict[str, tuple[str, np.ndarray | None]] = {}
     specs = ctx.work.activation_specs()
-    if not specs:
-        return
-    acc = {v: [0.0, 0.0] for v in specs}
-    for _, values in stream_values(ctx.model, list(specs), ctx.eval.batches(ctx.settings.batch_size)):
-        for v, x in values.items():
-            x64 = x.astype(np.float64)
-            acc[v][0] += float(np.sum(x64**2))
-            acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
-    ctx.activation_sqnr = {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3))
-                           for v, (sig, n) in acc.items()}
+    for name, wnode in ctx.work.nodes.items():
+        pnode = ctx.plan.nodes.get(name)
+        pairs = [(q, pnode.inputs.get(i) if pnode else None) for i, q in wnode.inputs.items()]
+        if wnode.output is not None:
+            pairs.append((wnode.output, pnode.output if pnode else None))
+        for q, p in pairs:
+            if q.role != "activation" or q.value not in specs or q.value in out:
+                continue
+            orig = p.value if p is not None else q.value
+            s = ctx.plan.smoothing.get(orig)
+            out[q.value] = (orig, None if s is None else (1.0 / np.asarray(s, dtype=np.float32)).astype(np.float32))
+    return out
 
 
-# --- emit ---------------------------------------------------------------------------------------
+# --- emit# --- emit ---------------------------------------------------------------------------------------
 def _emit(ctx: CompileContext) -> None:
     """Within the backend's limits: IR version <= caps.max_ir_version, checked by onnx.checker."""
     model = ctx.model
@@ -390,19 +396,41 @@ def _layer_table(ctx: CompileContext) -> None:
         "cpu": s.deploy.value,
         "calibration": {"samples": len(ctx.calib), "synthesized": ctx.synthesized},
         **({"opset_conversion": ctx.conversion} if ctx.conversion is not None else {}),
-        "sizes": {"float_weight_bytes": None, "quantized_weight_bytes": external.weight_bytes(ctx.model)},
+        "sizes": {"float_weight_bytes": ctx.report.get("sizes", {}).get("float_weight_bytes"),
+                  "quantized_weight_bytes": external.weight_bytes(ctx.model)},
         "layers": ctx.layers,
     })
 
 
 # --- validate -----------------------------------------------------------------------------------
 def _float_reference(ctx: CompileContext) -> None:
+    """One pass of the float model over the held-out data: its outputs (the reference validation
+    compares against) and the quantization SQNR of every planned activation, measured on the value
+    the float model computes (divided by its SmoothQuant scales where it was smoothed)."""
     ctx.float_model = ir.from_proto(ctx.float_proto)
     if ctx.source_path is not None:  # weights left in the input's external data file
         ir.external_data.set_base_dir(ctx.float_model.graph, Path(ctx.source_path).resolve().parent)
-    ctx.report["sizes"]["float_weight_bytes"] = external.weight_bytes(ctx.float_model)
-    ctx.reference = reference_outputs(ctx.float_model, output_names(ctx.float_model, ctx.model), ctx.eval,
-                                      ctx.settings.batch_size)
+    outputs = output_names(ctx.float_model, ctx.model)
+    sources = activation_sources(ctx)
+    specs = ctx.work.activation_specs()
+    names = outputs + sorted({o for o, _ in sources.values()} - set(outputs))
+    acc = {v: [0.0, 0.0] for v in sources}
+    ctx.reference = []
+    for _, values in stream_values(ctx.float_model, names, ctx.eval.batches(ctx.settings.batch_size)):
+        ctx.reference.append([values[n] for n in outputs])
+        for v, (orig, inv) in sources.items():
+            x = values[orig] if inv is None else values[orig] * inv
+            x64 = x.astype(np.float64)
+            acc[v][0] += float(np.sum(x64**2))
+            acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
+    ctx.activation_sqnr = {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3))
+                           for v, (sig, n) in acc.items()}
+    # what validation needs of the float model from here on is its interface: its weights go now
+    ctx.report.setdefault("sizes", {})["float_weight_bytes"] = external.weight_bytes(ctx.float_model)
+    ctx.float_proto = None
+    for v in ctx.float_model.graph.initializers.values():
+        v.const_value = None
+    release_memory()
 
 
 def _accuracy_level(ctx: CompileContext) -> None:
@@ -413,11 +441,12 @@ def _accuracy_level(ctx: CompileContext) -> None:
 
 
 def _validate(ctx: CompileContext) -> None:
+    from qcompile.backends.onnxruntime.session import compile_threads
     from qcompile.cpu import host_description
 
     r = ctx.report
     r["outputs"] = compare(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size, None, ctx.reference)
-    r["validation"] = {"samples": len(ctx.eval), "session": "onnxruntime ENABLE_ALL, 1 thread", "host_cpu": host_description()}
+    r["validation"] = {"samples": len(ctx.eval), "session": f"onnxruntime ENABLE_ALL, {compile_threads()} threads", "host_cpu": host_description()}
     v = verdict(r["outputs"], ctx.settings.gate_db)
     v["worst_layers"] = sorted(ctx.layers, key=_worst)[:5]
     r["verdict"] = v
@@ -441,7 +470,9 @@ def pipeline_for(s: Settings) -> list[Stage]:
     """The stages a compile with settings `s` runs, in order (conditions are read at run time)."""
 
     tgt = s.target
-    validate = [Stage("float-reference", _float_reference)] if s.validate else []
+    validate = [Stage("float-reference", _float_reference,
+                      doc="float outputs and activation SQNR on the held-out data, one pass")] if s.validate else []
+    validate.append(Stage("layer-table", _layer_table))
     if s.accuracy_level == "auto":
         validate.append(Stage("accuracy-level", _accuracy_level, doc="MatMulNBits accuracy level 4 where it is harmless"))
     if s.validate:
@@ -468,7 +499,6 @@ def pipeline_for(s: Settings) -> list[Stage]:
             *([Stage("bias-means", _bias_means),
                pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
                           when=lambda c: bool(c.means))] if tgt.bias_correction else []),
-            *([Stage("activation-sqnr", _activation_sqnr)] if s.validate else []),
         ],
         "quantize": [pass_stage("InsertQDQPass", lambda c: InsertQDQPass(c.work, s.caps, c.weights))],
         "backend": lowering_stages(s),
@@ -478,7 +508,6 @@ def pipeline_for(s: Settings) -> list[Stage]:
             Stage("emit", _emit),
             Stage("onnx.checker", lambda c: check_model(c.model)),
         ],
-        "report": [Stage("layer-table", _layer_table)],
         "validate": validate,
         "finish": [
             pass_stage("HalfInterfacePass", lambda c: HalfInterfacePass(interface(c.model)),

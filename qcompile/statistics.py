@@ -27,8 +27,25 @@ def stream_values(model, names: list[str], batches):
     with expose(model, names) as outputs:  # a session file referring to the weights' files in place
         sess = make_session(model, level="basic", prepack=external.prepack(model), threads=compile_threads())
     fetch = [outputs[h] for h in names]
-    for batch in batches:
-        yield batch, dict(zip(names, sess.run(fetch, batch)))
+    try:
+        for batch in batches:
+            yield batch, dict(zip(names, sess.run(fetch, batch)))
+    finally:
+        del sess
+        release_memory()
+
+
+def release_memory() -> None:
+    """Hand the heap pages a finished session freed back to the OS (glibc keeps them otherwise, and
+    the next session's allocations then add to the process's peak RSS instead of reusing them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
-from qcompile.backends.onnxruntime.session import make_session
+from qcompile.backends.onnxruntime.session import compile_threads, make_session
 from qcompile.data import Dataset
 
 SCORE_PRODUCERS = {"Gemm", "MatMul", "Add", "Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Reshape", "Squeeze"}
@@ -102,7 +102,7 @@ def compare(float_model: ir.Model, compiled: ir.Model, data: Dataset, batch_size
     stats = {v.name: OutputStats(scores=looks_like_scores(v)) for v in float_model.graph.outputs if v.name in names}
     if reference is None:
         reference = reference_outputs(float_model, names, data, batch_size, float_session)
-    test_sess = make_session(compiled, level="all")
+    test_sess = make_session(compiled, level="all", threads=compile_threads())  # MLAS: the same results on any count
     for batch, refs in zip(data.batches(batch_size), reference, strict=True):
         outs = test_sess.run(names, batch)
         for name, r, o in zip(names, refs, outs):

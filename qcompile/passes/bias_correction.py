@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
+from qcompile.graph import initializer
 from qcompile.plan import QuantPlan
 from qcompile.weights import WeightCache, dequantized
 
@@ -96,9 +97,7 @@ class BiasCorrectionPass(ir.passes.InPlacePass):
         base = old.const_value.numpy().astype(np.float32) if old is not None else np.zeros_like(shift)
         new = (base + shift.reshape(base.shape)).astype(np.float32)
         vname = f"{old.name if old is not None else node.name + '_bias'}_biascorr_{node.name}"
-        v = ir.Value(name=vname, const_value=ir.tensor(new, name=vname))
-        v.dtype, v.shape = ir.DataType.FLOAT, ir.Shape(new.shape)
-        graph.register_initializer(v)
+        v = initializer(graph, vname, new)
         if slot >= len(target.inputs):
             target.resize_inputs(slot + 1)
         target.replace_input_with(slot, v)

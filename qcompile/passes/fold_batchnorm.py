@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph import drop_unused_initializers
+from qcompile.graph import drop_unused_initializers, initializer
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             new_w = (w * k.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
             new_b = ((b - mean) * k + beta).astype(np.float32)
             wname = f"{conv.inputs[1].name}_bnfold_{conv.name}"
-            wv = ir.Value(name=wname, const_value=ir.tensor(new_w, name=wname))
-            bv = ir.Value(name=f"{conv.name}_bias_bnfold", const_value=ir.tensor(new_b, name=f"{conv.name}_bias_bnfold"))
-            for v in (wv, bv):
-                v.dtype, v.shape = ir.DataType.FLOAT, ir.Shape(v.const_value.shape)
-                graph.register_initializer(v)
+            wv = initializer(graph, wname, new_w)
+            bv = initializer(graph, f"{conv.name}_bias_bnfold", new_b)
             if len(conv.inputs) < 3:
                 conv.resize_inputs(3)
             conv.replace_input_with(1, wv)

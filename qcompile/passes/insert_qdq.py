@@ -47,7 +47,7 @@ from qcompile.analyze import tie_heads
 from qcompile.calibrate import qparams_from_clip
 from qcompile.errors import PreconditionError
 from qcompile.formats import BlockFormat, FloatFormat, IntFormat
-from qcompile.graph import drop_unused_initializers
+from qcompile.graph import drop_unused_initializers, initializer
 from qcompile.plan import InputQuant, QuantPlan, QuantSpec
 from qcompile.stored import FORMAT_KEY
 from qcompile.weights import QuantizedWeight, WeightCache, quantize, to_ir_tensor
@@ -172,10 +172,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return self._emitters[id(graph)]
 
     def _const(self, graph: ir.Graph, tensor: ir.Tensor) -> ir.Value:
-        tensor.name = self._name(tensor.name)
-        v = ir.Value(name=tensor.name, const_value=tensor, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-        graph.register_initializer(v)
-        return v
+        return initializer(graph, self._name(tensor.name), tensor)
 
     # --- main ----------------------------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:

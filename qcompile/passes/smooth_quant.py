@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
-from qcompile.graph import drop_unused_initializers
+from qcompile.graph import drop_unused_initializers, initializer
 from qcompile.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=changed > 0)
 
     def _insert_mul(self, graph, x: ir.Value, consumers: list[str], s: np.ndarray, nodes) -> ir.Value:
-        inv = ir.Value(name=f"{x.name}_smooth_inv", const_value=ir.tensor((1.0 / s).astype(np.float32), name=f"{x.name}_smooth_inv"))
-        inv.dtype, inv.shape = ir.DataType.FLOAT, ir.Shape([s.size])
-        graph.register_initializer(inv)
+        inv = initializer(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [x, inv], name=f"{x.name}_SmoothQuant")
         mul.outputs[0].name = f"{x.name}_smooth"
         mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
@@ -262,9 +260,7 @@ def _replace_const(graph: ir.Graph, node: ir.Node, idx: int, fn, name: str) -> N
     file for a file-backed weight); the old one is dropped once nothing reads it (a weight rewritten
     twice, as a consumer and as a producer, is never held twice)."""
     old = node.inputs[idx]
-    nv = ir.Value(name=name, const_value=external.derived(old.const_value, fn, name))
-    nv.dtype, nv.shape = old.const_value.dtype, ir.Shape(old.const_value.shape)
-    graph.register_initializer(nv)
+    nv = initializer(graph, name, external.derived(old.const_value, fn, name))
     node.replace_input_with(idx, nv)
     if not old.uses() and not old.is_graph_output() and graph.initializers.get(old.name) is old:
         del graph.initializers[old.name]
