@@ -293,31 +293,32 @@ def make_plan(model: ir.Model, target: Target, options: PlanOptions = PlanOption
 
     `caps` (the backend's capability table) adds the integer-kernel pair bounds of `options.cpu` to
     int8 weights; without it weights are unconstrained."""
-    plan = QuantPlan(target.name)
+    nodes: dict[str, NodePlan] = {}
     for node in candidate_nodes(model.graph, options, target.ops):
-        np_ = NodePlan(node.op_type)
+        inputs: dict[int, InputQuant] = {}
         for i, v in enumerate(node.inputs[:2]):
             if not is_float(v):
                 continue
             if is_constant(v):
                 spec = _weight_spec(node, i, target, options.cpu, caps)
                 if spec is not None:
-                    np_.inputs[i] = InputQuant(v.name, "weight", spec)
+                    inputs[i] = InputQuant(v.name, "weight", spec)
             elif target.activations is not None:
-                np_.inputs[i] = InputQuant(v.name, "activation", _activation_spec(target, node, i))
-        if not np_.inputs:
+                inputs[i] = InputQuant(v.name, "activation", _activation_spec(target, node, i))
+        if not inputs:
             continue
-        acts = [q for q in np_.inputs.values() if q.role == "activation"]
+        acts = [q for q in inputs.values() if q.role == "activation"]
+        output = None
         if node.op_type == "Conv" and target.quantize_conv_output and acts:
             out = _conv_output(node)
             if out is not None and is_float(out):
-                np_.output = InputQuant(out.name, "activation", _activation_spec(target))
+                output = InputQuant(out.name, "activation", _activation_spec(target))
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        has_weight = any(q.role == "weight" for q in np_.inputs.values())
-        if target.quantize_bias and node.op_type in ("Conv", "Gemm") and acts and has_weight and is_constant(bias):
-            np_.bias = True
-        plan.nodes[node.name] = np_
-    return plan
+        has_weight = any(q.role == "weight" for q in inputs.values())
+        quant_bias = bool(target.quantize_bias and node.op_type in ("Conv", "Gemm") and acts and has_weight
+                          and is_constant(bias))
+        nodes[node.name] = NodePlan(node.op_type, inputs, output, quant_bias)
+    return QuantPlan(target.name, nodes)
 
 
 @dataclass

@@ -94,9 +94,11 @@ class Histogram:
 def _bin_counts(x: np.ndarray, radius: float, bins: int) -> np.ndarray:
     """np.histogram(x, bins, (-radius, radius))[0] for finite float32 |x| <= radius, exactly and
     ~3x faster: the bin width w = 2 radius / bins is a power of two, so x / w is exact in float32
-    and the bin is floor(x / w) + bins / 2 (x = radius goes to the last bin, as in np.histogram)."""
-    q = np.floor(x * np.float32(bins / (2 * radius)))
-    idx = q.astype(np.int32)
+    (barring a subnormal x that underflows) and the bin is floor(x / w) + bins / 2 (x = radius
+    goes to the last bin, as in np.histogram)."""
+    q = x * np.float32(bins / (2 * radius))
+    np.floor(q, out=q)
+    idx = q.astype(np.intp)
     idx += bins // 2
     np.minimum(idx, bins - 1, out=idx)
     return np.bincount(idx, minlength=bins)

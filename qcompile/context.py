@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from qcompile.analyze import PlanOptions
+from qcompile.backends.onnxruntime.kernels import Lowering
 from qcompile.cpu import Cpu
 from qcompile.data import Dataset, InputInfo
 from qcompile.plan import QuantPlan
@@ -26,7 +27,7 @@ class Settings:
     target: Target
     options: PlanOptions
     deploy: Cpu  # the resolved deployment CPU class
-    lowering: str = "auto"
+    lowering: Lowering = Lowering.AUTO
     accuracy_level: int | str = "auto"
     validate: bool = True
     min_sqnr: float | None = None

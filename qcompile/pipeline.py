@@ -110,12 +110,14 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
                  dump_after=(), dump_dir=None) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
-    from qcompile.backends.onnxruntime.kernels import LOWERINGS
+    from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
     if accuracy_level != "auto" and accuracy_level not in range(5):
         raise InputError(f"accuracy_level must be 'auto' or 0..4, got {accuracy_level!r}")
-    if lowering not in LOWERINGS:
-        raise InputError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}")
+    try:
+        lowering = Lowering(lowering)
+    except ValueError:
+        raise InputError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}") from None
     tgt = get_target(target) if isinstance(target, str) else target
     try:
         deploy = Cpu(cpu).resolve()

@@ -9,6 +9,7 @@ one, edit one layer and replay it (`--save-plan` / `--plan`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,27 @@ from qcompile.errors import InputError
 from qcompile.formats import parse_format
 
 SCHEMA = "qcompile.plan/1"
-METHODS = ("minmax", "percentile", "entropy", "mse")
 Role = Literal["weight", "activation"]
+
+
+class Method(str, enum.Enum):
+    """How a scale is chosen: the range (min/max), a percentile of |x|, TensorRT's entropy
+    threshold, or the clip of least squared error on the format's own grid. A str: compares equal
+    to its name and is its name in JSON."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:  # as its name's: interchangeable with the string in sets and dict keys
+        return hash(self.value)
+
+
+METHODS = tuple(m.value for m in Method)
 
 
 @dataclass(frozen=True)
@@ -99,18 +119,21 @@ class QuantSpec:
     format: str
     granularity: Granularity = PerTensor()
     symmetric: bool = True
-    method: str = "minmax"
+    method: Method = Method.MINMAX
     clip: tuple[float, float] | None = None
     pairs: PairBound | None = None
 
     def __post_init__(self) -> None:
-        parse_format(self.format)  # KeyError listing the known names
-        if self.method not in METHODS:
-            raise InputError(f"plan: unknown scale method {self.method!r} (one of {', '.join(METHODS)})")
+        # the format object, parsed once (the name is what JSON holds); KeyError lists the known names
+        object.__setattr__(self, "_fmt", parse_format(self.format))
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise InputError(f"plan: unknown scale method {self.method!r} (one of {', '.join(METHODS)})") from None
 
     @property
     def fmt(self):
-        return parse_format(self.format)
+        return self._fmt
 
     @property
     def dynamic(self) -> bool:
@@ -123,7 +146,7 @@ class QuantSpec:
             "format": self.format,
             "granularity": self.granularity.to_json(),
             "symmetric": self.symmetric,
-            "method": self.method,
+            "method": self.method.value,
         }
         if self.clip is not None:
             d["clip"] = [float(self.clip[0]), float(self.clip[1])]
@@ -164,7 +187,7 @@ class InputQuant:
         return cls(value=d["value"], role=role, spec=QuantSpec.from_json(d))
 
 
-@dataclass
+@dataclass(frozen=True)
 class NodePlan:
     """The quantization of one node.
 
@@ -197,7 +220,7 @@ class NodePlan:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantPlan:
     """Node name -> NodePlan, plus the target it was made for.
 

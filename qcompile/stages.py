@@ -205,7 +205,7 @@ def _smoothing_search(ctx: CompileContext) -> None:
     if names:
         amax, rows = channel_stats(stream_values(ctx.model, names, ctx.calib.batches(ctx.settings.batch_size)), names)
         scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.plan, amax, rows).items()}
-    ctx.plan.smoothing = scales
+    ctx.plan = dataclasses.replace(ctx.plan, smoothing=scales)
 
 
 def _smooth(ctx: CompileContext):

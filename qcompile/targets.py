@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qcompile.formats import BlockFormat, IntFormat, parse_format
+from qcompile.plan import Method
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,10 @@ class WeightPolicy:
     format: str
     granularity: str = "channel"
     block_size: int = 32
-    method: str = "minmax"
+    method: Method = Method.MINMAX
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,10 @@ class ActivationPolicy:
 
     format: str
     symmetric: bool = False
-    method: str = "mse"
+    method: Method = Method.MSE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method(self.method))
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,32 @@ def test_unreadable_plan_file_is_an_input_error(tmp_path):
         QuantPlan.load(p)
     with pytest.raises(InputError, match="plan .*missing.json"):
         QuantPlan.load(tmp_path / "missing.json")
+
+
+def test_specs_are_typed_and_plans_frozen():
+    """Typed specs (issue 10): the method is a `Method`, the format object is parsed once, plans
+    and node plans are frozen (updated with dataclasses.replace), a bad method or lowering is an
+    InputError."""
+    import dataclasses
+
+    import pytest
+
+    from qcompile.errors import InputError
+    from qcompile.pipeline import settings_for
+    from qcompile.plan import Method, NodePlan, QuantPlan, QuantSpec
+
+    spec = QuantSpec("int8", method="mse")
+    assert spec.method is Method.MSE and spec.method == "mse" and spec.to_json()["method"] == "mse"
+    assert spec.fmt is spec.fmt and spec.fmt.name == "int8"  # parsed once, not on every access
+    assert {Method.MSE: 1}["mse"] == 1  # interchangeable with its name as a key
+    with pytest.raises(InputError, match="unknown scale method"):
+        QuantSpec("int8", method="median")
+    plan = QuantPlan("int8", {"n": NodePlan("MatMul")})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.smoothing = {}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.nodes["n"].bias = True
+    assert dataclasses.replace(plan, smoothing={"x": [1.0]}).smoothing == {"x": [1.0]} and plan.smoothing == {}
+    assert settings_for("int8", lowering="integer").lowering == "integer"
+    with pytest.raises(InputError, match="lowering must be one of"):
+        settings_for("int8", lowering="fastest")

@@ -6,6 +6,7 @@ to float32 summation-order noise: rtol 1e-5.
 """
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -38,7 +39,7 @@ def _violations(m, plan, name) -> int:
     """Saturating pairs of the planned int8 codes of `name` (unbounded quantization, kernel pairing)."""
     node = helpers.node_by_name(m, name)
     spec = plan.nodes[name].inputs[1].spec
-    q = quantize_weight(node.inputs[1].const_value.numpy(), spec.__class__(**{**spec.__dict__, "pairs": None})).codes
+    q = quantize_weight(node.inputs[1].const_value.numpy(), dataclasses.replace(spec, pairs=None)).codes
     rows = np.moveaxis(q.astype(np.int32), spec.pairs.axis, 0).reshape(q.shape[spec.pairs.axis], -1)
     rows = rows[: rows.shape[0] // 2 * 2]
     a, b = rows[0::2], rows[1::2]

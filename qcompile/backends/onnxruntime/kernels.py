@@ -20,6 +20,7 @@ the report's layer table shows it.
 """
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,24 @@ from qcompile.backends.onnxruntime import nbits
 from qcompile.storage import PackedTensor
 
 KERNEL_KEY = "qcompile.kernel"  # node metadata: the policy's decision for this layer (JSON)
-LOWERINGS = ("auto", "function", "integer", "native")
+
+
+class Lowering(str, enum.Enum):
+    """`--lowering`: which kernels the policy may choose (see the table above). A str."""
+
+    AUTO = "auto"
+    FUNCTION = "function"
+    INTEGER = "integer"
+    NATIVE = "native"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:  # as its name's: interchangeable with the string in sets and dict keys
+        return hash(self.value)
+
+
+LOWERINGS = tuple(m.value for m in Lowering)
 
 
 @dataclass(frozen=True)
@@ -118,8 +136,10 @@ class Decision:
 
 def choose(layer: Layer, lowering: str) -> Decision:
     """The first kernel of KERNELS allowed by `lowering` that applies to `layer`."""
-    if lowering not in LOWERINGS:
-        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+    try:
+        lowering = Lowering(lowering)
+    except ValueError:
+        raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}") from None
     rejected: dict[str, str] = {}
     for k in KERNELS:
         if lowering not in k.lowerings:
