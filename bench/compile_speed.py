@@ -31,9 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _QCOMPILE = """
 import json, sys, time
+a = json.loads(sys.argv[1])
+if a.get("tree"):
+    sys.path.insert(0, a["tree"])  # another checkout of qcompile (e.g. main before a change)
 import qcompile
 from qcompile.baselines import peak_rss_bytes
-a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 r = qcompile.compile(a["model"], a["target"], calib=a["calib"], eval=a["eval"], validate=a["validate"], min_sqnr=-1e9)
 qcompile.save_model(r.model, a["out"])
@@ -67,9 +69,11 @@ def _child(code: str, args: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def run(model: str, calib: str, eval_: str, target: str, repeat: int) -> dict:
+def run(model: str, calib: str, eval_: str, target: str, repeat: int, tree: str | None = None) -> dict:
     rows = {"qcompile --no-validate": [], "qcompile": [], "ort quantize_static (MinMax, MatMul)": [],
             "ort quantize_dynamic": []}
+    if tree:
+        rows[f"qcompile at {Path(tree).name}"] = []
     with tempfile.TemporaryDirectory(prefix="qcompile-speed-") as d:
         base = {"model": model, "calib": calib, "eval": eval_, "target": target, "cwd": d}
         for _ in range(repeat):  # interleaved: a slow moment of the machine hits every tool alike
@@ -78,6 +82,9 @@ def run(model: str, calib: str, eval_: str, target: str, repeat: int) -> dict:
             rows["ort quantize_static (MinMax, MatMul)"].append(
                 _child(_ORT, base | {"config": "ort-static-matmul-minmax", "out": f"{d}/s.onnx"}))
             rows["ort quantize_dynamic"].append(_child(_ORT, base | {"config": "ort-dynamic", "out": f"{d}/y.onnx"}))
+            if tree:
+                rows[f"qcompile at {Path(tree).name}"].append(
+                    _child(_QCOMPILE, base | {"validate": True, "out": f"{d}/t.onnx", "tree": tree}))
     out = {}
     for name, runs in rows.items():
         out[name] = {"seconds": statistics.median(r["seconds"] for r in runs),
@@ -92,6 +99,10 @@ def markdown(res: dict, header: str) -> str:
     for name, r in res.items():
         lines.append(f"| {name} | {r['seconds']:.2f} | {r['seconds'] / ref:.2f} | {r['peak_rss_mb']:.0f} |")
     q = res["qcompile"]["runs"][-1]
+    if any(k.startswith("qcompile at") for k in res):
+        old = next(v for k, v in res.items() if k.startswith("qcompile at"))
+        lines.append(f"qcompile / the other checkout: {res['qcompile']['seconds'] / old['seconds']:.2f}x the time, "
+                     f"{res['qcompile']['peak_rss_mb'] / old['peak_rss_mb']:.2f}x the peak RSS")
     top = sorted(q["stages"].items(), key=lambda kv: -kv[1])[:6]
     lines += ["", "qcompile stages (last run): " + ", ".join(f"{k} {v:.1f} s" for k, v in top)]
     return "\n".join(lines)
@@ -106,6 +117,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--tree", help="Also time the full compile of another qcompile checkout (e.g. a git worktree of old main)")
     a = ap.parse_args()
     if a.model is None:
         from qcompile import zoo
@@ -113,7 +125,7 @@ def main() -> None:
         a.model = str(zoo.get_model("minilm"))
         a.calib = str(zoo.get_data("minilm", "calib", a.samples))
         a.eval = str(zoo.get_data("minilm", "eval", a.samples))
-    res = run(str(Path(a.model).resolve()), str(Path(a.calib).resolve()), str(Path(a.eval).resolve()), a.target, a.repeat)
+    res = run(str(Path(a.model).resolve()), str(Path(a.calib).resolve()), str(Path(a.eval).resolve()), a.target, a.repeat, a.tree)
     header = (f"{Path(a.model).name}, target {a.target}, {a.samples} calibration + {a.samples} held-out samples, "
               f"median of {a.repeat}; CPU: {cpu()}")
     print(markdown(res, header))

@@ -296,7 +296,8 @@ def explain_cmd(model, target, lowering, exclude_node, exclude_op, keep_last, as
         click.echo(f"layers ({len(e['layers'])} quantized, {len(e['kept_float'])} kept in float):")
         for row in e["layers"]:
             what = ", ".join(f"{k} {row[k]}" for k in ("weight", "activation") if k in row)
-            click.echo(f"  {row['node']} ({row['op_type']}): {what} -> {row.get('kernel', '-')}")
+            kernel = row.get("kernel", f"{row['op_type']} as emitted (the lowering policy covers MatMul/Gemm)")
+            click.echo(f"  {row['node']} ({row['op_type']}): {what} -> {kernel}")
             for k, why in row.get("kernels_not_taken", {}).items():
                 click.echo(f"      not {k}: {why}")
         for name, k in e["kept_float"].items():

@@ -22,21 +22,25 @@ SCHEMA = "qcompile.plan/1"
 Role = Literal["weight", "activation"]
 
 
-class Method(str, enum.Enum):
+class StrEnum(str, enum.Enum):
+    """An enum whose members are their names as strings: equal to them, hashed as them (so
+    interchangeable in sets and dict keys), written as them in JSON and by str()."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+class Method(StrEnum):
     """How a scale is chosen: the range (min/max), a percentile of |x|, TensorRT's entropy
-    threshold, or the clip of least squared error on the format's own grid. A str: compares equal
-    to its name and is its name in JSON."""
+    threshold, or the clip of least squared error on the format's own grid."""
 
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     ENTROPY = "entropy"
     MSE = "mse"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __hash__(self) -> int:  # as its name's: interchangeable with the string in sets and dict keys
-        return hash(self.value)
 
 
 METHODS = tuple(m.value for m in Method)

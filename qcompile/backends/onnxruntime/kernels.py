@@ -20,7 +20,6 @@ the report's layer table shows it.
 """
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,24 +28,19 @@ import onnx_ir as ir
 
 from qcompile import native
 from qcompile.backends.onnxruntime import nbits
+from qcompile.plan import StrEnum
 from qcompile.storage import PackedTensor
 
 KERNEL_KEY = "qcompile.kernel"  # node metadata: the policy's decision for this layer (JSON)
 
 
-class Lowering(str, enum.Enum):
-    """`--lowering`: which kernels the policy may choose (see the table above). A str."""
+class Lowering(StrEnum):
+    """`--lowering`: which kernels the policy may choose (see the table above)."""
 
     AUTO = "auto"
     FUNCTION = "function"
     INTEGER = "integer"
     NATIVE = "native"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __hash__(self) -> int:  # as its name's: interchangeable with the string in sets and dict keys
-        return hash(self.value)
 
 
 LOWERINGS = tuple(m.value for m in Lowering)
