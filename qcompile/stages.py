@@ -31,7 +31,7 @@ import onnx_ir.passes.common as common_passes
 
 from qcompile import __version__, external, restore
 from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
-from qcompile.calibrate import choose_clip, simulate
+from qcompile.calibrate import Histogram, choose_clip, simulate
 from qcompile.statistics import collect, release_memory, stream_values
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
@@ -219,30 +219,42 @@ def _has_pairs(ctx: CompileContext) -> bool:
     return any(q.spec.pairs is not None for n in ctx.work.nodes.values() for q in n.inputs.values())
 
 
-def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
-                   caps=None) -> QuantPlan:
-    """Fill the clip of every activation spec without one, from histograms of the value itself or,
-    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), of its tie heads.
-    A value the data never computes (in an If branch no sample takes) keeps no clip (`uncalibrated`)."""
-    if caps is None:
-        from qcompile.backends.onnxruntime.capabilities import CAPABILITIES as caps
+def calibration_heads(model: ir.Model, plan: QuantPlan, caps) -> dict[str, list[str]]:
+    """Activation value without a clip -> the values whose histograms give its range: itself or,
+    when its scale propagates through shape ops (`caps.shape_op_qdq_drop`), its tie heads."""
     specs = {v: s for v, s in plan.activation_specs().items() if s.clip is None and not s.dynamic}
-    if not specs:
-        return plan
-    by_name = all_values(model.graph)
-    heads = {
+    by_name = all_values(model.graph) if specs else {}
+    return {
         v: [h.name for h in tie_heads(by_name[v])[1]] if getattr(s.fmt, "onnx_dtype", None) in caps.shape_op_qdq_drop else [v]
         for v, s in specs.items()
     }
-    hists = collect(model, sorted({h for hs in heads.values() for h in hs}), data.batches(batch_size), progress)
+
+
+def clips_from(plan: QuantPlan, heads: dict[str, list[str]], hists: dict) -> QuantPlan:
+    """`plan` with the clip of every value in `heads` chosen from its heads' merged histogram (a
+    value the data never computed, in an If branch no sample takes, keeps none: `uncalibrated`)."""
+    specs = plan.activation_specs()
     clips = {}
-    for v, spec in specs.items():
-        h = hists[heads[v][0]]
-        for other in heads[v][1:]:
+    for v, hs in heads.items():
+        h = hists[hs[0]]
+        for other in hs[1:]:
             h.merge(hists[other])
         if h.count:
-            clips[v] = choose_clip(h, spec.format, spec.symmetric, spec.method)
+            clips[v] = choose_clip(h, specs[v].format, specs[v].symmetric, specs[v].method)
     return plan.with_clips(clips)
+
+
+def calibrate_plan(model: ir.Model, plan: QuantPlan, data: Dataset, batch_size: int = 8, progress=None,
+                   caps=None) -> QuantPlan:
+    """Fill the clip of every activation spec without one, from histograms of the calibration data
+    (`calibration_heads`, `clips_from`)."""
+    if caps is None:
+        from qcompile.backends.onnxruntime.capabilities import CAPABILITIES as caps
+    heads = calibration_heads(model, plan, caps)
+    if not heads:
+        return plan
+    hists = collect(model, sorted({h for hs in heads.values() for h in hs}), data.batches(batch_size), progress)
+    return clips_from(plan, heads, hists)
 
 
 def uncalibrated(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str]]:
@@ -261,8 +273,18 @@ def _without(plan: QuantPlan, names) -> QuantPlan:
 
 
 def _calibrate(ctx: CompileContext) -> None:
+    """Histograms of every uncalibrated activation, and, in the same pass over the calibration data,
+    the per-channel input means bias correction needs (both measure the graph as it is now)."""
     s = ctx.settings
-    ctx.work = calibrate_plan(ctx.model, ctx.work, ctx.calib, s.batch_size, ctx.progress, s.caps)
+    heads = calibration_heads(ctx.model, ctx.work, s.caps)
+    axes = _mean_axes(ctx) if s.target.bias_correction else {}
+    names = sorted({h for hs in heads.values() for h in hs} | set(axes))
+    if names:
+        hists = {h: Histogram() for hs in heads.values() for h in hs}
+        stream = _histogrammed(stream_values(ctx.model, names, ctx.calib.batches(s.batch_size)), hists, ctx.progress)
+        means = channel_means(stream, sorted(axes), axes)
+        ctx.work = clips_from(ctx.work, heads, hists)
+        ctx.means = means if axes else None
     unseen = uncalibrated(ctx.model, ctx.work)
     if unseen:
         ctx.kept.update(unseen)
@@ -270,6 +292,22 @@ def _calibrate(ctx: CompileContext) -> None:
         if not ctx.work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(s.target, ctx.kept))
     ctx.plan = ctx.plan.with_specs_of(ctx.work)  # the plan to save names the original graph's values
+
+
+def _histogrammed(stream, hists: dict, progress=None):
+    """`stream` passed on, each batch's values first added to their histograms in `hists`."""
+    for batch, values in stream:
+        for name, h in hists.items():
+            h.update(values[name])
+        if progress is not None:
+            progress(next(iter(batch.values())).shape[0])
+        yield batch, values
+
+
+def _mean_axes(ctx: CompileContext) -> dict[str, int]:
+    """Input value of each layer whose bias can absorb a correction -> its channel axis."""
+    ops = {n.name: n.op_type for n in ctx.model.graph}
+    return {value: 1 if ops[node] == "Conv" else -1 for node, value in correctable(ctx.model.graph, ctx.work).items()}
 
 
 def _restore_snapshot(ctx: CompileContext) -> None:
@@ -282,14 +320,15 @@ def _wants_snapshot(ctx: CompileContext) -> bool:
 
 
 def _bias_means(ctx: CompileContext) -> None:
-    """Per-channel means of the correctable layers' inputs on the calibration data (BiasCorrectionPass)."""
-    model, targets = ctx.model, correctable(ctx.model.graph, ctx.work)
+    """Per-channel means of the correctable layers' inputs (BiasCorrectionPass), when calibration
+    did not measure them on its pass (it always does when it ran one)."""
+    if ctx.means is not None:
+        return
+    axes = _mean_axes(ctx)
     ctx.means = {}
-    if targets:
-        ops = {n.name: n.op_type for n in model.graph}
-        axes = {value: 1 if ops[node] == "Conv" else -1 for node, value in targets.items()}
+    if axes:
         names = sorted(axes)
-        ctx.means = channel_means(stream_values(model, names, ctx.calib.batches(ctx.settings.batch_size)), names, axes)
+        ctx.means = channel_means(stream_values(ctx.model, names, ctx.calib.batches(ctx.settings.batch_size)), names, axes)
 
 
 def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray | None]]:

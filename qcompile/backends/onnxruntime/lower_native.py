@@ -27,45 +27,45 @@ _FLOAT8 = {f.onnx_dtype: f for f in (FORMATS["e4m3fn"], FORMATS["e4m3fnuz"], FOR
 
 
 class NativeFakeQuantPass(ir.passes.InPlacePass):
-    def __init__(self) -> None:
-        super().__init__()
-        self.moved = 0  # quantizers moved, over all runs
+    """Stateless: `modified` counts the quantizers this call moved."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = self.moved
+        moved = 0
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.domain == functions.DOMAIN and node.op_type in native.FAKE_QUANT_OPS:
                 node.domain = native.DOMAIN
-                self.moved += 1
+                moved += 1
         for node in list(model.graph):
             match = _float8_cast_pair(node)
             if match is not None:
-                self._replace(model.graph, node, *match)
-        modified = self.moved > before
+                _replace(model.graph, node, *match)
+                moved += 1
+        modified = moved > 0
         if modified:
             model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             functions.attach(model)
         return ir.passes.PassResult(model, modified=modified)
 
-    def _replace(self, graph: ir.Graph, mul: ir.Node, x: ir.Value, scale: ir.Value, fmt) -> None:
-        out = mul.outputs[0]
-        fq = ir.node("FakeQuantMinifloat", [x, scale], functions.minifloat_attributes(fmt), domain=native.DOMAIN,
-                     name=f"{mul.name}_fq")
-        fq.outputs[0].dtype, fq.outputs[0].shape = ir.DataType.FLOAT, out.shape
-        graph.insert_before(mul, fq)
-        name = out.name
-        out.replace_all_uses_with(fq.outputs[0], replace_graph_outputs=True)
-        out.name = None
-        fq.outputs[0].name = name
-        chain = [mul]
-        while chain:  # the Mul, then any Cast / Div left without readers
-            n = chain.pop()
-            if n.graph is None or any(o.uses() or o.is_graph_output() for o in n.outputs):
-                continue
-            producers = [v.producer() for v in n.inputs if v is not None and v.producer() is not None]
-            graph.remove(n, safe=True)
-            chain.extend(p for p in producers if p.op_type in ("Cast", "Div") and p.domain == "")
-        self.moved += 1
+
+def _replace(graph: ir.Graph, mul: ir.Node, x: ir.Value, scale: ir.Value, fmt) -> None:
+    """The float8 Cast pair ending at `mul` becomes one native FakeQuantMinifloat."""
+    out = mul.outputs[0]
+    fq = ir.node("FakeQuantMinifloat", [x, scale], functions.minifloat_attributes(fmt), domain=native.DOMAIN,
+                 name=f"{mul.name}_fq")
+    fq.outputs[0].dtype, fq.outputs[0].shape = ir.DataType.FLOAT, out.shape
+    graph.insert_before(mul, fq)
+    name = out.name
+    out.replace_all_uses_with(fq.outputs[0], replace_graph_outputs=True)
+    out.name = None
+    fq.outputs[0].name = name
+    chain = [mul]
+    while chain:  # the Mul, then any Cast / Div left without readers
+        n = chain.pop()
+        if n.graph is None or any(o.uses() or o.is_graph_output() for o in n.outputs):
+            continue
+        producers = [v.producer() for v in n.inputs if v is not None and v.producer() is not None]
+        graph.remove(n, safe=True)
+        chain.extend(p for p in producers if p.op_type in ("Cast", "Div") and p.domain == "")
 
 
 def _scalar(v: ir.Value | None) -> float | None:
