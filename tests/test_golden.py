@@ -58,6 +58,8 @@ def test_golden(case):
         golden_plan = json.load(f)
     golden_out = dict(np.load(f"{stem}.outputs.npz"))
     meta = json.loads(Path(f"{stem}.meta.json").read_text())
+    assert make.data_digest(case) == meta["data_sha256"], (
+        "the zoo's calibration/held-out data differ from those the golden files were made with")
     plan, outs, report = make.compile_case(case)
     plan = json.loads(json.dumps(plan, sort_keys=True))
     assert outs.keys() == golden_out.keys()

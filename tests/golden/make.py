@@ -31,6 +31,24 @@ CASES = [f"{m}:{t}" for m in MODELS for t in TARGETS]
 COMPILE_ARGS = {"min_sqnr": -1000.0, "max_float": 0.0}
 
 
+def data_digest(case: str) -> str:
+    """sha256 of the case's calibration and held-out arrays: the golden files hold for these only."""
+    import hashlib
+
+    import numpy as np
+
+    from qcompile import zoo
+
+    model = case.split(":")[0]
+    n_calib, n_eval = MODELS[model]
+    h = hashlib.sha256()
+    for path in (zoo.get_data(model, "calib", n_calib), zoo.get_data(model, "eval", n_eval)):
+        with np.load(path) as d:
+            for k in sorted(d.files):
+                h.update(k.encode() + str(d[k].shape).encode() + np.ascontiguousarray(d[k]).tobytes())
+    return h.hexdigest()
+
+
 def compile_case(case: str):
     """(plan JSON, {output: array} on the held-out samples) of one case, compiled now."""
     import numpy as np
@@ -63,7 +81,7 @@ def main(cases: list[str]) -> None:
             f.write(json.dumps(plan, indent=1, sort_keys=True) + "\n")
         np.savez_compressed(f"{stem}.outputs.npz", **outs)
         meta = {"cpu": host_cpu().value, "accuracy_level": report.get("accuracy_level", {}).get("level"),
-                "sqnr_db": report["verdict"]["worst_output_sqnr_db"]}
+                "sqnr_db": report["verdict"]["worst_output_sqnr_db"], "data_sha256": data_digest(case)}
         Path(f"{stem}.meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         print(case, meta, flush=True)
 
