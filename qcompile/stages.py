@@ -320,8 +320,8 @@ def _wants_snapshot(ctx: CompileContext) -> bool:
 
 
 def _bias_means(ctx: CompileContext) -> None:
-    """Per-channel means of the correctable layers' inputs (BiasCorrectionPass), when calibration
-    did not measure them on its pass (it always does when it ran one)."""
+    """Per-channel means of the correctable layers' inputs (BiasCorrectionPass), unless `calibrate`
+    measured them on its pass (it does whenever there is anything to measure)."""
     if ctx.means is not None:
         return
     axes = _mean_axes(ctx)
