@@ -26,11 +26,26 @@ from qcompile.backends.onnxruntime.session import is_runtime_error
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import Dataset
-from qcompile.errors import InputError, QCompileError, UnsupportedModelError, ValidationFailed
+from qcompile.errors import (
+    InputError,
+    QCompileError,
+    UnsupportedModelError,
+    ValidationFailed,
+)
 from qcompile.passes.insert_qdq import layer_records
 from qcompile.plan import QuantPlan
-from qcompile.stages import (HELD_OUT, REPORT_SCHEMA, Stage, as_dataset, calibrate_plan, load_model, pipeline_for,
-                             required_opset, required_opset_for)
+from qcompile.stages import (
+    HELD_OUT,
+    REPORT_SCHEMA,
+    Stage,
+    as_dataset,
+    calibrate_plan,
+    load_model,
+    pipeline_for,
+    required_opset,
+    required_opset_for,
+    worst_sqnr,
+)
 from qcompile.targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -238,7 +253,7 @@ def _need_native() -> None:
 
 def _fail(result: CompileResult) -> None:
     v = result.report["verdict"]
-    worst = ", ".join(f"{r['node']} ({_worst(r):.1f} dB)" for r in v["worst_layers"][:3])
+    worst = ", ".join(f"{r['node']} ({worst_sqnr(r):.1f} dB)" for r in v["worst_layers"][:3])
     kept = result.report.get("restored", {}).get("layers", [])
     note = f" with {len(kept)} layers restored to float" if kept else ""
     raise ValidationFailed(
@@ -247,11 +262,6 @@ def _fail(result: CompileResult) -> None:
         result.report,
         result,
     )
-
-
-def _worst(row: dict) -> float:
-    vals = [v for v in (row.get("activation_sqnr_db"), row.get("weight_sqnr_db")) if v is not None]
-    return min(vals) if vals else float("inf")
 
 
 def _restore(first_ctx: CompileContext, compile_once: Callable[[Settings], CompileContext], budget: float) -> CompileResult:

@@ -9,7 +9,7 @@ prints it without running it.
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
     plan       plan, smoothing-search, SmoothQuantPass, PairPermutationPass, calibrate,
-               restore-snapshot, bias-means, BiasCorrectionPass
+               restore-snapshot, BiasCorrectionPass
     quantize   InsertQDQPass
     backend    the backend's lowering passes (`qcompile.backends.onnxruntime.backend.lowering_passes`)
     emit       StoreHalfPass, emit, onnx.checker
@@ -32,7 +32,7 @@ import onnx_ir.passes.common as common_passes
 from qcompile import __version__, external, restore
 from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
 from qcompile.calibrate import Histogram, choose_clip, simulate
-from qcompile.statistics import collect, release_memory, stream_values
+from qcompile.statistics import collect, histogrammed, release_memory, stream_values
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
@@ -285,10 +285,10 @@ def _calibrate(ctx: CompileContext) -> None:
     names = sorted({h for hs in heads.values() for h in hs} | set(axes))
     if names:
         hists = {h: Histogram() for hs in heads.values() for h in hs}
-        stream = _histogrammed(stream_values(ctx.model, names, ctx.calib.batches(s.batch_size)), hists, ctx.progress)
+        stream = histogrammed(stream_values(ctx.model, names, ctx.calib.batches(s.batch_size)), hists, ctx.progress)
         means = channel_means(stream, sorted(axes), axes)
         ctx.work = clips_from(ctx.work, heads, hists)
-        ctx.means = means if axes else None
+        ctx.means = means
     unseen = uncalibrated(ctx.model, ctx.work)
     if unseen:
         ctx.kept.update(unseen)
@@ -296,16 +296,6 @@ def _calibrate(ctx: CompileContext) -> None:
         if not ctx.work.nodes:
             raise UnsupportedModelError(nothing_to_quantize(s.target, ctx.kept))
     ctx.plan = ctx.plan.with_specs_of(ctx.work)  # the plan to save names the original graph's values
-
-
-def _histogrammed(stream, hists: dict, progress=None):
-    """`stream` passed on, each batch's values first added to their histograms in `hists`."""
-    for batch, values in stream:
-        for name, h in hists.items():
-            h.update(values[name])
-        if progress is not None:
-            progress(next(iter(batch.values())).shape[0])
-        yield batch, values
 
 
 def _mean_axes(ctx: CompileContext) -> dict[str, int]:
@@ -321,18 +311,6 @@ def _restore_snapshot(ctx: CompileContext) -> None:
 def _wants_snapshot(ctx: CompileContext) -> bool:
     s = ctx.settings
     return s.probe and s.validate and not ctx.replay and external.weight_bytes(ctx.model) <= restore.MAX_WEIGHT_BYTES
-
-
-def _bias_means(ctx: CompileContext) -> None:
-    """Per-channel means of the correctable layers' inputs (BiasCorrectionPass), unless `calibrate`
-    measured them on its pass (it does whenever there is anything to measure)."""
-    if ctx.means is not None:
-        return
-    axes = _mean_axes(ctx)
-    ctx.means = {}
-    if axes:
-        names = sorted(axes)
-        ctx.means = channel_means(stream_values(ctx.model, names, ctx.calib.batches(ctx.settings.batch_size)), names, axes)
 
 
 def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray | None]]:
@@ -380,7 +358,8 @@ def check_model(model: ir.Model) -> None:
         raise QCompileError(f"compiled model fails onnx.checker: {str(e).splitlines()[0]}") from None
 
 
-def _worst(row: dict) -> float:
+def worst_sqnr(row: dict) -> float:
+    """A layer row's worst SQNR (weight or activation): the verdict ranks layers by it."""
     vals = [v for v in (row.get("activation_sqnr_db"), row.get("weight_sqnr_db")) if v is not None]
     return min(vals) if vals else float("inf")
 
@@ -496,7 +475,7 @@ def _validate(ctx: CompileContext) -> None:
     r["outputs"] = compare(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size, None, ctx.reference)
     r["validation"] = {"samples": len(ctx.eval), "session": f"onnxruntime ENABLE_ALL, {compile_threads()} threads", "host_cpu": host_description()}
     v = verdict(r["outputs"], ctx.settings.gate_db)
-    v["worst_layers"] = sorted(ctx.layers, key=_worst)[:5]
+    v["worst_layers"] = sorted(ctx.layers, key=worst_sqnr)[:5]
     r["verdict"] = v
 
 
@@ -544,9 +523,8 @@ def pipeline_for(s: Settings) -> list[Stage]:
             pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
             Stage("calibrate", _calibrate),
             Stage("restore-snapshot", _restore_snapshot, when=_wants_snapshot),
-            *([Stage("bias-means", _bias_means),
-               pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
-                          when=lambda c: bool(c.means))] if tgt.bias_correction else []),
+            pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
+                       when=lambda c: bool(c.means)),
         ],
         "quantize": [pass_stage("InsertQDQPass", lambda c: InsertQDQPass(c.work, s.caps, c.weights))],
         "backend": lowering_stages(s),

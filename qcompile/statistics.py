@@ -48,12 +48,20 @@ def release_memory() -> None:
         pass
 
 
-def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:
-    """Histograms of the named values over all batches (bounded memory, see the module doc)."""
-    hists = {h: Histogram() for h in heads}
-    for batch, values in stream_values(model, heads, batches):
-        for name, arr in values.items():
-            hists[name].update(arr)
+def histogrammed(stream, hists: dict[str, Histogram], progress=None):
+    """`stream` passed on, each batch's values first added to their histograms in `hists` (so one
+    pass can feed histograms and other summaries at once)."""
+    for batch, values in stream:
+        for name, h in hists.items():
+            h.update(values[name])
         if progress is not None:
             progress(next(iter(batch.values())).shape[0])
+        yield batch, values
+
+
+def collect(model, heads: list[str], batches, progress=None) -> dict[str, Histogram]:
+    """Histograms of the named values over all batches (bounded memory, see `calibrate.Histogram`)."""
+    hists = {h: Histogram() for h in heads}
+    for _ in histogrammed(stream_values(model, heads, batches), hists, progress):
+        pass
     return hists
