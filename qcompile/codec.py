@@ -50,6 +50,13 @@ def round_to_grid(x: np.ndarray, fmt: ScalarFormat) -> np.ndarray:
     IntFormat: integers (times 2**-frac_bits) in [qmin, qmax]; the caller divides by the scale
     and adds the zero point.
     """
+    if isinstance(fmt, IntFormat) and fmt.frac_bits == 0 and getattr(x, "dtype", None) == np.float32:
+        # integers of <= 24 bits: rint and clip in float32 give the float64 path's values exactly
+        q = np.array(x, dtype=np.float32)
+        np.rint(q, out=q)
+        np.clip(q, fmt.qmin, fmt.qmax, out=q)
+        q[np.isnan(q)] = 0.0
+        return q
     x = np.asarray(x, dtype=np.float64)
     if isinstance(fmt, IntFormat):
         step = 2.0**-fmt.frac_bits

@@ -233,26 +233,45 @@ class Dataset:
             raise InputError(f"data {f.name}: inputs have different sample counts {sorted(sizes)}")
         return sizes.pop() if sizes else 0
 
+    step: int = 1
+
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return max(0, -(-(self.stop - self.start) // self.step))
 
     def take(self, start: int, stop: int | None = None) -> Dataset:
+        """Samples [start, stop) of this dataset (a contiguous range)."""
+        if self.step != 1:
+            raise ValueError("take() of a spread dataset")
         d = object.__new__(type(self))
         d.__dict__.update(self.__dict__)
         d.start = self.start + start
         d.stop = self.stop if stop is None else min(self.stop, self.start + stop)
         return d
 
-    def samples(self) -> Iterator[Batch]:
-        """Yield per-file chunks restricted to [start, stop), arrays keyed by input name."""
+    def spread(self, n: int) -> Dataset:
+        """At most `n` samples evenly spread over the dataset (every ceil(len / n)-th one), so a
+        subset of data stored in order (by class, by source) still covers all of it; the whole
+        dataset when it has no more than `n`."""
+        d = object.__new__(type(self))
+        d.__dict__.update(self.__dict__)
+        d.step = self.step * max(1, -(-len(self) // max(n, 1)))
+        return d
+
+    def _ranges(self, sizes: list[int]) -> Iterator[tuple[int, slice]]:
+        """(chunk index, slice of that chunk) of the samples start, start + step, ... < stop."""
         offset = 0
-        for f, n in zip(self.files, self._sizes):
+        for k, n in enumerate(sizes):
             lo, hi = max(self.start - offset, 0), min(self.stop - offset, n)
+            lo += (self.start - offset - lo) % self.step  # the first index of the stride in this chunk
             offset += n
-            if lo >= hi:
-                continue
-            with np.load(f) as z:
-                yield {i.name: _cast(z[i.name][lo:hi], i) for i in self.inputs}
+            if lo < hi:
+                yield k, slice(lo, hi, self.step)
+
+    def samples(self) -> Iterator[Batch]:
+        """Yield per-file chunks restricted to [start, stop) (every step-th), arrays keyed by input name."""
+        for k, sl in self._ranges(self._sizes):
+            with np.load(self.files[k]) as z:
+                yield {i.name: _cast(z[i.name][sl], i) for i in self.inputs}
 
     def batches(self, batch_size: int = 8) -> Iterator[Batch]:
         """Batches shaped for the model (see the module doc)."""
@@ -337,4 +356,4 @@ class ArrayDataset(Dataset):
 
     def samples(self) -> Iterator[Batch]:
         if len(self):
-            yield {k: v[self.start : self.stop] for k, v in self.arrays.items()}
+            yield {k: v[self.start : self.stop : self.step] for k, v in self.arrays.items()}

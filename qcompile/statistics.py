@@ -8,6 +8,8 @@ session.
 """
 from __future__ import annotations
 
+import functools
+
 from qcompile.calibrate import Histogram
 
 
@@ -16,23 +18,42 @@ def stream_values(model, names: list[str], batches):
 
     The model is instrumented once (the values become extra graph outputs, threaded out of If /
     Loop / Scan bodies by `subgraphs.expose`, and removed again right after the session is built)
-    and runs in one onnxruntime session at ENABLE_BASIC, so no fusion hides a value. Only one
-    batch of values is alive at a time. A value inside a body is empty for a sample that does not
-    run it, stacked over iterations for a Loop / Scan.
+    and runs in one onnxruntime session at ENABLE_BASIC, so no fusion hides a value. The session
+    computes the next batch while the consumer reads the current one (`_ahead`; its idle workers
+    sleep instead of spinning, so they leave the consumer a core): at most two batches of values
+    are alive. A value inside a body is empty for a sample that does not run it, stacked over
+    iterations for a Loop / Scan.
     """
     from qcompile import external
     from qcompile.backends.onnxruntime.session import compile_threads, make_session
     from qcompile.subgraphs import expose
 
     with expose(model, names) as outputs:  # a session file referring to the weights' files in place
-        sess = make_session(model, level="basic", prepack=external.prepack(model), threads=compile_threads())
-    fetch = [outputs[h] for h in names]
+        sess = make_session(model, level="basic", prepack=external.prepack(model), threads=compile_threads(), spin=False)
+    run = functools.partial(sess.run, [outputs[h] for h in names])
     try:
-        for batch in batches:
-            yield batch, dict(zip(names, sess.run(fetch, batch)))
+        for batch, values in _ahead(run, batches):
+            yield batch, dict(zip(names, values))
     finally:
-        del sess
+        del sess, run
         release_memory()
+
+
+def _ahead(run, batches):
+    """(batch, run(batch)) for each batch, the next batch's run started before the current one is
+    yielded: the session computes (without the GIL) while the consumer summarises the previous
+    values, so the two overlap instead of taking turns. At most two batches of values are alive."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(batches)
+    with ThreadPoolExecutor(1) as pool:
+        batch = next(it, None)
+        pending = None if batch is None else pool.submit(run, batch)
+        while pending is not None:
+            values = pending.result()
+            current, batch = batch, next(it, None)
+            pending = None if batch is None else pool.submit(run, batch)
+            yield current, values
 
 
 def release_memory() -> None:

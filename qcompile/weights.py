@@ -219,6 +219,21 @@ def pair_sums(q: np.ndarray, pairs: PairBound, channel: int) -> np.ndarray:
     return np.where(a * b > 0, np.abs(a + b), 0).max(axis=1, initial=0)
 
 
+def _pair_peaks(q: np.ndarray, pairs: PairBound, channel: int, fmt: IntFormat) -> np.ndarray:
+    """`pair_sums` where it exceeds `pairs.bound`, and some value <= bound elsewhere (all `_fit_pairs`
+    needs). For a 2-D weight whose bound is at least the largest |code|, the largest |q_a + q_b| over
+    *all* pairs is that: a pair of opposite signs (or with a zero) has |q_a + q_b| <= max(|q_a|, |q_b|)
+    <= bound, so it never exceeds the bound nor hides a same-signed pair that does. Computed on a
+    strided view of the codes, without the int32 copy in the kernel's order."""
+    if (q.ndim != 2 or pairs.axis is None or pairs.axis % 2 == channel % 2 or fmt.frac_bits
+            or pairs.bound < max(-fmt.qmin, fmt.qmax)):
+        return pair_sums(q, pairs, channel).astype(np.float64)
+    v = np.moveaxis(q, pairs.axis, 0)
+    k = v.shape[0] - v.shape[0] % 2  # an odd last code pairs with zero: never over the bound
+    s = v[0:k:2] + v[1:k:2]
+    return np.abs(s, out=s).max(axis=0, initial=0).astype(np.float64)
+
+
 def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBound, axis: int | None) -> np.ndarray:
     """Grow the scale of each channel whose codes break the pair bound (see the module doc).
 
@@ -236,9 +251,9 @@ def _fit_pairs(w: np.ndarray, scale: np.ndarray, fmt: IntFormat, pairs: PairBoun
     scale = np.array(scale, dtype=np.float32)
     todo = np.arange(scale.size)
     for _ in range(64):
-        part = np.take(w, todo, axis=axis)
+        part = w if todo.size == scale.size else np.take(w, todo, axis=axis)
         q = codec.round_to_grid(part / codec.expand_param(scale[todo], part.shape, axis, None), fmt)
-        p = pair_sums(q, pairs, axis).astype(np.float64)
+        p = _pair_peaks(q, pairs, axis, fmt)
         over = p > pairs.bound
         if not np.any(over):
             return scale

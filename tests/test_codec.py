@@ -197,6 +197,18 @@ def test_int_codes_are_twos_complement():
     eq(codec.round_to_grid([5.0, -5.0, 1 / 128, 3 / 128], elem), [127 / 64, -127 / 64, 0, 1 / 32])
 
 
+@pytest.mark.parametrize("fmt", [f for f in SCALARS + WIDE if isinstance(f, IntFormat)], ids=lambda f: f.name)
+def test_float32_int_rounding_equals_float64(fmt):
+    """float32 input takes round_to_grid's float32 path for integer grids: the same values (rint and
+    clip of the same numbers), NaN -> 0 and +-inf saturating included."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(20000) * 10.0 ** rng.uniform(-3, 5, 20000)).astype(np.float32)
+    x = np.concatenate([x, np.float32([np.nan, np.inf, -np.inf, 0.5, 1.5, -2.5, -0.0, 1e30])])
+    got, ref = codec.round_to_grid(x, fmt), codec.round_to_grid(x.astype(np.float64), fmt)
+    assert got.dtype == ref.dtype == np.float32 and np.array_equal(got, ref)
+    assert codec.round_to_grid(np.float32(2.5), fmt) == codec.round_to_grid(2.5, fmt)
+
+
 # --------------------------------------------------------------------------------------------
 # Hypothesis: formats wider than 8 bits
 # --------------------------------------------------------------------------------------------

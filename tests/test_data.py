@@ -106,6 +106,26 @@ def test_fixed_batch_dim_is_fed_one_sample_at_a_time(tmp_path):
     assert [b["a"].shape[0] for b in Dataset(tmp_path / "d.npz", _inputs(_two_input_model("N"))).batches(8)] == [8, 2]
 
 
+def test_spread_takes_every_kth_sample_across_files(tmp_path):
+    """`spread(n)`: at most n samples evenly strided over the whole dataset (file boundaries and a
+    range's offset included), so a subset of data stored in order still covers it all."""
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal((n, 64)).astype(np.float32) for n in (5, 7, 3, 9)]
+    for i, p in enumerate(parts):
+        np.savez(tmp_path / f"part{i}.npz", x=p)
+    ds = Dataset(tmp_path, _inputs(tiny_models.mlp()))
+    every = np.concatenate(parts)
+    for n, step in ((8, 3), (24, 1), (100, 1), (5, 5), (1, 24)):
+        sub = ds.spread(n)
+        np.testing.assert_array_equal(_concat(sub.batches(4)), every[::step])
+        assert len(sub) == len(every[::step]) <= n
+    part = ds.take(4, 21).spread(6)  # 17 samples from 4: every 3rd
+    np.testing.assert_array_equal(_concat(part.batches(2)), every[4:21:3])
+    assert len(part) == 6
+    arr = ArrayDataset({"x": every}, _inputs(tiny_models.mlp())).take(4, 21).spread(6)
+    np.testing.assert_array_equal(_concat(arr.batches(5)), every[4:21:3])
+
+
 def test_array_dataset_batches():
     inputs = _inputs(tiny_models.mlp())
     x = np.random.default_rng(2).standard_normal((10, 64)).astype(np.float32)

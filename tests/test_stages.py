@@ -142,6 +142,21 @@ def test_smooth_quant_pass_contract():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+def test_smoothing_search_does_not_depend_on_threads():
+    """The smoothing search runs its activations on a thread pool with one BLAS thread each: its
+    choice is the same with 1 and 2 threads, and an outlier channel makes it smooth something."""
+    from qcompile.passes.smooth_quant import choose_scales
+
+    _, model, plan, _ = _smoothed_attention()
+    rng = np.random.default_rng(7)
+    names = smoothable(model.graph, plan)
+    rows = {v: rng.standard_normal((512, 32)).astype(np.float32) * np.where(np.arange(32) == 3, 40.0, 1.0)
+            for v in names}
+    amax = {v: np.abs(r).max(axis=0) for v, r in rows.items()}
+    one, two = (choose_scales(model.graph, plan, amax, rows, threads=t) for t in (1, 2))
+    assert one and one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+
+
 @pytest.mark.parametrize("target", ["int8", "w4", "w8", "fp8", "fp4", "fp6", "mxfp4", "mxfp6", "mxint8", "nvfp4", "w:e3m4"])
 def test_stored_form_read_back(target):
     """Every weight's stored form read back from the graph (`qcompile.stored`) is the one the

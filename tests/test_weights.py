@@ -92,6 +92,26 @@ def test_pair_fit_matches_the_plain_rule():
     assert np.array_equal(got, ref) and np.sum(got != scale) > 10
 
 
+@pytest.mark.parametrize("shape,bound", [((256, 64), 128), ((257, 33), 128), ((256, 64), 100), ((5, 7), 128)])
+def test_pair_peaks_decide_as_the_pair_sums(shape, bound):
+    """The fast pair check (`_pair_peaks`, any-signed pairs on a strided view) grows exactly the
+    channels the same-signed pair sums would, by the same factor; an odd reduction length and a bound
+    below the largest code (where opposite-signed pairs could exceed it: the plain rule) included."""
+    from qcompile.weights import _pair_peaks
+
+    spec = QuantSpec("int8", PerChannel(1), pairs=PairBound(0, bound))
+    w = _weight(shape)
+    w[:, ::3] = np.abs(w[:, ::3]) + 1
+    scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    q = codec.round_to_grid(w / scale, spec.fmt)
+    ref = pair_sums(q, spec.pairs, 1).astype(np.float64)
+    got = _pair_peaks(q, spec.pairs, 1, spec.fmt)
+    over = ref > bound
+    assert np.array_equal(got > bound, over) and np.array_equal(got[over], ref[over])
+    assert np.array_equal(_fit_pairs(w, scale, spec.fmt, spec.pairs, 1),
+                          _fit_pairs_reference(w, scale, spec.fmt, spec.pairs, 1))
+
+
 def test_per_tensor_pair_fit():
     spec = QuantSpec("int8", PerTensor(), pairs=PairBound(0, 128))
     w = np.abs(_weight((64, 32))) + 0.5

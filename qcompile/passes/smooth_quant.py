@@ -114,57 +114,76 @@ def candidate_rules(wmax: np.ndarray) -> list:
 
 
 def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
-                  rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                  rows: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """Per activation, the best candidate scales, or nothing when none beats plain quantization.
 
     The sample rows are split in two: candidate scales and the activation clip are fitted on
     one half and scored on the other, so a rule that only fits the sample's own extremes (iid
-    data has no outlier channels) does not win; the chosen rule is then applied to the maxima of
-    the whole calibration set.
+    data has no outlier channels) does not win; the chosen rule is then applied to the maxima
+    `amax`. The activations are searched independently, `threads` at a time (numpy and its BLAS
+    release the GIL; BLAS runs one thread per search, so a search's arithmetic, hence its choice,
+    does not depend on `threads`).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    nodes = {n.name: n for n in graph}
+    todo = [(v, cs) for v, cs in smoothable(graph, plan).items()
+            if v in amax and v in rows and rows[v].shape[0] >= 4]
+    search = lambda vc: _best_rule(nodes, plan, vc[1], rows[vc[0]])
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
+        rules = list(pool.map(search, todo) if threads > 1 else map(search, todo))
+    out = {}
+    for (value, consumers), rule in zip(todo, rules):
+        for c in consumers:  # the search read each float weight once: return its mapped pages
+            external.drop_pages(nodes[c].inputs[1].const_value)
+        log.debug("smoothing %s: %s", value, "off" if rule is None else "on")
+        if rule is not None:
+            out[value] = rule(amax[value])
+    return out
+
+
+SEARCH_BINS = 1 << 11  # histogram bins of the search's activation clip (1024 fit rows: ~200 values a bin)
+
+
+def _best_rule(nodes: dict[str, ir.Node], plan: QuantPlan, consumers: list[str], rows: np.ndarray) -> Callable | None:
+    """The candidate rule (`candidate_rules`) with the least quantized output error on the test half
+    of `rows`, fitted on the other half; None when no rule beats no smoothing."""
     from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
     from qcompile.weights import dequantized
 
-    nodes = {n.name: n for n in graph}
-    out = {}
-    for value, consumers in smoothable(graph, plan).items():
-        if value not in amax or value not in rows or rows[value].shape[0] < 4:
-            continue
-        fit, test = rows[value][0::2].astype(np.float32), rows[value][1::2].astype(np.float32)
-        ws = [_search_columns(_weight_rows(nodes[c])) for c in consumers]
-        if any(w.shape[0] != fit.shape[1] for w in ws):
-            continue
-        aspec = plan.nodes[consumers[0]].inputs[0].spec
-        wspecs = [plan.nodes[c].inputs[1].spec for c in consumers]
-        refs = [test @ w for w in ws]
-        wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
-        fit_amax = np.abs(fit).max(axis=0)
+    fit, test = rows[0::2].astype(np.float32), rows[1::4].astype(np.float32)
+    ws = [_search_columns(_weight_rows(nodes[c])) for c in consumers]
+    if any(w.shape[0] != fit.shape[1] for w in ws):
+        return None
+    aspec = plan.nodes[consumers[0]].inputs[0].spec
+    wspecs = [plan.nodes[c].inputs[1].spec for c in consumers]
+    gemm_t = [nodes[c].op_type == "Gemm" and _trans_b(nodes[c]) for c in consumers]
+    refs = [test @ w for w in ws]
 
-        def error(s: np.ndarray | None) -> float:
-            s = np.ones(fit.shape[1], np.float32) if s is None else s
-            h = Histogram()
-            h.update(fit / s)
-            sc, zp = qparams_from_clip(*choose_clip(h, aspec.format, aspec.symmetric, aspec.method), aspec.fmt, aspec.symmetric)
-            xq = fake_quant(test / s, sc, zp, aspec.fmt).astype(np.float32)
-            err = 0.0
-            for w, ref, node, spec in zip(ws, refs, consumers, wspecs):
-                gemm_t = nodes[node].op_type == "Gemm" and _trans_b(nodes[node])
-                ws_ = w * s[:, None]
-                q = dequantized(ws_.T if gemm_t else ws_, spec)
-                err += float(np.sum((ref - xq @ (q.T if gemm_t else q)) ** 2))
-            return err
+    def error(s: np.ndarray) -> float:
+        h = Histogram(bins=SEARCH_BINS)
+        h.update(fit / s)
+        sc, zp = qparams_from_clip(*choose_clip(h, aspec.format, aspec.symmetric, aspec.method), aspec.fmt, aspec.symmetric)
+        xq = fake_quant(test / s, sc, zp, aspec.fmt).astype(np.float32)
+        err = 0.0
+        for w, ref, spec, t in zip(ws, refs, wspecs, gemm_t):
+            ws_ = w * s[:, None]
+            q = dequantized(ws_.T if t else ws_, spec)
+            d = xq @ (q.T if t else q)
+            np.subtract(ref, d, out=d)
+            err += float(np.sum(np.square(d, out=d)))
+        return err
 
-        best, best_rule = error(None), None
-        for rule in candidate_rules(wmax):
-            e = error(rule(fit_amax))
-            if e < best:
-                best, best_rule = e, rule
-        for c in consumers:  # the search read each float weight once: return its mapped pages
-            external.drop_pages(nodes[c].inputs[1].const_value)
-        log.debug("smoothing %s: %s", value, "off" if best_rule is None else "on")
-        if best_rule is not None:
-            out[value] = best_rule(amax[value])
-    return out
+    wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+    fit_amax = np.abs(fit).max(axis=0)
+    best, best_rule = error(np.ones(fit.shape[1], np.float32)), None
+    for rule in candidate_rules(wmax):
+        e = error(rule(fit_amax))
+        if e < best:
+            best, best_rule = e, rule
+    return best_rule
 
 
 SEARCH_ELEMENTS = 1 << 22  # weights larger than this are searched on a subset of their output columns

@@ -38,7 +38,7 @@ def is_runtime_error(e: BaseException) -> bool:
 
 
 def session_options(level: str = "all", threads: int = 1, optimized_path: str | None = None,
-                    prepack: bool = True) -> ort.SessionOptions:
+                    prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
     """CPU session options; `prepack=False` keeps constant weights as loaded (memory-mapped) instead
     of a kernel-layout copy next to them (MLAS packs a float MatMul's B: twice the weight memory)."""
     so = ort.SessionOptions()
@@ -50,18 +50,20 @@ def session_options(level: str = "all", threads: int = 1, optimized_path: str | 
         so.optimized_model_filepath = optimized_path
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if not spin:  # idle workers sleep: the caller's own thread shares the cores with the session
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     from qcompile import native
 
     return native.session_options(so)  # the optional qcompile.native ops, when their library is built
 
 
 def make_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, level: str = "all", threads: int = 1,
-                 optimized_path: str | None = None, prepack: bool = True) -> ort.InferenceSession:
+                 optimized_path: str | None = None, prepack: bool = True, spin: bool = True) -> ort.InferenceSession:
     """A CPU session. A path loads as is; an in-memory model whose weights live in external data
     files, or exceed FILE_SESSION_BYTES, is written as a session file that refers to those files
     in place (`qcompile.external.session_file`: no copy of the weights, onnxruntime maps them);
     a small one goes through bytes."""
-    so = session_options(level, threads, optimized_path, prepack)
+    so = session_options(level, threads, optimized_path, prepack, spin)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), so, providers=providers)
