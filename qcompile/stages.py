@@ -63,8 +63,9 @@ CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is ch
 ACTIVATION_SQNR_SAMPLES = 64
 # The smoothing search reads this many calibration samples (spread over the data): its sample rows
 # (smooth_quant.channel_stats: 2048 rows) fill from ~24 MiniLM sentences, and outlier channels, which
-# decide the scales, are systematic, so the channel maxima of 32 samples pick the same rule as those of
-# 256 while the pass costs an eighth (MiniLM int8, 256 samples: 3.5 -> 0.5 s).
+# decide the scales, are systematic, so the channel maxima of 32 samples set them about as well as
+# those of every sample (MiniLM int8, 256 + 256 sentences: 22.64 dB, against 21.66 dB reading all
+# 256) for an eighth of the forward passes.
 SMOOTH_SAMPLES = 32
 
 

@@ -117,8 +117,8 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
                   rows: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """Per activation, the best candidate scales, or nothing when none beats plain quantization.
 
-    The sample rows are split in two: candidate scales and the activation clip are fitted on
-    one half and scored on the other, so a rule that only fits the sample's own extremes (iid
+    The sample rows are split: candidate scales and the activation clip are fitted on the even
+    rows and scored on others (`_best_rule`), so a rule that only fits the sample's own extremes (iid
     data has no outlier channels) does not win; the chosen rule is then applied to the maxima
     `amax`. The activations are searched independently, `threads` at a time (numpy and its BLAS
     release the GIL; BLAS runs one thread per search, so a search's arithmetic, hence its choice,
@@ -148,8 +148,9 @@ SEARCH_BINS = 1 << 11  # histogram bins of the search's activation clip (1024 fi
 
 
 def _best_rule(nodes: dict[str, ir.Node], plan: QuantPlan, consumers: list[str], rows: np.ndarray) -> Callable | None:
-    """The candidate rule (`candidate_rules`) with the least quantized output error on the test half
-    of `rows`, fitted on the other half; None when no rule beats no smoothing."""
+    """The candidate rule (`candidate_rules`) with the least quantized output error on the test rows
+    (every other odd row: a quarter of `rows`, which bounds the scoring MatMuls), with scales and
+    clip fitted on the even rows; None when no rule beats no smoothing."""
     from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
     from qcompile.weights import dequantized
 
