@@ -61,12 +61,13 @@ CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is ch
 # energy ratio, steady well before 64 samples, while simulating every activation of a CNN on all
 # held-out images costs more than the rest of validation (EfficientNet-Lite0, 256 images: ~20 s)
 ACTIVATION_SQNR_SAMPLES = 64
-# The smoothing search reads this many calibration samples (spread over the data): its sample rows
-# (smooth_quant.channel_stats: 2048 rows) fill from ~24 MiniLM sentences, and outlier channels, which
+# The smoothing search reads this many calibration samples (spread over the data), or more when they
+# do not fill SEARCH_ROWS rows (`_smoothing_stats`): the rows fill from ~24 MiniLM sentences, and outlier channels, which
 # decide the scales, are systematic, so the channel maxima of 32 samples set them about as well as
 # those of every sample (MiniLM int8, 256 + 256 sentences: 22.64 dB, against 21.66 dB reading all
 # 256) for an eighth of the forward passes.
 SMOOTH_SAMPLES = 32
+SEARCH_ROWS = 2048  # sample rows of each smoothable activation the search scores candidates on
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,24 @@ def _smoothing_search(ctx: CompileContext) -> None:
     names = sorted(smoothable(ctx.model.graph, ctx.plan))
     scales = {}
     if names:
-        data = ctx.calib.spread(SMOOTH_SAMPLES)
-        amax, rows = channel_stats(stream_values(ctx.model, names, data.batches(ctx.settings.batch_size)), names)
+        amax, rows = _smoothing_stats(ctx, names)
         scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.plan, amax, rows, compile_threads()).items()}
     ctx.plan = dataclasses.replace(ctx.plan, smoothing=scales)
+
+
+def _smoothing_stats(ctx: CompileContext, names: list[str]) -> tuple[dict, dict]:
+    """`channel_stats` of SMOOTH_SAMPLES spread calibration samples, or, when these give an
+    activation fewer than SEARCH_ROWS rows (a model with few rows per sample: an MLP, a CNN's
+    classifier), of as many samples as fill them (at most all): a second, final pass."""
+    n, stats = SMOOTH_SAMPLES, None
+    for _ in range(2):
+        data = ctx.calib.spread(n)
+        stats = channel_stats(stream_values(ctx.model, names, data.batches(ctx.settings.batch_size)), names, SEARCH_ROWS)
+        have = min((stats[1][v].shape[0] if v in stats[1] else 0) for v in names)
+        if have >= SEARCH_ROWS or len(data) >= len(ctx.calib):
+            break
+        n = -(-len(data) * SEARCH_ROWS // max(have, 1))
+    return stats
 
 
 def _smooth(ctx: CompileContext):
