@@ -62,10 +62,10 @@ CONVERSION_SAMPLES = 8  # calibration samples on which an opset conversion is ch
 # held-out images costs more than the rest of validation (EfficientNet-Lite0, 256 images: ~20 s)
 ACTIVATION_SQNR_SAMPLES = 64
 # The smoothing search reads this many calibration samples (spread over the data), or more when they
-# do not fill SEARCH_ROWS rows (`_smoothing_stats`): the rows fill from ~24 MiniLM sentences, and outlier channels, which
-# decide the scales, are systematic, so the channel maxima of 32 samples set them about as well as
-# those of every sample (MiniLM int8, 256 + 256 sentences: 22.64 dB, against 21.66 dB reading all
-# 256) for an eighth of the forward passes.
+# do not fill SEARCH_ROWS rows (`_smoothing_stats`): the rows fill from ~24 MiniLM sentences, and
+# outlier channels, which decide the scales, are systematic, so the channel maxima of 32 samples set
+# them about as well as those of every sample (MiniLM int8, 256 + 256 sentences: 22.64 dB, against
+# 21.66 dB reading all 256) for an eighth of the forward passes.
 SMOOTH_SAMPLES = 32
 SEARCH_ROWS = 2048  # sample rows of each smoothable activation the search scores candidates on
 
@@ -230,7 +230,7 @@ def _smoothing_stats(ctx: CompileContext, names: list[str]) -> tuple[dict, dict]
     for _ in range(2):
         data = ctx.calib.spread(n)
         stats = channel_stats(stream_values(ctx.model, names, data.batches(ctx.settings.batch_size)), names, SEARCH_ROWS)
-        have = min((stats[1][v].shape[0] if v in stats[1] else 0) for v in names)
+        have = min(len(stats[1].get(v, ())) for v in names)  # rows of the poorest activation
         if have >= SEARCH_ROWS or len(data) >= len(ctx.calib):
             break
         n = -(-len(data) * SEARCH_ROWS // max(have, 1))

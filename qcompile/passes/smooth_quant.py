@@ -345,7 +345,7 @@ def _plan_fold(x: ir.Value, s: np.ndarray) -> list[tuple[ir.Node, int, Callable]
         return edits
 
 
-def channel_stats(values_stream, names: list[str], max_rows: int = 2048) -> tuple[dict, dict]:
+def channel_stats(values_stream, names: list[str], max_rows: int) -> tuple[dict, dict]:
     """Over a stream of {name: array}: max |x| per last-axis channel (all batches), and the first
     `max_rows` rows of each value (for scoring alphas). Memory is bounded by max_rows."""
     amax: dict[str, np.ndarray] = {}
