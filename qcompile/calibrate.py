@@ -18,6 +18,7 @@ Range selection from a histogram (`choose_clip`):
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 
@@ -61,7 +62,7 @@ class Histogram:
             self.counts = np.zeros(self.bins, dtype=np.int64)
         while amax > self.radius:
             self._double()
-        self.counts += _bin_counts(x, self.radius, self.bins)
+        _add_bin_counts(self.counts, x, self.radius)
 
     def _double(self) -> None:
         """[-R, R] -> [-2R, 2R]: old bin pairs merge into the central half of the new bins."""
@@ -91,17 +92,31 @@ class Histogram:
         return (-self.radius + w * (np.arange(self.bins) + 0.5)).astype(np.float64)
 
 
-def _bin_counts(x: np.ndarray, radius: float, bins: int) -> np.ndarray:
-    """np.histogram(x, bins, (-radius, radius))[0] for finite float32 |x| <= radius, exactly and
-    ~3x faster: the bin width w = 2 radius / bins is a power of two, so x / w is exact in float32
-    (barring a subnormal x that underflows) and the bin is floor(x / w) + bins / 2 (x = radius
-    goes to the last bin, as in np.histogram)."""
-    q = x * np.float32(bins / (2 * radius))
+try:  # the optional C accelerator (setup.py), a leaf module importing nothing of qcompile (by name:
+    # import-linter, which sees no source, would read `from qcompile._histogram` as an import of the
+    # whole package); without it, numpy gives the same counts
+    _add_counts = importlib.import_module("qcompile._histogram").add_counts
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _add_counts = None
+
+
+def _add_bin_counts(counts: np.ndarray, x: np.ndarray, radius: float, native: bool = True) -> None:
+    """counts += np.histogram(x, counts.size, (-radius, radius))[0] for finite float32 |x| <=
+    radius, exactly and ~3x faster (~6x with the C accelerator, `qcompile/_histogram.c`, which
+    computes the same float32 arithmetic): the bin width w = 2 radius / bins is a power of two, so
+    x / w is exact in float32 (barring a subnormal x that underflows) and the bin is
+    floor(x / w) + bins / 2 (x = radius goes to the last bin, as in np.histogram)."""
+    bins = counts.size
+    k = np.float32(bins / (2 * radius))
+    if native and _add_counts is not None:
+        _add_counts(np.ascontiguousarray(x, dtype=np.float32), counts, k)
+        return
+    q = x * k
     np.floor(q, out=q)
     idx = q.astype(np.intp)
     idx += bins // 2
     np.minimum(idx, bins - 1, out=idx)
-    return np.bincount(idx, minlength=bins)
+    counts += np.bincount(idx, minlength=bins)
 
 
 def qparams_from_clip(lo: float, hi: float, fmt: IntFormat | FloatFormat, symmetric: bool) -> tuple[float, float]:

@@ -358,7 +358,7 @@ def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray |
     return out
 
 
-# --- emit# --- emit ---------------------------------------------------------------------------------------
+# --- emit ---------------------------------------------------------------------------------------
 def _emit(ctx: CompileContext) -> None:
     """Within the backend's limits: IR version <= caps.max_ir_version, checked by onnx.checker."""
     model = ctx.model

@@ -1,6 +1,9 @@
 """Streaming calibration statistics and format-aware range selection (qcompile.calibrate)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -82,6 +85,74 @@ def test_histogram_ignores_non_finite_and_handles_edges():
     np.testing.assert_array_equal(h.counts, np.histogram([1.0, -1.0], bins=8, range=(-1, 1))[0])
     empty = Histogram()
     assert choose_clip(empty, "int8", True, "mse") == (0.0, 0.0)
+
+
+def _edge_cases(radius: float, bins: int) -> np.ndarray:
+    """Every value whose bin a careless floor gets wrong: the range ends, zeros of both signs,
+    subnormals, and the float32 neighbours of bin edges, among random values."""
+    w = np.float32(2 * radius / bins)
+    edges = (np.arange(bins + 1, dtype=np.float32) - bins // 2) * w
+    near = np.concatenate([edges, np.nextafter(edges, np.float32(np.inf)), np.nextafter(edges, np.float32(-np.inf))])
+    tiny = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38], np.float32)
+    rng = np.random.default_rng(bins)
+    x = np.concatenate([near, tiny, (rng.standard_normal(10_007) * radius / 4).astype(np.float32)])
+    return np.clip(x, -radius, radius).astype(np.float32)
+
+
+@pytest.mark.parametrize("radius,bins", [(1.0, 8), (0.25, 2048), (16.0, 1 << 14), (2.0**-20, 1 << 10)])
+def test_c_bin_counting_equals_numpy(radius, bins):
+    # The C accelerator must put every element where the numpy path does (the histograms, hence
+    # every calibrated clip, are byte-identical with and without it); lengths not a multiple of
+    # its 4 lanes or 256-element blocks exercise the tails.
+    from qcompile import calibrate
+
+    if calibrate._add_counts is None:
+        if os.environ.get("CI"):
+            pytest.fail("qcompile._histogram was not built (setup.py: a C compiler and Python headers are needed)")
+        pytest.skip("qcompile._histogram not built")
+    x = _edge_cases(radius, bins)
+    for n in (x.size, x.size - 1, 255, 3, 0):
+        fast, ref = np.zeros(bins, np.int64), np.zeros(bins, np.int64)
+        calibrate._add_bin_counts(fast, x[:n], radius)
+        calibrate._add_bin_counts(ref, x[:n].copy(), radius, native=False)
+        np.testing.assert_array_equal(fast, ref)
+        assert fast.sum() == n
+    normal = x[np.abs(x) >= np.finfo(np.float32).tiny]  # np.histogram agrees away from subnormals
+    fast = np.zeros(bins, np.int64)
+    calibrate._add_bin_counts(fast, normal, radius)
+    np.testing.assert_array_equal(fast, np.histogram(normal, bins, (-radius, radius))[0])
+
+
+def test_c_bin_counting_without_avx2(tmp_path):
+    # The accelerator picks an AVX2 or a baseline x86-64 clone when it loads; run the baseline one
+    # (qemu without AVX2) and compare with numpy, so both clones are tested on any machine.
+    import shutil
+    import subprocess
+    import sys
+
+    from qcompile import calibrate
+
+    qemu = shutil.which("qemu-x86_64")
+    if calibrate._add_counts is None or qemu is None:
+        if os.environ.get("CI"):
+            pytest.fail("needs qcompile._histogram and qemu-x86_64 under CI")
+        pytest.skip("needs qcompile._histogram and qemu-x86_64")
+    script = tmp_path / "count.py"
+    script.write_text(
+        "import sys, numpy as np\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from test_calibrate import _edge_cases\n"
+        "from qcompile import calibrate\n"
+        "for radius, bins in ((1.0, 8), (16.0, 1 << 14)):\n"
+        "    x = _edge_cases(radius, bins)\n"
+        "    a, b = np.zeros(bins, np.int64), np.zeros(bins, np.int64)\n"
+        "    calibrate._add_bin_counts(a, x, radius)\n"
+        "    calibrate._add_bin_counts(b, x.copy(), radius, native=False)\n"
+        "    assert (a == b).all(), (radius, bins)\n"
+        "print('ok')\n")
+    r = subprocess.run([qemu, "-cpu", "Nehalem", sys.executable, str(script), str(Path(__file__).parent)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 # --- scale selection on N(0, 1) ----------------------------------------------------------------
