@@ -204,7 +204,7 @@ def nothing_to_quantize(target: Target, kept: dict[str, tuple[str, str]]) -> str
         groups[(op, reason)] = groups.get((op, reason), 0) + 1
     parts = []
     for (op, reason), count in sorted(groups.items(), key=lambda kv: -kv[1]):
-        others = [t.name for t in TARGETS.values() if op in t.ops] if op in QUANTIZABLE_OPS and op not in target.ops else []
+        others = [t.name for t in TARGETS.values() if op in t.ops and t.quantize] if op in QUANTIZABLE_OPS and op not in target.ops else []
         hint = f" ({', '.join(others[:4])} quantize {op})" if others else ""
         parts.append(f"{count} {op}: {reason}{hint}")
     return f"nothing to quantize for target {target.name}: " + "; ".join(parts)
@@ -361,4 +361,4 @@ def plan_on(graph: ir.Graph, plan: QuantPlan) -> QuantPlan:
                 if current is not None and current.name != q.value:
                     inputs[i] = dataclasses.replace(q, value=current.name)
         renamed[name] = dataclasses.replace(np_, inputs=inputs)
-    return QuantPlan(plan.target, renamed, plan.smoothing)
+    return dataclasses.replace(plan, nodes=renamed)

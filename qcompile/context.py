@@ -20,6 +20,28 @@ from qcompile.targets import Target
 from qcompile.weights import WeightCache
 
 
+ROTATE_MODES = ("none", "hadamard", "random")
+
+
+@dataclass(frozen=True)
+class Transforms:
+    """The float-exact transforms a compile folds in before quantizing (the user's control).
+
+    rotate:       "none", or an online rotation (`passes.rotate`) of every activation whose
+                  consumers all fold it: "hadamard" (block-diagonal Walsh-Hadamard) or "random"
+                  (the same after random signs drawn from the compile's seed)
+    rotate_block: the Hadamard block (a power of two); None: the activation format's block for
+                  block formats (32 MX, 16 NVFP4), else `rotation.DEFAULT_BLOCK`; each value takes the
+                  largest power of two dividing its width up to this
+    """
+
+    rotate: str = "none"
+    rotate_block: int | None = None
+
+    def to_json(self) -> dict:
+        return {"rotate": self.rotate, "rotate_block": self.rotate_block}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `qcompile.compile` was asked for, validated and resolved (see its docstring)."""
@@ -39,6 +61,7 @@ class Settings:
     probe: bool = True  # offer restore's sensitivity measurement when the result misses its gate
     dump_after: tuple[str, ...] = ()  # stage names after which the model is written to dump_dir
     dump_dir: str | os.PathLike | None = None
+    transforms: Transforms = field(default_factory=lambda: Transforms())
 
     @property
     def gate_db(self) -> float:

@@ -5,8 +5,12 @@ its type or shape) and no pass keeps its own copy of "drop unused initializers".
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
+
+from qcompile import external
 
 
 def bodies(graph: ir.Graph) -> list[ir.Graph]:
@@ -34,3 +38,15 @@ def drop_unused_initializers(graph: ir.Graph, recursive: bool = True) -> int:
                 del g.initializers[name]
                 dropped += 1
     return dropped
+
+
+def replace_const(graph: ir.Graph, node: ir.Node, idx: int, fn: Callable[[np.ndarray], np.ndarray], name: str) -> None:
+    """Input `idx` of `node` := a new initializer `name` = fn(old) (`external.derived`: recomputed
+    from the file for a file-backed weight); the old one is dropped once nothing reads it (a weight
+    rewritten twice, as a consumer and as a producer, is never held twice). Another node sharing
+    the old constant keeps it."""
+    old = node.inputs[idx]
+    nv = initializer(graph, name, external.derived(old.const_value, fn, name))
+    node.replace_input_with(idx, nv)
+    if not old.uses() and not old.is_graph_output() and graph.initializers.get(old.name) is old:
+        del graph.initializers[old.name]

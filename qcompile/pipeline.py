@@ -23,7 +23,7 @@ from qcompile import external, restore
 from qcompile.analyze import PlanOptions
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.session import is_runtime_error
-from qcompile.context import CompileContext, Settings
+from qcompile.context import ROTATE_MODES, CompileContext, Settings, Transforms
 from qcompile.cpu import Cpu
 from qcompile.data import Dataset
 from qcompile.errors import (
@@ -34,6 +34,7 @@ from qcompile.errors import (
 )
 from qcompile.passes.insert_qdq import layer_records
 from qcompile.plan import QuantPlan
+from qcompile.rotation import is_power_of_two
 from qcompile.stages import (
     HELD_OUT,
     REPORT_SCHEMA,
@@ -123,7 +124,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  options: PlanOptions = PlanOptions(), batch_size: int = 8, caps: Capabilities = CAPABILITIES,
                  lowering: str = "auto", accuracy_level: int | str = "auto", cpu: str | Cpu = Cpu.PORTABLE,
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
-                 dump_after=(), dump_dir=None) -> Settings:
+                 dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -134,17 +135,22 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     except ValueError:
         raise InputError(f"lowering must be one of {', '.join(LOWERINGS)}, got {lowering!r}") from None
     tgt = get_target(target) if isinstance(target, str) else target
+    if rotate not in ROTATE_MODES:
+        raise InputError(f"rotate must be one of {', '.join(ROTATE_MODES)}, got {rotate!r}")
+    if rotate_block is not None and not (isinstance(rotate_block, int) and rotate_block >= 2 and is_power_of_two(rotate_block)):
+        raise InputError(f"rotate_block must be a power of two >= 2, got {rotate_block!r}")
+    transforms = Transforms(rotate, rotate_block)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
         raise InputError(f"unknown cpu {cpu!r}; one of {', '.join(c.value for c in Cpu if c is not Cpu.ARM64)}") from None
     stage_names = {st.name for st in pipeline_for(Settings(tgt, options, deploy, lowering, accuracy_level, validate,
-                                                           caps=caps))}
+                                                           caps=caps, transforms=transforms))}
     unknown = [d for d in dump_after if d not in stage_names]
     if unknown:
         raise InputError(f"--dump-after {unknown[0]}: no such stage; stages: {', '.join(sorted(stage_names))}")
     return Settings(tgt, dataclasses.replace(options, cpu=deploy.value), deploy, lowering, accuracy_level, validate,
-                    min_sqnr, samples, seed, batch_size, caps, input_shapes, probe, tuple(dump_after), dump_dir)
+                    min_sqnr, samples, seed, batch_size, caps, input_shapes, probe, tuple(dump_after), dump_dir, transforms)
 
 
 def _rss_peak() -> int:
@@ -175,6 +181,8 @@ def compile(
     max_float: float = restore.BUDGET,
     dump_after: tuple[str, ...] = (),
     dump_dir: str | os.PathLike | None = None,
+    rotate: str = "none",
+    rotate_block: int | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -205,6 +213,10 @@ def compile(
     time (`qcompile.restore`; report["restored"] lists them); 0 never restores.
     dump_after: stage names (`qcompile explain` lists them) after which the model is written to
     `dump_dir`/after-STAGE.onnx (report["dumps"] says where).
+    rotate / rotate_block: the online rotation of the activations MatMul/Gemm layers read
+    (`qcompile.context.Transforms`, `qcompile/passes/rotate.py`): "none", "hadamard" or "random",
+    with a power-of-two Hadamard block (None: the target's). The plan records every rotation, and
+    report["transforms"] which nodes each touched.
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -213,7 +225,7 @@ def compile(
     settings = settings_for(target, validate=validate, min_sqnr=min_sqnr, options=options, batch_size=batch_size,
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
-                            dump_dir=dump_dir)
+                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

@@ -228,14 +228,18 @@ class NodePlan:
 class QuantPlan:
     """Node name -> NodePlan, plus the target it was made for.
 
+    rotations: activation value -> the orthogonal rotation R (`rotation.Rotation` as JSON) applied
+    online before its consumers (X W = (X R)(R^T W), `passes.rotate`), first of the transforms.
     smoothing: activation value -> per-channel SmoothQuant scales s (X W = (X/s)(sW)), applied
-    before calibration; node entries name the values of the *unsmoothed* graph, so a saved plan
+    after the rotations (a rotated value is named `passes.rotate.rotated_name`) and before
+    calibration. Node entries name the values of the *untransformed* graph, so a saved plan
     replays on the original model.
     """
 
     target: str
     nodes: dict[str, NodePlan] = field(default_factory=dict)
     smoothing: dict[str, list[float]] = field(default_factory=dict)
+    rotations: dict[str, dict] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -262,7 +266,7 @@ class QuantPlan:
             name: NodePlan(n.op_type, {i: fill(q) for i, q in n.inputs.items()}, fill(n.output), n.bias)
             for name, n in self.nodes.items()
         }
-        return QuantPlan(self.target, nodes, self.smoothing)
+        return dataclasses.replace(self, nodes=nodes)
 
     def with_specs_of(self, other: QuantPlan) -> QuantPlan:
         """A copy keeping this plan's value names but taking every spec from `other` (same nodes)."""
@@ -275,10 +279,12 @@ class QuantPlan:
             o = other.nodes.get(name, n)
             nodes[name] = NodePlan(n.op_type, {i: take(q, o.inputs.get(i)) for i, q in n.inputs.items()},
                                    take(n.output, o.output), n.bias)
-        return QuantPlan(self.target, nodes, self.smoothing)
+        return dataclasses.replace(self, nodes=nodes)
 
     def to_json(self) -> dict:
         d = {"schema": SCHEMA, "target": self.target, "nodes": {k: v.to_json() for k, v in self.nodes.items()}}
+        if self.rotations:
+            d["rotations"] = {k: dict(v) for k, v in self.rotations.items()}
         if self.smoothing:
             d["smoothing"] = {k: [float(x) for x in v] for k, v in self.smoothing.items()}
         return d
@@ -289,7 +295,8 @@ class QuantPlan:
             raise InputError(f"plan: schema {d.get('schema')!r} is not {SCHEMA!r}")
         try:
             return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()},
-                       smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()})
+                       smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()},
+                       rotations={k: dict(v) for k, v in d.get("rotations", {}).items()})
         except KeyError as e:
             raise InputError(f"plan: missing or unknown key {e}") from None
 

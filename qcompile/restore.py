@@ -31,6 +31,7 @@ the held-out shortfall for one more round.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,7 +89,7 @@ class Simulator:
     def noise(self, layers, samples: int | None = None) -> float:
         """max over outputs of sum (ref - out)^2 / sum ref^2 with `layers` quantized, on the first
         `samples` (default: all) of the simulator's samples."""
-        sub = QuantPlan(self.plan.target, {n: self.plan.nodes[n] for n in layers}, self.plan.smoothing)
+        sub = dataclasses.replace(self.plan, nodes={n: self.plan.nodes[n] for n in layers})
         sim = self.snapshot.clone()
         if self.means:
             BiasCorrectionPass(sub, self.means, self.quantized)(sim)

@@ -71,11 +71,12 @@ class Rotation:
     def fold_rows(self, w: np.ndarray) -> np.ndarray:
         """R^T W for W [K, N] (rows indexed by the channel), float64 arithmetic, W's dtype."""
         w64 = np.asarray(w, dtype=np.float64)
-        k, n = w64.shape
-        h = self.block_matrix()
-        g = np.einsum("ji,gjn->gin", h, w64.reshape(k // self.block, self.block, n)).reshape(k, n)
         d = self.signs()
-        return (g if d is None else d[:, None] * g).astype(np.asarray(w).dtype)
+        if d is not None:  # R^T W = H^T (D W)
+            w64 = d[:, None].astype(np.float64) * w64
+        k, n = w64.shape
+        g = np.einsum("ji,gjn->gin", self.block_matrix(), w64.reshape(k // self.block, self.block, n))
+        return g.reshape(k, n).astype(np.asarray(w).dtype)
 
     def to_json(self) -> dict:
         return {"width": self.width, "block": self.block, "kind": self.kind, "seed": self.seed}

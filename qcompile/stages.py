@@ -8,8 +8,9 @@ prints it without running it.
 
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
-    plan       plan, smoothing-search, SmoothQuantPass, PairPermutationPass, calibrate,
-               restore-snapshot, BiasCorrectionPass
+    plan       plan, rotation, OnlineRotationPass, smoothing-search, SmoothQuantPass,
+               PairPermutationPass, calibrate, restore-snapshot, BiasCorrectionPass
+               (target "none": the transforms only, then emit and validate)
     quantize   InsertQDQPass
     backend    the backend's lowering passes (`qcompile.backends.onnxruntime.backend.lowering_passes`)
     emit       StoreHalfPass, emit, onnx.checker
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError
-from qcompile.formats import parse_format
+from qcompile.formats import BlockFormat, parse_format
 from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
 from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
@@ -47,8 +49,10 @@ from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
                                            StoreHalfPass, interface, source_type)
+from qcompile.passes.rotate import ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, rotatable, rotated_name
 from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
 from qcompile.plan import PerBlock, QuantPlan
+from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.subgraphs import all_values, location
 from qcompile.validate import compare, output_names, verdict
 
@@ -203,9 +207,46 @@ def _plan(ctx: CompileContext) -> None:
         log.warning("--cpu vnni: the int8 layers are validated on this CPU's kernels only; on x86 CPUs without VNNI "
                     "their int16 pair sums can saturate (use --cpu portable for a model that runs the same everywhere)")
     ctx.kept = kept_in_float(m, tgt, s.options, ctx.plan)
-    if not ctx.plan.nodes:
+    if not ctx.plan.nodes and tgt.quantize:
         raise UnsupportedModelError(nothing_to_quantize(tgt, ctx.kept))
     ctx.work = ctx.plan
+
+
+def _choose_rotations(ctx: CompileContext) -> None:
+    """The rotation of every activation whose consumers all fold it (`passes.rotate.rotatable`):
+    a block-diagonal Hadamard with the largest power-of-two block dividing its width, up to the
+    requested block (`Transforms.rotate_block`, else the activation format's block for block
+    formats, else `rotation.DEFAULT_BLOCK`); a width without an even factor is left, with the
+    reason in the report."""
+    t = ctx.settings.transforms
+    chosen, entries = {}, ctx.report.setdefault("transforms", [])
+    for value, (width, consumers) in sorted(rotatable(ctx.model.graph, ctx.plan).items()):
+        fmt = ctx.plan.nodes[consumers[0]].inputs[0].spec.fmt
+        requested = t.rotate_block or (fmt.block_size if isinstance(fmt, BlockFormat) else DEFAULT_BLOCK)
+        block = block_for(width, requested)
+        if block < 2:
+            entries.append({"transform": "rotate", "value": value, "nodes": consumers, "applied": False,
+                            "reason": f"width {width} has no power-of-two factor"})
+            continue
+        seed = (ctx.settings.seed * 7919 + zlib.crc32(value.encode())) % 2**31 if t.rotate == "random" else 0
+        r = Rotation(width, block, t.rotate, seed)
+        chosen[value] = r.to_json()
+    ctx.plan = dataclasses.replace(ctx.plan, rotations=chosen)
+    ctx.work = dataclasses.replace(ctx.work, rotations=chosen)
+
+
+def _rotate(ctx: CompileContext):
+    """OnlineRotationPass with the plan's rotations; the plan is then re-read from the graph."""
+    rotations = {v: Rotation.from_json(d) for v, d in ctx.plan.rotations.items()}
+    result = OnlineRotationPass(ctx.work, rotations)(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.work)
+    entries = ctx.report.setdefault("transforms", [])
+    graph = list(ctx.model.graph)
+    for value, d in sorted(ctx.plan.rotations.items()):
+        entries.append({"transform": "rotate", "value": value, "rotation": d,
+                        "nodes": sorted(n.name for n in graph if n.metadata_props.get(ROTATED_KEY) == value),
+                        "emitted": [n.name for n in graph if n.metadata_props.get(ROTATION_KEY) == value]})
+    return result
 
 
 def _smoothing_search(ctx: CompileContext) -> None:
@@ -214,12 +255,13 @@ def _smoothing_search(ctx: CompileContext) -> None:
     (`choose_scales`)."""
     from qcompile.backends.onnxruntime.session import compile_threads
 
-    names = sorted(smoothable(ctx.model.graph, ctx.plan))
+    names = sorted(smoothable(ctx.model.graph, ctx.work))  # the graph's values now (rotated ones after a rotation)
     scales = {}
     if names:
         amax, rows = _smoothing_stats(ctx, names)
-        scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.plan, amax, rows, compile_threads()).items()}
+        scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.work, amax, rows, compile_threads()).items()}
     ctx.plan = dataclasses.replace(ctx.plan, smoothing=scales)
+    ctx.work = dataclasses.replace(ctx.work, smoothing=scales)
 
 
 def _smoothing_stats(ctx: CompileContext, names: list[str]) -> tuple[dict, dict]:
@@ -239,8 +281,8 @@ def _smoothing_stats(ctx: CompileContext, names: list[str]) -> tuple[dict, dict]
 
 def _smooth(ctx: CompileContext):
     scales = {k: np.asarray(v, dtype=np.float32) for k, v in ctx.plan.smoothing.items()}
-    result = SmoothQuantPass(ctx.plan, scales)(ctx.model)
-    ctx.work = plan_on(ctx.model.graph, ctx.plan)
+    result = SmoothQuantPass(ctx.work, scales)(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.work)
     return result
 
 
@@ -298,7 +340,7 @@ def uncalibrated(model: ir.Model, plan: QuantPlan) -> dict[str, tuple[str, str]]
 
 
 def _without(plan: QuantPlan, names) -> QuantPlan:
-    return QuantPlan(plan.target, {k: v for k, v in plan.nodes.items() if k not in names}, plan.smoothing)
+    return dataclasses.replace(plan, nodes={k: v for k, v in plan.nodes.items() if k not in names})
 
 
 def _calibrate(ctx: CompileContext) -> None:
@@ -338,11 +380,12 @@ def _wants_snapshot(ctx: CompileContext) -> bool:
     return s.probe and s.validate and not ctx.replay and external.weight_bytes(ctx.model) <= restore.MAX_WEIGHT_BYTES
 
 
-def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray | None]]:
+def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | None]]:
     """Planned activation (as the working graph names it) -> (the float model's value it is
-    computed from, the per-channel factor 1/s SmoothQuant applied to it, or None). A channel
+    computed from, the transform from that value to it, or None): the rotation x -> x R where the
+    value was rotated, then the division by its SmoothQuant scales where it was smoothed. A channel
     permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the order."""
-    out: dict[str, tuple[str, np.ndarray | None]] = {}
+    out: dict[str, tuple[str, Callable | None]] = {}
     specs = ctx.work.activation_specs()
     for name, wnode in ctx.work.nodes.items():
         pnode = ctx.plan.nodes.get(name)
@@ -353,9 +396,24 @@ def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, np.ndarray |
             if q.role != "activation" or q.value not in specs or q.value in out:
                 continue
             orig = p.value if p is not None else q.value
-            s = ctx.plan.smoothing.get(orig)
-            out[q.value] = (orig, None if s is None else (1.0 / np.asarray(s, dtype=np.float32)).astype(np.float32))
+            out[q.value] = (orig, _transform_of(ctx.plan, orig))
     return out
+
+
+def _transform_of(plan: QuantPlan, value: str) -> Callable | None:
+    """x -> (x R) / s for the plan's rotation R and smoothing scales s of float value `value`
+    (each only where the plan has one), or None when it has neither."""
+    r = Rotation.from_json(plan.rotations[value]) if value in plan.rotations else None
+    s = plan.smoothing.get(rotated_name(value) if r is not None else value)
+    if r is None and s is None:
+        return None
+    inv = None if s is None else (1.0 / np.asarray(s, dtype=np.float32)).astype(np.float32)
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        y = x if r is None else r.apply(x)
+        return y if inv is None else y * inv
+
+    return transform
 
 
 # --- emit ---------------------------------------------------------------------------------------
@@ -432,7 +490,7 @@ def layer_table(model: ir.Model, plan: QuantPlan, act_sqnr: dict[str, float]) ->
 
 
 def _layer_table(ctx: CompileContext) -> None:
-    ctx.layers = layer_table(ctx.model, ctx.work, ctx.activation_sqnr)
+    ctx.layers = layer_table(ctx.model, ctx.work, ctx.activation_sqnr) if ctx.settings.target.quantize else []
     ctx.layers += [{"node": name, "op_type": op, "kept_float": reason} for name, (op, reason) in ctx.kept.items()]
     s = ctx.settings
     ctx.report.update({
@@ -459,7 +517,7 @@ def _float_reference(ctx: CompileContext) -> None:
     if ctx.source_path is not None:  # weights left in the input's external data file
         ir.external_data.set_base_dir(ctx.float_model.graph, Path(ctx.source_path).resolve().parent)
     outputs = output_names(ctx.float_model, ctx.model)
-    sources = activation_sources(ctx)
+    sources = activation_sources(ctx) if ctx.settings.target.quantize else {}
     specs = ctx.work.activation_specs()
     names = outputs + sorted({o for o, _ in sources.values()} - set(outputs))
     acc = {v: [0.0, 0.0] for v in sources}
@@ -470,8 +528,8 @@ def _float_reference(ctx: CompileContext) -> None:
         if seen >= ACTIVATION_SQNR_SAMPLES:
             continue
         seen += next(iter(batch.values())).shape[0]
-        for v, (orig, inv) in sources.items():
-            x = values[orig] if inv is None else values[orig] * inv
+        for v, (orig, transform) in sources.items():
+            x = values[orig] if transform is None else transform(values[orig])
             x64 = x.astype(np.float64)
             acc[v][0] += float(np.sum(x64**2))
             acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
@@ -522,10 +580,11 @@ def pipeline_for(s: Settings) -> list[Stage]:
     """The stages a compile with settings `s` runs, in order (conditions are read at run time)."""
 
     tgt = s.target
+    quantizing = (lambda stages: stages) if tgt.quantize else (lambda stages: [])  # "none": the transforms only
     validate = [Stage("float-reference", _float_reference,
                       doc="float outputs and activation SQNR on the held-out data, one pass")] if s.validate else []
     validate.append(Stage("layer-table", _layer_table))
-    if s.accuracy_level == "auto":
+    if s.accuracy_level == "auto" and tgt.quantize:
         validate.append(Stage("accuracy-level", _accuracy_level, doc="MatMulNBits accuracy level 4 where it is harmless"))
     if s.validate:
         validate.append(Stage("validate", _validate))
@@ -543,16 +602,22 @@ def pipeline_for(s: Settings) -> list[Stage]:
         ],
         "plan": [
             Stage("plan", _plan),
+            *([Stage("rotation", _choose_rotations, when=lambda c: not c.replay,
+                     doc=f"a {s.transforms.rotate} rotation of every activation its consumers fold")]
+              if s.transforms.rotate != "none" else []),
+            Stage("OnlineRotationPass", _rotate, when=lambda c: bool(c.plan.rotations)),
             *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay)] if tgt.smooth else []),
             Stage("SmoothQuantPass", _smooth, when=lambda c: bool(c.plan.smoothing)),
-            pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
-            Stage("calibrate", _calibrate),
-            Stage("restore-snapshot", _restore_snapshot, when=_wants_snapshot),
-            pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
-                       when=lambda c: bool(c.means)),
+            *quantizing([
+                pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
+                Stage("calibrate", _calibrate),
+                Stage("restore-snapshot", _restore_snapshot, when=_wants_snapshot),
+                pass_stage("BiasCorrectionPass", lambda c: BiasCorrectionPass(c.work, c.means, c.weights),
+                           when=lambda c: bool(c.means)),
+            ]),
         ],
-        "quantize": [pass_stage("InsertQDQPass", lambda c: InsertQDQPass(c.work, s.caps, c.weights))],
-        "backend": lowering_stages(s),
+        "quantize": quantizing([pass_stage("InsertQDQPass", lambda c: InsertQDQPass(c.work, s.caps, c.weights))]),
+        "backend": quantizing(lowering_stages(s)),
         "emit": [
             pass_stage("StoreHalfPass", lambda c: StoreHalfPass(source_type(c.model)),
                        when=lambda c: source_type(c.model) is not None),

@@ -56,6 +56,7 @@ class Target:
     smooth: bool = False  # SmoothQuant with a per-layer alpha search before calibration
     bias_correction: bool = True  # add dW E[x] to Conv/Gemm biases (passes/bias_correction.py)
     ops: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # op types it quantizes
+    quantize: bool = True  # False ("none"): the plan only locates the layers the transforms fold into
 
     def formats(self):
         out = [parse_format(self.weights.format)]
@@ -98,6 +99,11 @@ TARGETS: dict[str, Target] = {
             quantize_bias=True,
         ),
         Target("w8", "weight-only int8, per output channel", WeightPolicy("int8"), None, min_sqnr_db=20.0),
+        # No quantization: the transforms alone (--rotate ...), written in float so a user can check
+        # they are exact. Its plan is int8's, only to locate the layers; the gate catches a broken
+        # rewrite (an exact one keeps ~120 dB: float32 rounding).
+        Target("none", "no quantization: only the float-exact transforms (--rotate), to check them",
+               WeightPolicy("int8"), ActivationPolicy("uint8"), min_sqnr_db=80.0, bias_correction=False, quantize=False),
         Target(
             "w4",
             "weight-only int4 MatMul/Gemm weights, blocks of 32 along the reduction axis (MatMulNBits)",

@@ -47,6 +47,7 @@ FLOORS = {
     "mxfp4": 10.0,     # 4-bit weights and activations: the noise of both adds up [12.4 / 12.5 / 18.0]
     "mxint8": 30.0,    # int8 elements with per-32 power-of-two scales, weights and activations [36.7 / 33.8 / 41.2]
     "nvfp4": 13.0,     # E2M1 with E4M3 scales per 16: finer scales than mxfp4, ~+3 dB [15.5 / 16.7 / 19.6]
+    "none": 100.0,     # no quantization, no transform asked for: the float model itself [inf / inf / inf]
 }
 TARGETS = list(FLOORS)
 
@@ -94,7 +95,10 @@ def test_sqnr_floor_on_held_out_inputs(compiled, name, target):
     got = helpers.run(r.model, ev, "all")[0]
     s = helpers.sqnr_db(ref, got)
     assert s >= FLOORS[target], f"{name}/{target}: {s:.2f} dB < {FLOORS[target]} dB"
-    assert r.report["outputs"][out]["sqnr_db"] == pytest.approx(s, abs=0.01), "the report tells the truth"
+    # at ~130 dB ("none": float rounding only) the figure is the rounding of two sessions' summation
+    # orders (the report's uses every core), so it is only checked to be of that order
+    tol = 0.01 if target != "none" else 5.0
+    assert r.report["outputs"][out]["sqnr_db"] == pytest.approx(s, abs=tol), "the report tells the truth"
     assert r.report["outputs"][out]["samples"] == 64
     assert r.passed and r.report["verdict"]["passed"]
 
@@ -164,7 +168,7 @@ def test_compiled_model_is_valid_onnx_for_onnxruntime(compiled, name, target):
     assert np.isfinite(out).all()
     # the weights really are stored quantized: no float copy of any planned weight survives
     planned = {q.value for n in r.plan.nodes.values() for q in n.inputs.values() if q.role == "weight"}
-    assert planned and planned.isdisjoint(r.model.graph.initializers)
+    assert planned and planned.isdisjoint(r.model.graph.initializers) != (target == "none")  # "none" keeps them float
 
 
 def test_format_ordering(compiled):

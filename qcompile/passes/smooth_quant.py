@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
-from qcompile.graph import drop_unused_initializers, initializer
+from qcompile.graph import drop_unused_initializers, initializer, replace_const
 from qcompile.plan import QuantPlan
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             for c in consumers:
                 node = nodes[c]
                 rows = s[None, :] if node.op_type == "Gemm" and _trans_b(node) else s[:, None]
-                _replace_const(graph, node, 1, lambda a, rows=rows: a * rows, f"{node.inputs[1].name}_smooth_{c}")
+                replace_const(graph, node, 1, lambda a, rows=rows: a * rows, f"{node.inputs[1].name}_smooth_{c}")
                 node.metadata_props[SMOOTHED_KEY] = value
             changed += 1
         if changed:
@@ -271,19 +271,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         if edits is None:
             return None
         for node, idx, fn in edits:
-            _replace_const(graph, node, idx, fn, f"{node.inputs[idx].name}_smooth_{node.name}")
+            replace_const(graph, node, idx, fn, f"{node.inputs[idx].name}_smooth_{node.name}")
         return x
-
-
-def _replace_const(graph: ir.Graph, node: ir.Node, idx: int, fn, name: str) -> None:
-    """Input `idx` of `node` := a new initializer fn(old) (`external.derived`: recomputed from the
-    file for a file-backed weight); the old one is dropped once nothing reads it (a weight rewritten
-    twice, as a consumer and as a producer, is never held twice)."""
-    old = node.inputs[idx]
-    nv = initializer(graph, name, external.derived(old.const_value, fn, name))
-    node.replace_input_with(idx, nv)
-    if not old.uses() and not old.is_graph_output() and graph.initializers.get(old.name) is old:
-        del graph.initializers[old.name]
 
 
 def _per_channel(v: ir.Value | None, k: int) -> bool:
