@@ -8,8 +8,9 @@ Every setting compiles the same model on the same calibration sentences (`qcompi
 compiled model is then measured on the same held-out sentences against the float model, at
 onnxruntime's DISABLE_ALL (no fusion: the CPU-independent reference, what the Q/DQ graph means)
 and at ENABLE_ALL (the integer kernels this CPU runs), 1 thread. Latency: the median of --runs
-timed runs of one batch of 8 sentences at ENABLE_ALL, 1 thread, as a ratio to the same target
-without rotation, and to float. A setting is `none`, `hadamard`, `random`, or KIND@BLOCK.
+timed runs of one batch of 8 sentences at ENABLE_ALL, 1 thread, as a ratio to the target's first
+setting, and to float. A setting is `none`, `hadamard`, `random`, `auto`, KIND@BLOCK, each
+optionally with `+smooth` (`--smooth auto`) or `+smooth=ALPHA|off`.
 """
 from __future__ import annotations
 
@@ -78,25 +79,27 @@ def main() -> None:
     t_float = latency(float_model, batches[0], a.runs)
     d = host_description()
     print(f"{a.model}, {a.samples} calibration + {a.samples} held-out samples; CPU: {d['model']} ({', '.join(d['flags'])})")
-    print("| target | rotate | block | SQNR dB DISABLE_ALL | SQNR dB ENABLE_ALL | gain (DISABLE_ALL) | latency x unrotated | latency x float |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| target | setting | blocks | smoothed | SQNR dB DISABLE_ALL | SQNR dB ENABLE_ALL | gain (DISABLE_ALL) | latency x first | latency x float |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for target in a.targets.split(","):
         base = None
         for setting in a.settings.split(","):
-            kind, _, block = setting.partition("@")
+            rot, _, smooth = setting.partition("+")
+            kind, _, block = rot.partition("@")
+            smooth = (smooth.partition("=")[2] or "auto") if smooth else None
             r = qcompile.compile(model, target, calib=calib, eval=eval_, validate=False, rotate=kind,
-                                 rotate_block=int(block) if block else None)
+                                 rotate_block=int(block) if block else None, smooth=smooth)
             q = {lvl: sqnr_db(ref[lvl], outputs(r.model, batches, lvl)) for lvl in ("disable", "all")}
             t = latency(r.model, batches[0], a.runs)
             blocks = sorted({v["block"] for v in r.plan.rotations.values()})
             if base is None:
                 base = (q, t)
-            row = {"target": target, "rotate": kind, "blocks": blocks, "sqnr_disable": q["disable"], "sqnr_all": q["all"],
+            row = {"target": target, "setting": setting, "rotate": kind, "blocks": blocks, "smoothed": len(r.plan.smoothing), "sqnr_disable": q["disable"], "sqnr_all": q["all"],
                    "gain_disable": q["disable"] - base[0]["disable"], "latency_vs_unrotated": t / base[1],
                    "latency_vs_float": t / t_float}
             rows.append(row)
-            print(f"| {target} | {kind} | {','.join(map(str, blocks)) or '-'} | {q['disable']:.2f} | {q['all']:.2f} | "
+            print(f"| {target} | {setting} | {','.join(map(str, blocks)) or '-'} | {len(r.plan.smoothing)} | {q['disable']:.2f} | {q['all']:.2f} | "
                   f"{row['gain_disable']:+.2f} | {row['latency_vs_unrotated']:.3f} | {row['latency_vs_float']:.3f} |", flush=True)
     if a.out:
         a.out.write_text(json.dumps({"cpu": d, "rows": rows}, indent=1))

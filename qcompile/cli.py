@@ -138,11 +138,15 @@ def main() -> None:
 @click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Write the weights to MODEL.onnx.data next to the output: always, never (one protobuf, at most "
                    "2 GB), or auto (when the weights exceed 1.8 GB or the input used external data)")
-@click.option("--rotate", type=click.Choice(["none", "hadamard", "random"]), default="none", show_default=True,
-              help="Rotate the activations MatMul/Gemm layers read by a block Hadamard (random: after random signs), "
-                   "the inverse folded into their weights: exact in float, spreads outlier channels")
+@click.option("--rotate", type=click.Choice(["none", "hadamard", "random", "auto"]), default="none", show_default=True,
+              help="Rotate the activations MatMul/Gemm layers read by a block Hadamard (random: after random signs; "
+                   "auto: per layer, the block or none that measures best), the inverse folded into their weights: "
+                   "exact in float, spreads outlier channels")
 @click.option("--rotate-block", type=click.IntRange(min=2), metavar="N",
               help="Hadamard block, a power of two [default: the activation format's block (MX 32, NVFP4 16), else 128]")
+@click.option("--smooth", metavar="auto|off|ALPHA",
+              help="SmoothQuant after the rotations: auto (search per activation), off, or a fixed alpha in [0, 1] "
+                   "[default: the target's: int8 searches]")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
@@ -157,7 +161,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                max_float, dump_after, dump_dir, rotate, rotate_block, as_json, verbose, quiet):
+                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -182,7 +186,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
                                        cpu=cpu, input_shapes=input_shape, max_float=max_float,
                                        dump_after=tuple(dump_after), dump_dir=dump_dir, rotate=rotate,
-                                       rotate_block=rotate_block)
+                                       rotate_block=rotate_block, smooth=smooth)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

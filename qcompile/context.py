@@ -20,7 +20,7 @@ from qcompile.targets import Target
 from qcompile.weights import WeightCache
 
 
-ROTATE_MODES = ("none", "hadamard", "random")
+ROTATE_MODES = ("none", "hadamard", "random", "auto")
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,27 @@ class Transforms:
 
     rotate:       "none", or an online rotation (`passes.rotate`) of every activation whose
                   consumers all fold it: "hadamard" (block-diagonal Walsh-Hadamard) or "random"
-                  (the same after random signs drawn from the compile's seed)
-    rotate_block: the Hadamard block (a power of two); None: the activation format's block for
+                  (the same after random signs drawn from the compile's seed), or "auto": per
+                  activation, none or the Hadamard block of least quantized output error, measured
+                  on calibration rows with the target's quantizers (`passes.rotate.choose_rotations`)
+    rotate_block: the Hadamard block (a power of two; "auto" tries every block up to it); None: the activation format's block for
                   block formats (32 MX, 16 NVFP4), else `rotation.DEFAULT_BLOCK`; each value takes the
                   largest power of two dividing its width up to this
+    smooth:       SmoothQuant (`passes.smooth_quant`) after the rotations: None: the target's
+                  default (int8 searches), "auto": the per-activation search on any target, "off",
+                  or a float ALPHA: the paper's rule s_j = max|X_j|^ALPHA / max|W_j|^(1 - ALPHA)
+                  for every smoothable activation, unsearched
     """
 
     rotate: str = "none"
     rotate_block: int | None = None
+    smooth: str | float | None = None
+
+    def smooths(self, target_default: bool) -> bool:
+        return self.smooth != "off" and (self.smooth is not None or target_default)
 
     def to_json(self) -> dict:
-        return {"rotate": self.rotate, "rotate_block": self.rotate_block}
+        return {"rotate": self.rotate, "rotate_block": self.rotate_block, "smooth": self.smooth}
 
 
 @dataclass(frozen=True)

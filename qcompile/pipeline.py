@@ -124,7 +124,8 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  options: PlanOptions = PlanOptions(), batch_size: int = 8, caps: Capabilities = CAPABILITIES,
                  lowering: str = "auto", accuracy_level: int | str = "auto", cpu: str | Cpu = Cpu.PORTABLE,
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
-                 dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None) -> Settings:
+                 dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
+                 smooth: str | float | None = None) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -139,7 +140,18 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
         raise InputError(f"rotate must be one of {', '.join(ROTATE_MODES)}, got {rotate!r}")
     if rotate_block is not None and not (isinstance(rotate_block, int) and rotate_block >= 2 and is_power_of_two(rotate_block)):
         raise InputError(f"rotate_block must be a power of two >= 2, got {rotate_block!r}")
-    transforms = Transforms(rotate, rotate_block)
+    if isinstance(smooth, str) and smooth not in ("auto", "off"):
+        try:
+            smooth = float(smooth)
+        except ValueError:
+            raise InputError(f"smooth must be 'auto', 'off' or an alpha in [0, 1], got {smooth!r}") from None
+    if isinstance(smooth, (int, float)) and not isinstance(smooth, bool):
+        if not 0 <= smooth <= 1:
+            raise InputError(f"smooth alpha must be in [0, 1], got {smooth!r}")
+        smooth = float(smooth)
+    elif smooth not in (None, "auto", "off"):
+        raise InputError(f"smooth must be 'auto', 'off' or an alpha in [0, 1], got {smooth!r}")
+    transforms = Transforms(rotate, rotate_block, smooth)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
@@ -183,6 +195,7 @@ def compile(
     dump_dir: str | os.PathLike | None = None,
     rotate: str = "none",
     rotate_block: int | None = None,
+    smooth: str | float | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -217,6 +230,8 @@ def compile(
     (`qcompile.context.Transforms`, `qcompile/passes/rotate.py`): "none", "hadamard" or "random",
     with a power-of-two Hadamard block (None: the target's). The plan records every rotation, and
     report["transforms"] which nodes each touched.
+    smooth: SmoothQuant, after the rotations: None (the target's default: int8 searches), "auto"
+    (the per-activation search, any target), "off", or a fixed alpha in [0, 1].
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -225,7 +240,7 @@ def compile(
     settings = settings_for(target, validate=validate, min_sqnr=min_sqnr, options=options, batch_size=batch_size,
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
-                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block)
+                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

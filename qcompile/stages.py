@@ -49,8 +49,10 @@ from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
                                            StoreHalfPass, interface, source_type)
-from qcompile.passes.rotate import ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, rotatable, rotated_name
-from qcompile.passes.smooth_quant import SmoothQuantPass, channel_stats, choose_scales, smoothable
+from qcompile.passes.rotate import (ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, choose_rotations, rotatable,
+                                    rotated_name)
+from qcompile.passes.smooth_quant import (SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
+                                         smoothable, smoothing_scales)
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.subgraphs import all_values, location
@@ -216,21 +218,39 @@ def _choose_rotations(ctx: CompileContext) -> None:
     """The rotation of every activation whose consumers all fold it (`passes.rotate.rotatable`):
     a block-diagonal Hadamard with the largest power-of-two block dividing its width, up to the
     requested block (`Transforms.rotate_block`, else the activation format's block for block
-    formats, else `rotation.DEFAULT_BLOCK`); a width without an even factor is left, with the
-    reason in the report."""
+    formats, else `rotation.DEFAULT_BLOCK`); a width without an even factor is left. "auto":
+    per value, none or the block (up to --rotate-block, default 128) of least quantized output error on
+    the smoothing search's sample rows (`choose_rotations`). The report says what was chosen and
+    why."""
     t = ctx.settings.transforms
+    found = rotatable(ctx.model.graph, ctx.plan)
+    measured = {}
+    if t.rotate == "auto" and found:
+        from qcompile.backends.onnxruntime.session import compile_threads
+
+        _, rows = _smoothing_stats(ctx, sorted(found))
+        measured = choose_rotations(ctx.model.graph, ctx.plan, rows, compile_threads())
     chosen, entries = {}, ctx.report.setdefault("transforms", [])
-    for value, (width, consumers) in sorted(rotatable(ctx.model.graph, ctx.plan).items()):
+    for value, (width, consumers) in sorted(found.items()):
         fmt = ctx.plan.nodes[consumers[0]].inputs[0].spec.fmt
         requested = t.rotate_block or (fmt.block_size if isinstance(fmt, BlockFormat) else DEFAULT_BLOCK)
         block = block_for(width, requested)
-        if block < 2:
+        if t.rotate == "auto":  # it measures, so it tries every block up to --rotate-block (default 128)
+            r, gains = measured.get(value, (None, {}))
+            gains = {k: g for k, g in gains.items() if int(k.split("@")[1]) <= (t.rotate_block or DEFAULT_BLOCK)}
+            best = max(gains, key=gains.get, default=None)
+            r = Rotation(width, int(best.split("@")[1])) if best is not None and gains[best] > 0 else None
+            entries.append({"transform": "rotate-choice", "value": value, "nodes": consumers,
+                            "chosen": f"hadamard@{r.block}" if r else "none", "gain_db": gains})
+        elif block < 2:
+            r = None
             entries.append({"transform": "rotate", "value": value, "nodes": consumers, "applied": False,
                             "reason": f"width {width} has no power-of-two factor"})
-            continue
-        seed = (ctx.settings.seed * 7919 + zlib.crc32(value.encode())) % 2**31 if t.rotate == "random" else 0
-        r = Rotation(width, block, t.rotate, seed)
-        chosen[value] = r.to_json()
+        else:
+            seed = (ctx.settings.seed * 7919 + zlib.crc32(value.encode())) % 2**31 if t.rotate == "random" else 0
+            r = Rotation(width, block, t.rotate, seed)
+        if r is not None:
+            chosen[value] = r.to_json()
     ctx.plan = dataclasses.replace(ctx.plan, rotations=chosen)
     ctx.work = dataclasses.replace(ctx.work, rotations=chosen)
 
@@ -256,10 +276,15 @@ def _smoothing_search(ctx: CompileContext) -> None:
     from qcompile.backends.onnxruntime.session import compile_threads
 
     names = sorted(smoothable(ctx.model.graph, ctx.work))  # the graph's values now (rotated ones after a rotation)
+    alpha = ctx.settings.transforms.smooth
     scales = {}
     if names:
         amax, rows = _smoothing_stats(ctx, names)
-        scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.work, amax, rows, compile_threads()).items()}
+        if isinstance(alpha, float):  # the paper's rule with a fixed alpha, unsearched
+            wmax = channel_weight_maxima(ctx.model.graph, ctx.work)
+            scales = {v: smoothing_scales(amax[v], wmax[v], alpha).tolist() for v in names if v in amax and v in wmax}
+        else:
+            scales = {k: v.tolist() for k, v in choose_scales(ctx.model.graph, ctx.work, amax, rows, compile_threads()).items()}
     ctx.plan = dataclasses.replace(ctx.plan, smoothing=scales)
     ctx.work = dataclasses.replace(ctx.work, smoothing=scales)
 
@@ -606,7 +631,9 @@ def pipeline_for(s: Settings) -> list[Stage]:
                      doc=f"a {s.transforms.rotate} rotation of every activation its consumers fold")]
               if s.transforms.rotate != "none" else []),
             Stage("OnlineRotationPass", _rotate, when=lambda c: bool(c.plan.rotations)),
-            *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay)] if tgt.smooth else []),
+            *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay,
+                     doc=f"SmoothQuant scales: {'alpha ' + str(s.transforms.smooth) if isinstance(s.transforms.smooth, float) else 'searched per activation'}")]
+              if s.transforms.smooths(tgt.smooth) else []),
             Stage("SmoothQuantPass", _smooth, when=lambda c: bool(c.plan.smoothing)),
             *quantizing([
                 pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),

@@ -28,9 +28,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile.graph import drop_unused_initializers, initializer, replace_const
-from qcompile.passes.smooth_quant import _trans_b, smoothable
+from qcompile.passes.smooth_quant import _trans_b, scorer_for, smoothable
 from qcompile.plan import QuantPlan
-from qcompile.rotation import Rotation
+from qcompile.rotation import Rotation, block_for
 
 ROTATED_KEY = "qcompile.rotated"  # node metadata on a consumer whose weight absorbed R^T
 ROTATION_KEY = "qcompile.rotation"  # node metadata on the nodes computing x R: x's name
@@ -126,3 +126,47 @@ def rotatable(graph: ir.Graph, plan: QuantPlan) -> dict[str, tuple[int, list[str
         w, transposed = _weight_kn(nodes[consumers[0]])
         out[value] = (int(w.const_value.shape[1 if transposed else 0]), consumers)
     return out
+
+
+ROTATION_BLOCKS = (16, 32, 64, 128)  # the Hadamard blocks `choose_rotations` tries (those dividing the width)
+
+
+def rotation_candidates(width: int) -> list[Rotation]:
+    """Block-diagonal Hadamard rotations of `width` channels, one per distinct block of
+    ROTATION_BLOCKS (`block_for`: the largest power of two dividing the width up to each)."""
+    return [Rotation(width, b) for b in sorted({block_for(width, b) for b in ROTATION_BLOCKS} - {1})]
+
+
+def choose_rotations(graph: ir.Graph, plan: QuantPlan, rows: dict[str, np.ndarray],
+                     threads: int = 1) -> dict[str, tuple[Rotation | None, dict[str, float]]]:
+    """Per rotatable activation (`rotatable`), the rotation of least quantized output error among
+    no rotation and `rotation_candidates`, measured with the target's own quantizers on sample
+    rows (`transform_search.Scorer`, as the SmoothQuant search does), and each candidate's gain
+    over no rotation in dB (10 log10 E(none) / E(R): what the report shows). Rotation does not
+    always help (block FP4: it can spread one block's outlier into a finer-scaled neighbour), so
+    a value keeps none unless a rotation measures better. Searched `threads` at a time, one BLAS
+    thread each (the choice does not depend on `threads`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    nodes = {n.name: n for n in graph}
+    todo = [(v, cs) for v, cs in smoothable(graph, plan).items() if v in rows and rows[v].shape[0] >= 4]
+
+    def search(item):
+        value, consumers = item
+        sc = scorer_for(nodes, plan, consumers, rows[value])
+        if sc is None:
+            return None, {}
+        base = sc.error(sc.fit, sc.test, sc.ws)
+        best, best_r, gains = base, None, {}
+        for r in rotation_candidates(sc.fit.shape[1]):
+            e = sc.error(r.apply(sc.fit), r.apply(sc.test), [r.fold_rows(w) for w in sc.ws])
+            gains[f"hadamard@{r.block}"] = round(10 * np.log10(max(base, 1e-300) / max(e, 1e-300)), 3)
+            if e < best:
+                best, best_r = e, r
+        return best_r, gains
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max(1, threads)) as pool:
+        found = list(pool.map(search, todo) if threads > 1 else map(search, todo))
+    return {v: f for (v, _), f in zip(todo, found)}

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from qcompile import external
 from qcompile.graph import drop_unused_initializers, initializer, replace_const
 from qcompile.plan import QuantPlan
+from qcompile.transform_search import Scorer, search_columns
 
 log = logging.getLogger(__name__)
 SMOOTHED_KEY = "qcompile.smoothed"  # node metadata on a consumer whose weight absorbed s
@@ -113,6 +114,18 @@ def candidate_rules(wmax: np.ndarray) -> list:
     ]
 
 
+def channel_weight_maxima(graph: ir.Graph, plan: QuantPlan) -> dict[str, np.ndarray]:
+    """Per smoothable activation, max over its consumers' weights of |W[j, :]| per channel j (the
+    w_j of SmoothQuant's rule)."""
+    nodes = {n.name: n for n in graph}
+    out = {}
+    for value, consumers in smoothable(graph, plan).items():
+        ws = [_weight_rows(nodes[c]) for c in consumers]
+        if len({w.shape[0] for w in ws}) == 1:
+            out[value] = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
+    return out
+
+
 def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
                   rows: dict[str, np.ndarray], threads: int = 1) -> dict[str, np.ndarray]:
     """Per activation, the best candidate scales, or nothing when none beats plain quantization.
@@ -144,66 +157,32 @@ def choose_scales(graph: ir.Graph, plan: QuantPlan, amax: dict[str, np.ndarray],
     return out
 
 
-SEARCH_BINS = 1 << 11  # histogram bins of the search's activation clip (1024 fit rows: ~200 values a bin)
+def scorer_for(nodes: dict[str, ir.Node], plan: QuantPlan, consumers: list[str], rows: np.ndarray) -> Scorer | None:
+    """The `transform_search.Scorer` of an activation read by `consumers` (None when a weight's
+    width is not the rows')."""
+    ws = [search_columns(_weight_rows(nodes[c])) for c in consumers]
+    if any(w.shape[0] != rows.shape[1] for w in ws):
+        return None
+    return Scorer(rows, ws, plan.nodes[consumers[0]].inputs[0].spec, [plan.nodes[c].inputs[1].spec for c in consumers],
+                  [nodes[c].op_type == "Gemm" and _trans_b(nodes[c]) for c in consumers])
 
 
 def _best_rule(nodes: dict[str, ir.Node], plan: QuantPlan, consumers: list[str], rows: np.ndarray) -> Callable | None:
-    """The candidate rule (`candidate_rules`) with the least quantized output error on the test rows
-    (every other odd row: a quarter of `rows`, which bounds the scoring MatMuls), with scales and
-    clip fitted on the even rows; None when no rule beats no smoothing."""
-    from qcompile.calibrate import Histogram, choose_clip, fake_quant, qparams_from_clip
-    from qcompile.weights import dequantized
-
-    fit, test = rows[0::2].astype(np.float32), rows[1::4].astype(np.float32)
-    ws = [_search_columns(_weight_rows(nodes[c])) for c in consumers]
-    if any(w.shape[0] != fit.shape[1] for w in ws):
+    """The candidate rule (`candidate_rules`) with the least quantized output error (`Scorer`:
+    scored on a quarter of `rows`, scales and clip fitted on the even rows); None when no rule
+    beats no smoothing."""
+    sc = scorer_for(nodes, plan, consumers, rows)
+    if sc is None:
         return None
-    aspec = plan.nodes[consumers[0]].inputs[0].spec
-    wspecs = [plan.nodes[c].inputs[1].spec for c in consumers]
-    gemm_t = [nodes[c].op_type == "Gemm" and _trans_b(nodes[c]) for c in consumers]
-    refs = [test @ w for w in ws]
-
-    def error(s: np.ndarray) -> float:
-        h = Histogram(bins=SEARCH_BINS)
-        h.update(fit / s)
-        sc, zp = qparams_from_clip(*choose_clip(h, aspec.format, aspec.symmetric, aspec.method), aspec.fmt, aspec.symmetric)
-        xq = fake_quant(test / s, sc, zp, aspec.fmt).astype(np.float32)
-        err = 0.0
-        for w, ref, spec, t in zip(ws, refs, wspecs, gemm_t):
-            ws_ = w * s[:, None]
-            q = dequantized(ws_.T if t else ws_, spec)
-            d = xq @ (q.T if t else q)
-            np.subtract(ref, d, out=d)
-            err += float(np.sum(np.square(d, out=d)))
-        return err
-
-    wmax = np.max([np.abs(w).max(axis=1) for w in ws], axis=0)
-    fit_amax = np.abs(fit).max(axis=0)
-    best, best_rule = error(np.ones(fit.shape[1], np.float32)), None
+    error = lambda s: sc.error(sc.fit / s, sc.test / s, [w * s[:, None] for w in sc.ws])  # noqa: E731
+    wmax = np.max([np.abs(w).max(axis=1) for w in sc.ws], axis=0)
+    fit_amax = np.abs(sc.fit).max(axis=0)
+    best, best_rule = error(np.ones(sc.fit.shape[1], np.float32)), None
     for rule in candidate_rules(wmax):
         e = error(rule(fit_amax))
         if e < best:
             best, best_rule = e, rule
     return best_rule
-
-
-SEARCH_ELEMENTS = 1 << 22  # weights larger than this are searched on a subset of their output columns
-
-
-def _search_columns(w: np.ndarray) -> np.ndarray:
-    """W [K, N] itself, or SEARCH_ELEMENTS // K evenly spaced columns of it when W is larger.
-
-    A column's quantized values depend only on that column for per-output-channel and
-    K-blocked weights, so the search's error on the kept columns is their exact error: the sum
-    over all N columns estimated from an even sample, at a bounded cost per candidate (13
-    candidates each quantize the whole searched weight). Weights up to SEARCH_ELEMENTS (4.2M,
-    e.g. 2048 x 2048; every MatMul of MiniLM-L6) are searched whole.
-    """
-    k, n = w.shape
-    if k * n <= SEARCH_ELEMENTS:
-        return w
-    keep = max(1, SEARCH_ELEMENTS // k)
-    return np.ascontiguousarray(w[:, np.linspace(0, n - 1, keep).round().astype(np.int64)])
 
 
 def _trans_b(node: ir.Node) -> bool:
