@@ -35,7 +35,7 @@ class Transforms:
     rotate_block: the Hadamard block (a power of two; "auto" tries every block up to it); None: the activation format's block for
                   block formats (32 MX, 16 NVFP4), else `rotation.DEFAULT_BLOCK`; each value takes the
                   largest power of two dividing its width up to this
-    smooth:       SmoothQuant (`passes.smooth_quant`) after the rotations: None: the target's
+    smooth:       SmoothQuant (`passes.smooth_quant`), before the rotations: None: the target's
                   default (int8 searches), "auto": the per-activation search on any target, "off",
                   or a float ALPHA: the paper's rule s_j = max|X_j|^ALPHA / max|W_j|^(1 - ALPHA)
                   for every smoothable activation, unsearched

@@ -230,7 +230,7 @@ def compile(
     (`qcompile.context.Transforms`, `qcompile/passes/rotate.py`): "none", "hadamard" or "random",
     with a power-of-two Hadamard block (None: the target's). The plan records every rotation, and
     report["transforms"] which nodes each touched.
-    smooth: SmoothQuant, after the rotations: None (the target's default: int8 searches), "auto"
+    smooth: SmoothQuant, before the rotations (x W = ((x / s) R)(R^T diag(s) W)): None (the target's default: int8 searches), "auto"
     (the per-activation search, any target), "off", or a fixed alpha in [0, 1].
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """

@@ -8,7 +8,7 @@ prints it without running it.
 
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
-    plan       plan, rotation, OnlineRotationPass, smoothing-search, SmoothQuantPass,
+    plan       plan, smoothing-search, SmoothQuantPass, rotation, OnlineRotationPass,
                PairPermutationPass, calibrate, restore-snapshot, BiasCorrectionPass
                (target "none": the transforms only, then emit and validate)
     quantize   InsertQDQPass
@@ -51,7 +51,7 @@ from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfI
                                            StoreHalfPass, interface, source_type)
 from qcompile.passes.rotate import (ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, choose_rotations, rotatable,
                                     rotated_name)
-from qcompile.passes.smooth_quant import (SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
+from qcompile.passes.smooth_quant import (SMOOTHED_KEY, SMOOTHING_KEY, SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
                                          smoothable, smoothing_scales)
 from qcompile.plan import PerBlock, QuantPlan
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
@@ -223,16 +223,16 @@ def _choose_rotations(ctx: CompileContext) -> None:
     the smoothing search's sample rows (`choose_rotations`). The report says what was chosen and
     why."""
     t = ctx.settings.transforms
-    found = rotatable(ctx.model.graph, ctx.plan)
+    found = rotatable(ctx.model.graph, ctx.work)  # the graph's values now (smoothed ones after SmoothQuant)
     measured = {}
     if t.rotate == "auto" and found:
         from qcompile.backends.onnxruntime.session import compile_threads
 
         _, rows = _smoothing_stats(ctx, sorted(found))
-        measured = choose_rotations(ctx.model.graph, ctx.plan, rows, compile_threads())
+        measured = choose_rotations(ctx.model.graph, ctx.work, rows, compile_threads())
     chosen, entries = {}, ctx.report.setdefault("transforms", [])
     for value, (width, consumers) in sorted(found.items()):
-        fmt = ctx.plan.nodes[consumers[0]].inputs[0].spec.fmt
+        fmt = ctx.work.nodes[consumers[0]].inputs[0].spec.fmt
         requested = t.rotate_block or (fmt.block_size if isinstance(fmt, BlockFormat) else DEFAULT_BLOCK)
         block = block_for(width, requested)
         if t.rotate == "auto":  # it measures, so it tries every block up to --rotate-block (default 128)
@@ -275,7 +275,7 @@ def _smoothing_search(ctx: CompileContext) -> None:
     (`choose_scales`)."""
     from qcompile.backends.onnxruntime.session import compile_threads
 
-    names = sorted(smoothable(ctx.model.graph, ctx.work))  # the graph's values now (rotated ones after a rotation)
+    names = sorted(smoothable(ctx.model.graph, ctx.work))
     alpha = ctx.settings.transforms.smooth
     scales = {}
     if names:
@@ -305,9 +305,18 @@ def _smoothing_stats(ctx: CompileContext, names: list[str]) -> tuple[dict, dict]
 
 
 def _smooth(ctx: CompileContext):
+    """SmoothQuantPass with the plan's scales; the plan is then re-read from the graph. The report
+    names, per value, the consumers whose weights took diag(s) and the nodes that compute x / s."""
     scales = {k: np.asarray(v, dtype=np.float32) for k, v in ctx.plan.smoothing.items()}
     result = SmoothQuantPass(ctx.work, scales)(ctx.model)
     ctx.work = plan_on(ctx.model.graph, ctx.work)
+    alpha = ctx.settings.transforms.smooth
+    rule = "replayed" if ctx.replay else f"alpha {alpha}" if isinstance(alpha, float) else "searched"
+    entries, graph = ctx.report.setdefault("transforms", []), list(ctx.model.graph)
+    for value in sorted(ctx.plan.smoothing):
+        entries.append({"transform": "smooth", "value": value, "rule": rule,
+                        "nodes": sorted(n.name for n in graph if n.metadata_props.get(SMOOTHED_KEY) == value),
+                        "emitted": [n.name for n in graph if n.metadata_props.get(SMOOTHING_KEY) == value]})
     return result
 
 
@@ -407,11 +416,12 @@ def _wants_snapshot(ctx: CompileContext) -> bool:
 
 def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | None]]:
     """Planned activation (as the working graph names it) -> (the float model's value it is
-    computed from, the transform from that value to it, or None): the rotation x -> x R where the
-    value was rotated, then the division by its SmoothQuant scales where it was smoothed. A channel
+    computed from, the transform from that value to it, or None): the division by its SmoothQuant
+    scales where it was smoothed, then the rotation x -> x R where it was rotated. A channel
     permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the order."""
     out: dict[str, tuple[str, Callable | None]] = {}
     specs = ctx.work.activation_specs()
+    rotated = {rotated_name(k): k for k in ctx.plan.rotations}  # x R's name -> the rotation's key
     for name, wnode in ctx.work.nodes.items():
         pnode = ctx.plan.nodes.get(name)
         pairs = [(q, pnode.inputs.get(i) if pnode else None) for i, q in wnode.inputs.items()]
@@ -421,22 +431,22 @@ def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | N
             if q.role != "activation" or q.value not in specs or q.value in out:
                 continue
             orig = p.value if p is not None else q.value
-            out[q.value] = (orig, _transform_of(ctx.plan, orig))
+            out[q.value] = (orig, _transform_of(ctx.plan, orig, rotated.get(q.value)))
     return out
 
 
-def _transform_of(plan: QuantPlan, value: str) -> Callable | None:
-    """x -> (x R) / s for the plan's rotation R and smoothing scales s of float value `value`
-    (each only where the plan has one), or None when it has neither."""
-    r = Rotation.from_json(plan.rotations[value]) if value in plan.rotations else None
-    s = plan.smoothing.get(rotated_name(value) if r is not None else value)
+def _transform_of(plan: QuantPlan, value: str, rotation: str | None) -> Callable | None:
+    """x -> (x / s) R for the plan's smoothing scales s of float value `value` and its rotation
+    `plan.rotations[rotation]` (each only where the plan has one), or None when it has neither."""
+    r = Rotation.from_json(plan.rotations[rotation]) if rotation is not None else None
+    s = plan.smoothing.get(value)
     if r is None and s is None:
         return None
     inv = None if s is None else (1.0 / np.asarray(s, dtype=np.float32)).astype(np.float32)
 
     def transform(x: np.ndarray) -> np.ndarray:
-        y = x if r is None else r.apply(x)
-        return y if inv is None else y * inv
+        y = x if inv is None else x * inv
+        return y if r is None else r.apply(y)
 
     return transform
 
@@ -627,14 +637,14 @@ def pipeline_for(s: Settings) -> list[Stage]:
         ],
         "plan": [
             Stage("plan", _plan),
-            *([Stage("rotation", _choose_rotations, when=lambda c: not c.replay,
-                     doc=f"a {s.transforms.rotate} rotation of every activation its consumers fold")]
-              if s.transforms.rotate != "none" else []),
-            Stage("OnlineRotationPass", _rotate, when=lambda c: bool(c.plan.rotations)),
             *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay,
                      doc=f"SmoothQuant scales: {'alpha ' + str(s.transforms.smooth) if isinstance(s.transforms.smooth, float) else 'searched per activation'}")]
               if s.transforms.smooths(tgt.smooth) else []),
             Stage("SmoothQuantPass", _smooth, when=lambda c: bool(c.plan.smoothing)),
+            *([Stage("rotation", _choose_rotations, when=lambda c: not c.replay,
+                     doc=f"a {s.transforms.rotate} rotation of every activation its consumers fold")]
+              if s.transforms.rotate != "none" else []),
+            Stage("OnlineRotationPass", _rotate, when=lambda c: bool(c.plan.rotations)),
             *quantizing([
                 pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
                 Stage("calibrate", _calibrate),

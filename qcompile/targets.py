@@ -102,7 +102,7 @@ TARGETS: dict[str, Target] = {
         # No quantization: the transforms alone (--rotate ...), written in float so a user can check
         # they are exact. Its plan is int8's, only to locate the layers; the gate catches a broken
         # rewrite (an exact one keeps ~120 dB: float32 rounding).
-        Target("none", "no quantization: only the float-exact transforms (--rotate), to check them",
+        Target("none", "no quantization: only the float-exact transforms (--rotate, --smooth), to check them",
                WeightPolicy("int8"), ActivationPolicy("uint8"), min_sqnr_db=80.0, bias_correction=False, quantize=False),
         Target(
             "w4",

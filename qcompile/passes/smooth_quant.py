@@ -22,7 +22,7 @@ inserting a Mul: through Relu and bias Adds into a LayerNormalization gain, a pe
 (decomposed RMSNorm), or the output columns of a MatMul/Gemm (`_plan_fold`). This keeps Relu
 right before the quantizer, so onnxruntime still folds it into an integer kernel. Per-channel maxima come from a calibration pass (`channel_stats`).
 Every smoothed consumer is marked (node metadata `qcompile.smoothed`), so a second run smooths
-nothing twice; the plan is re-read from the graph afterwards (`analyze.plan_on`), since the
+nothing twice, and so are the nodes computing x/s (`qcompile.smoothing`: the Mul or the producers); the plan is re-read from the graph afterwards (`analyze.plan_on`), since the
 consumers now read the smoothed activation and weights. Exact in float: the float output changes only by rounding.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ from qcompile.transform_search import Scorer, search_columns
 
 log = logging.getLogger(__name__)
 SMOOTHED_KEY = "qcompile.smoothed"  # node metadata on a consumer whose weight absorbed s
+SMOOTHING_KEY = "qcompile.smoothing"  # node metadata on the nodes computing x / s (a Mul, or producers that folded it)
 
 
 def _weight_kn(node: ir.Node) -> tuple[ir.Value, bool] | None:
@@ -226,7 +227,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
 
     def _insert_mul(self, graph, x: ir.Value, consumers: list[str], s: np.ndarray, nodes) -> ir.Value:
         inv = initializer(graph, f"{x.name}_smooth_inv", (1.0 / s).astype(np.float32))
-        mul = ir.node("Mul", [x, inv], name=f"{x.name}_SmoothQuant")
+        mul = ir.node("Mul", [x, inv], name=f"{x.name}_SmoothQuant", metadata_props={SMOOTHING_KEY: x.name})
         mul.outputs[0].name = f"{x.name}_smooth"
         mul.outputs[0].dtype, mul.outputs[0].shape = x.dtype, x.shape
         graph.append(mul)
@@ -251,6 +252,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             return None
         for node, idx, fn in edits:
             replace_const(graph, node, idx, fn, f"{node.inputs[idx].name}_smooth_{node.name}")
+            node.metadata_props[SMOOTHING_KEY] = x.name
         return x
 
 

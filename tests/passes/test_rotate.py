@@ -177,7 +177,80 @@ def test_rotate_cli(attention_data, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert {e["value"] for e in report["transforms"]} == {"xn", "o2"}
+    # int8 smooths first: o2's producer does not fold its scales, so a Mul makes o2_smooth, which is rotated
+    assert {e["value"] for e in report["transforms"] if e["transform"] == "rotate"} == {"xn", "o2_smooth"}
+    smoothed = {e["value"]: e for e in report["transforms"] if e["transform"] == "smooth"}
+    assert smoothed["o2"]["emitted"] == ["o2_SmoothQuant"] and smoothed["o2"]["nodes"] == ["o_proj"]
+    assert smoothed["xn"]["emitted"] == ["ln"], "xn's 1/s folds into the LayerNorm's gain and bias"
     assert any(n.op_type == "MatMul" and n.name.startswith("xn_Rotate_") for n in onnx.load(str(out)).graph.node)
     bad = subprocess.run(cmd[:-4] + ["--rotate-block", "24", "-o", str(tmp_path / "b.onnx")], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and not (tmp_path / "b.onnx").exists()
+
+
+# --- rotation choice by measurement, SmoothQuant as a user transform -------------------------------
+def test_rotate_auto_keeps_a_rotation_only_where_it_measures_better(attention_data):
+    """`--rotate auto`: per value, the candidate of largest measured gain, or none when no candidate
+    gains; the report gives each candidate's gain. The LN output with a 30x outlier channel gains
+    from a rotation before per-tensor int8; the whole model is then not worse than unrotated."""
+    model, calib, eval_ = attention_data
+    kw = dict(calib=str(calib), eval=str(eval_), min_sqnr=-100)
+    plain = qcompile.compile(str(model), "w:int8,a:int8", **kw)
+    auto = qcompile.compile(str(model), "w:int8,a:int8", rotate="auto", **kw)
+    choices = {e["value"]: e for e in auto.report["transforms"] if e["transform"] == "rotate-choice"}
+    assert set(choices) == {"xn", "o2"}
+    for value, e in choices.items():
+        best = max(e["gain_db"], key=e["gain_db"].get)
+        assert set(e["gain_db"]) >= {"hadamard@16", "hadamard@32"}, "every block up to 128 dividing 32"
+        if e["gain_db"][best] > 0:
+            assert e["chosen"] == best and auto.plan.rotations[value]["block"] == int(best.split("@")[1])
+        else:
+            assert e["chosen"] == "none" and value not in auto.plan.rotations
+    assert choices["xn"]["chosen"] != "none" and choices["xn"]["gain_db"][choices["xn"]["chosen"]] > 3
+    worst = {r.report["verdict"]["worst_output_sqnr_db"] for r in (plain, auto)}
+    assert auto.report["verdict"]["worst_output_sqnr_db"] > plain.report["verdict"]["worst_output_sqnr_db"] + 3, worst
+
+
+def test_smooth_off_alpha_and_auto(attention_data):
+    """`--smooth off` drops int8's search; `--smooth ALPHA` applies the paper's rule to every
+    smoothable value, largest on the outlier channel; `--smooth auto` searches on a target that
+    does not smooth by default (w4a8)."""
+    model, calib, eval_ = attention_data
+    kw = dict(calib=str(calib), eval=str(eval_), min_sqnr=-100)
+    stages = lambda r: [p["name"] for p in r.report["passes"]]  # noqa: E731
+    off = qcompile.compile(str(model), "int8", smooth="off", **kw)
+    assert off.plan.smoothing == {} and "smoothing-search" not in stages(off)
+    fixed = qcompile.compile(str(model), "int8", smooth=0.5, **kw)
+    assert set(fixed.plan.smoothing) == {"xn", "o2"}
+    entries = {e["value"]: e for e in fixed.report["transforms"]}
+    assert entries["xn"]["rule"] == "alpha 0.5" and entries["xn"]["nodes"] == ["k_proj", "q_proj", "v_proj"]
+    s = np.asarray(fixed.plan.smoothing["xn"])
+    assert s.argmax() == 5 and s[5] > 3 * np.median(s), "alpha 0.5 moves the outlier channel into the weights"
+    assert qcompile.compile(str(model), "w4a8", **kw).plan.smoothing == {}
+    searched = qcompile.compile(str(model), "w4a8", smooth="auto", **kw)
+    assert "smoothing-search" in stages(searched) and searched.plan.smoothing
+
+
+@pytest.mark.parametrize("smooth,rotate", [(0.5, "none"), ("auto", "none"), (0.5, "hadamard"), ("auto", "random")])
+def test_smoothing_then_rotation_is_exact_under_target_none(attention_data, smooth, rotate):
+    """x W = ((x / s) R)(R^T diag(s) W): SmoothQuant first, then the rotation of the smoothed value."""
+    model, calib, eval_ = attention_data
+    r = qcompile.compile(str(model), "none", calib=str(calib), eval=str(eval_), smooth=smooth, rotate=rotate)
+    assert r.plan.smoothing and bool(r.plan.rotations) == (rotate != "none")
+    feeds = {"x": np.load(eval_)["x"]}
+    ref = helpers.session(onnx.load(str(model)), "disable").run(None, feeds)[0]
+    got = helpers.session(ir.to_proto(r.model), "disable").run(None, feeds)[0]
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_smooth_option_errors(attention_data, tmp_path):
+    from qcompile.pipeline import settings_for
+
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(InputError, match="smooth"):
+            settings_for("int8", smooth=bad)
+    assert settings_for("int8", smooth="0.25").transforms.smooth == 0.25
+    model, calib, eval_ = attention_data
+    out = tmp_path / "s.onnx"
+    r = subprocess.run([sys.executable, "-m", "qcompile.cli", str(model), "--target", "int8", "--calib", str(calib),
+                        "--smooth", "2", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode != 0 and "smooth" in r.stderr and "Traceback" not in r.stderr and not out.exists()
