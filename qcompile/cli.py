@@ -145,8 +145,11 @@ def main() -> None:
 @click.option("--rotate-block", type=click.IntRange(min=2), metavar="N",
               help="Hadamard block, a power of two [default: the activation format's block (MX 32, NVFP4 16), else 128]")
 @click.option("--smooth", metavar="auto|off|ALPHA",
-              help="SmoothQuant after the rotations: auto (search per activation), off, or a fixed alpha in [0, 1] "
+              help="SmoothQuant before the rotations: auto (search per activation), off, or a fixed alpha in [0, 1] "
                    "[default: the target's: int8 searches]")
+@click.option("--cle", is_flag=True,
+              help="Cross-layer equalization: rescale Conv/MatMul -> (Relu|Relu6) -> Conv/MatMul chains so both weights "
+                   "have equal per-channel ranges (exact in float; helps per-tensor weights)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
@@ -161,7 +164,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, as_json, verbose, quiet):
+                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -186,7 +189,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
                                        cpu=cpu, input_shapes=input_shape, max_float=max_float,
                                        dump_after=tuple(dump_after), dump_dir=dump_dir, rotate=rotate,
-                                       rotate_block=rotate_block, smooth=smooth)
+                                       rotate_block=rotate_block, smooth=smooth, cle=cle)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

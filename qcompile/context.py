@@ -39,17 +39,19 @@ class Transforms:
                   default (int8 searches), "auto": the per-activation search on any target, "off",
                   or a float ALPHA: the paper's rule s_j = max|X_j|^ALPHA / max|W_j|^(1 - ALPHA)
                   for every smoothable activation, unsearched
+    cle:          cross-layer equalization (`passes.equalize`) of Conv/MatMul chains, first of all
     """
 
     rotate: str = "none"
     rotate_block: int | None = None
     smooth: str | float | None = None
+    cle: bool = False
 
     def smooths(self, target_default: bool) -> bool:
         return self.smooth != "off" and (self.smooth is not None or target_default)
 
     def to_json(self) -> dict:
-        return {"rotate": self.rotate, "rotate_block": self.rotate_block, "smooth": self.smooth}
+        return {"rotate": self.rotate, "rotate_block": self.rotate_block, "smooth": self.smooth, "cle": self.cle}
 
 
 @dataclass(frozen=True)

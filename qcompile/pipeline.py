@@ -125,7 +125,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  lowering: str = "auto", accuracy_level: int | str = "auto", cpu: str | Cpu = Cpu.PORTABLE,
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
                  dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
-                 smooth: str | float | None = None) -> Settings:
+                 smooth: str | float | None = None, cle: bool = False) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -151,7 +151,9 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
         smooth = float(smooth)
     elif smooth not in (None, "auto", "off"):
         raise InputError(f"smooth must be 'auto', 'off' or an alpha in [0, 1], got {smooth!r}")
-    transforms = Transforms(rotate, rotate_block, smooth)
+    if not isinstance(cle, bool):
+        raise InputError(f"cle must be True or False, got {cle!r}")
+    transforms = Transforms(rotate, rotate_block, smooth, cle)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
@@ -196,6 +198,7 @@ def compile(
     rotate: str = "none",
     rotate_block: int | None = None,
     smooth: str | float | None = None,
+    cle: bool = False,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -232,6 +235,8 @@ def compile(
     report["transforms"] which nodes each touched.
     smooth: SmoothQuant, before the rotations (x W = ((x / s) R)(R^T diag(s) W)): None (the target's default: int8 searches), "auto"
     (the per-activation search, any target), "off", or a fixed alpha in [0, 1].
+    cle: cross-layer equalization of Conv/MatMul -> (Relu|Relu6) -> Conv/MatMul chains
+    (`qcompile/passes/equalize.py`), before the other transforms; the plan records its scales.
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -240,7 +245,7 @@ def compile(
     settings = settings_for(target, validate=validate, min_sqnr=min_sqnr, options=options, batch_size=batch_size,
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
-                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth)
+                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

@@ -228,10 +228,12 @@ class NodePlan:
 class QuantPlan:
     """Node name -> NodePlan, plus the target it was made for.
 
-    rotations: activation value -> the orthogonal rotation R (`rotation.Rotation` as JSON) applied
-    online before its consumers (X W = (X R)(R^T W), `passes.rotate`), first of the transforms.
-    smoothing: activation value -> per-channel SmoothQuant scales s (X W = (X/s)(sW)), applied
-    after the rotations (a rotated value is named `passes.rotate.rotated_name`) and before
+    equalization: producer node -> per-channel cross-layer equalization scales s (W1[i] /= s_i,
+    W2[:, i] *= s_i, `passes.equalize`), first of the transforms.
+    smoothing: activation value -> per-channel SmoothQuant scales s (X W = (X/s)(sW)), applied next.
+    rotations: activation value (as the smoothed graph names it) -> the orthogonal rotation R
+    (`rotation.Rotation` as JSON) applied online before its consumers (X W = (X R)(R^T W),
+    `passes.rotate`; the rotated value is named `passes.rotate.rotated_name`), last, before
     calibration. Node entries name the values of the *untransformed* graph, so a saved plan
     replays on the original model.
     """
@@ -240,6 +242,7 @@ class QuantPlan:
     nodes: dict[str, NodePlan] = field(default_factory=dict)
     smoothing: dict[str, list[float]] = field(default_factory=dict)
     rotations: dict[str, dict] = field(default_factory=dict)
+    equalization: dict[str, list[float]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -287,6 +290,8 @@ class QuantPlan:
             d["rotations"] = {k: dict(v) for k, v in self.rotations.items()}
         if self.smoothing:
             d["smoothing"] = {k: [float(x) for x in v] for k, v in self.smoothing.items()}
+        if self.equalization:
+            d["equalization"] = {k: [float(x) for x in v] for k, v in self.equalization.items()}
         return d
 
     @classmethod
@@ -296,7 +301,8 @@ class QuantPlan:
         try:
             return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()},
                        smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()},
-                       rotations={k: dict(v) for k, v in d.get("rotations", {}).items()})
+                       rotations={k: dict(v) for k, v in d.get("rotations", {}).items()},
+                       equalization={k: [float(x) for x in v] for k, v in d.get("equalization", {}).items()})
         except KeyError as e:
             raise InputError(f"plan: missing or unknown key {e}") from None
 

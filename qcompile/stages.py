@@ -8,7 +8,8 @@ prints it without running it.
 
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
-    plan       plan, smoothing-search, SmoothQuantPass, rotation, OnlineRotationPass,
+    plan       plan, equalization, CrossLayerEqualizationPass, smoothing-search, SmoothQuantPass,
+               rotation, OnlineRotationPass,
                PairPermutationPass, calibrate, restore-snapshot, BiasCorrectionPass
                (target "none": the transforms only, then emit and validate)
     quantize   InsertQDQPass
@@ -49,11 +50,12 @@ from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
                                            StoreHalfPass, interface, source_type)
+from qcompile.passes import equalize
 from qcompile.passes.rotate import (ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, choose_rotations, rotatable,
                                     rotated_name)
 from qcompile.passes.smooth_quant import (SMOOTHED_KEY, SMOOTHING_KEY, SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
                                          smoothable, smoothing_scales)
-from qcompile.plan import PerBlock, QuantPlan
+from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantPlan
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.subgraphs import all_values, location
 from qcompile.validate import compare, output_names, verdict
@@ -212,6 +214,53 @@ def _plan(ctx: CompileContext) -> None:
     if not ctx.plan.nodes and tgt.quantize:
         raise UnsupportedModelError(nothing_to_quantize(tgt, ctx.kept))
     ctx.work = ctx.plan
+
+
+def _choose_equalization(ctx: CompileContext) -> None:
+    """Cross-layer equalization scales of every chain `passes.equalize.chains` finds between
+    planned layers, balancing the channel ranges each quantizer sees: the producer's weights when
+    they are per tensor, the consumer's, and the activation between them when it is quantized per
+    tensor (its channel maxima over SMOOTH_SAMPLES calibration samples). Target "none" quantizes
+    nothing, so it equalizes every chain (to check exactness)."""
+    graph, plan = ctx.model.graph, ctx.plan
+    found = [c for c in equalize.chains(graph) if c.producer in plan.nodes and c.consumer in plan.nodes]
+    nodes = {n.name: n for n in graph}
+
+    def absorbs(node: str, axis: int) -> bool:  # a per-channel weight quantizer along the scaled axis
+        q = plan.nodes[node].inputs.get(1)
+        return q is not None and isinstance(q.spec.granularity, PerChannel) and q.spec.granularity.axis == axis
+
+    absorbed = set() if not ctx.settings.target.quantize else {n for c in found for n, axis in ((c.producer, equalize.out_axis(nodes[c.producer])),
+                                                 (c.consumer, equalize.in_axis(nodes[c.consumer]))) if absorbs(n, axis)}
+    reads = {nodes[c.consumer].inputs[0].name: c.consumer for c in found
+             if 0 in plan.nodes[c.consumer].inputs and isinstance(plan.nodes[c.consumer].inputs[0].spec.granularity, PerTensor)}
+    act_max: dict[str, np.ndarray] = {}
+    if reads and plan.activation_specs():
+        for _, values in stream_values(ctx.model, sorted(reads), ctx.calib.spread(SMOOTH_SAMPLES).batches(ctx.settings.batch_size)):
+            for name, x in values.items():
+                consumer = reads[name]
+                axis = equalize.channel_axis(nodes[consumer]) % x.ndim
+                m = np.abs(np.moveaxis(np.asarray(x, np.float32), axis, 0)).reshape(x.shape[axis], -1).max(axis=1)
+                act_max[consumer] = np.maximum(act_max.get(consumer, 0), m)
+    scales = equalize.equalization_scales(graph, found, act_max, absorbed)
+    ctx.plan = dataclasses.replace(plan, equalization={k: v.tolist() for k, v in scales.items() if np.any(v != 1)})
+    ctx.work = dataclasses.replace(ctx.work, equalization=ctx.plan.equalization)
+
+
+def _equalize(ctx: CompileContext):
+    """CrossLayerEqualizationPass with the plan's scales; the report names each chain's nodes, its
+    activation (a Clip becomes Relu + a per-channel Min) and the range of its scales."""
+    scales = {k: np.asarray(v, dtype=np.float32) for k, v in ctx.plan.equalization.items()}
+    nodes = {n.name: n for n in ctx.model.graph}
+    found = [c for c in equalize.chains(ctx.model.graph) if c.producer in scales]
+    result = equalize.CrossLayerEqualizationPass(scales)(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.work)
+    entries = ctx.report.setdefault("transforms", [])
+    for c in found:
+        entries.append({"transform": "equalize", "nodes": [c.producer, c.consumer],
+                        "activation": nodes[c.activation].op_type if c.activation else None,
+                        "scale_range": [float(scales[c.producer].min()), float(scales[c.producer].max())]})
+    return result
 
 
 def _choose_rotations(ctx: CompileContext) -> None:
@@ -637,6 +686,10 @@ def pipeline_for(s: Settings) -> list[Stage]:
         ],
         "plan": [
             Stage("plan", _plan),
+            *([Stage("equalization", _choose_equalization, when=lambda c: not c.replay,
+                     doc="cross-layer equalization scales of Conv/MatMul chains (weights only)")]
+              if s.transforms.cle else []),
+            Stage("CrossLayerEqualizationPass", _equalize, when=lambda c: bool(c.plan.equalization)),
             *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay,
                      doc=f"SmoothQuant scales: {'alpha ' + str(s.transforms.smooth) if isinstance(s.transforms.smooth, float) else 'searched per activation'}")]
               if s.transforms.smooths(tgt.smooth) else []),

@@ -172,10 +172,11 @@ def _bits(fmt) -> int:
 
 
 def compose(spec: str) -> Target:
-    """A target from `w:FORMAT[/BLOCK][,a:FORMAT]` (e.g. `w:e3m4,a:e4m3`, `w:int4/128`, `w:mxfp4`).
+    """A target from `w:FORMAT[/BLOCK][,a:FORMAT]` (e.g. `w:e3m4,a:e4m3`, `w:int4/128`, `w:mxfp4`,
+    `w:int8/tensor,a:int8`).
 
-    Weights: a block format keeps its own blocks; a scalar format is per output channel, or in
-    blocks of BLOCK along the reduction axis, with MSE-searched scales below 8 bits (block formats: always,
+    Weights: a block format keeps its own blocks; a scalar format is per output channel, per
+    tensor (/tensor), or in blocks of BLOCK along the reduction axis, with MSE-searched scales below 8 bits (block formats: always,
     `codec.quantize_block`). Activations:
     a scalar format is per tensor, symmetric for float formats, calibrated with format-aware MSE;
     a block format is dynamic per block. Without `a:` the target is weight-only.
@@ -190,9 +191,10 @@ def compose(spec: str) -> Target:
         raise KeyError(f"target {spec!r}: the weight format (w:FORMAT) is required")
     wname, _, block = parts["w"].partition("/")
     wfmt = parse_format(wname)
-    if block and (not block.isdigit() or int(block) < 1 or isinstance(wfmt, BlockFormat)):
-        raise KeyError(f"target {spec!r}: /BLOCK must be a positive integer, for a scalar weight format")
-    weights = WeightPolicy(wname, "block" if block else "channel", int(block or 32),
+    if block and (not (block.isdigit() or block == "tensor") or block == "0" or isinstance(wfmt, BlockFormat)):
+        raise KeyError(f"target {spec!r}: /BLOCK must be a positive integer or 'tensor', for a scalar weight format")
+    granularity = "tensor" if block == "tensor" else "block" if block else "channel"
+    weights = WeightPolicy(wname, granularity, int(block) if block.isdigit() else 32,
                            "mse" if isinstance(wfmt, BlockFormat) or _bits(wfmt) < 8 else "minmax")
     acts = None
     if "a" in parts:
