@@ -29,6 +29,12 @@ def initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorProtoco
     return v
 
 
+def index(graph: ir.Graph) -> tuple[dict[str, ir.Node], dict[str, ir.Value]]:
+    """The graph's nodes by name, and its values (node outputs and graph inputs) by name."""
+    nodes = {n.name: n for n in graph}
+    return nodes, {o.name: o for n in graph for o in n.outputs} | {v.name: v for v in graph.inputs}
+
+
 def drop_unused_initializers(graph: ir.Graph, recursive: bool = True) -> int:
     """Remove the initializers nothing reads (of every body too with `recursive`); returns how many."""
     dropped = 0

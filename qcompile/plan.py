@@ -230,6 +230,9 @@ class QuantPlan:
 
     equalization: producer node -> per-channel cross-layer equalization scales s (W1[i] /= s_i,
     W2[:, i] *= s_i, `passes.equalize`), first of the transforms.
+    fused_rotations: embedding Gather node -> {"rotation": R as JSON, "heads": bool}: the residual
+    stream it starts carries h R (QuaRot R1, with R2 on the attention heads when "heads";
+    `passes.residual_rotate`), applied next.
     smoothing: activation value -> per-channel SmoothQuant scales s (X W = (X/s)(sW)), applied next.
     rotations: activation value (as the smoothed graph names it) -> the orthogonal rotation R
     (`rotation.Rotation` as JSON) applied online before its consumers (X W = (X R)(R^T W),
@@ -243,6 +246,7 @@ class QuantPlan:
     smoothing: dict[str, list[float]] = field(default_factory=dict)
     rotations: dict[str, dict] = field(default_factory=dict)
     equalization: dict[str, list[float]] = field(default_factory=dict)
+    fused_rotations: dict[str, dict] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -292,6 +296,8 @@ class QuantPlan:
             d["smoothing"] = {k: [float(x) for x in v] for k, v in self.smoothing.items()}
         if self.equalization:
             d["equalization"] = {k: [float(x) for x in v] for k, v in self.equalization.items()}
+        if self.fused_rotations:
+            d["fused_rotations"] = {k: dict(v) for k, v in self.fused_rotations.items()}
         return d
 
     @classmethod
@@ -302,7 +308,8 @@ class QuantPlan:
             return cls(target=d["target"], nodes={k: NodePlan.from_json(v) for k, v in d["nodes"].items()},
                        smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()},
                        rotations={k: dict(v) for k, v in d.get("rotations", {}).items()},
-                       equalization={k: [float(x) for x in v] for k, v in d.get("equalization", {}).items()})
+                       equalization={k: [float(x) for x in v] for k, v in d.get("equalization", {}).items()},
+                       fused_rotations={k: dict(v) for k, v in d.get("fused_rotations", {}).items()})
         except KeyError as e:
             raise InputError(f"plan: missing or unknown key {e}") from None
 

@@ -8,8 +8,8 @@ prints it without running it.
 
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
-    plan       plan, equalization, CrossLayerEqualizationPass, smoothing-search, SmoothQuantPass,
-               rotation, OnlineRotationPass,
+    plan       plan, equalization, CrossLayerEqualizationPass, fused-rotation,
+               FusedResidualRotationPass, smoothing-search, SmoothQuantPass, rotation, OnlineRotationPass,
                PairPermutationPass, calibrate, restore-snapshot, BiasCorrectionPass
                (target "none": the transforms only, then emit and validate)
     quantize   InsertQDQPass
@@ -50,7 +50,7 @@ from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
                                            StoreHalfPass, interface, source_type)
-from qcompile.passes import equalize
+from qcompile.passes import equalize, residual_rotate
 from qcompile.passes.rotate import (ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, choose_rotations, rotatable,
                                     rotated_name)
 from qcompile.passes.smooth_quant import (SMOOTHED_KEY, SMOOTHING_KEY, SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
@@ -260,6 +260,40 @@ def _equalize(ctx: CompileContext):
         entries.append({"transform": "equalize", "nodes": [c.producer, c.consumer],
                         "activation": nodes[c.activation].op_type if c.activation else None,
                         "scale_range": [float(scales[c.producer].min()), float(scales[c.producer].max())]})
+    return result
+
+
+def _choose_fused_rotations(ctx: CompileContext) -> None:
+    """QuaRot R1 (+ R2) on every pre-norm residual stream `passes.residual_rotate.find_streams`
+    finds: R a Walsh-Hadamard over the largest power-of-two block of the width up to
+    --rotate-block (default: the whole width), with random signs for "random". The report gives
+    the reason for every stream it refuses (online rotation then covers what it can)."""
+    t = ctx.settings.transforms
+    streams, reasons = residual_rotate.find_streams(ctx.model.graph)
+    chosen = {}
+    for s in streams:
+        block = block_for(s.width, t.rotate_block or s.width)
+        if block < 2:
+            reasons.append(f"{s.gather.name}: width {s.width} has no power-of-two factor")
+            continue
+        seed = (ctx.settings.seed * 7919 + zlib.crc32(s.gather.name.encode())) % 2**31 if t.rotate == "random" else 0
+        chosen[s.gather.name] = {"rotation": Rotation(s.width, block, t.rotate, seed).to_json(), "heads": True}
+    entries = ctx.report.setdefault("transforms", [])
+    entries.extend({"transform": "fused-rotation", "applied": False, "reason": r} for r in reasons)
+    ctx.plan = dataclasses.replace(ctx.plan, fused_rotations=chosen)
+    ctx.work = dataclasses.replace(ctx.work, fused_rotations=chosen)
+
+
+def _fuse_rotations(ctx: CompileContext):
+    """FusedResidualRotationPass with the plan's rotations; the report lists what each touched."""
+    plan = ctx.plan.fused_rotations
+    streams = {s.gather.name: s for s in residual_rotate.find_streams(ctx.model.graph)[0]}
+    todo = {k: v for k, v in plan.items() if k in streams}
+    p = residual_rotate.FusedResidualRotationPass({k: Rotation.from_json(v["rotation"]) for k, v in todo.items()},
+                                                  {k for k, v in todo.items() if v.get("heads")})
+    result = p(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.work)
+    ctx.report.setdefault("transforms", []).extend(p.applied)
     return result
 
 
@@ -690,6 +724,10 @@ def pipeline_for(s: Settings) -> list[Stage]:
                      doc="cross-layer equalization scales of Conv/MatMul chains (weights only)")]
               if s.transforms.cle else []),
             Stage("CrossLayerEqualizationPass", _equalize, when=lambda c: bool(c.plan.equalization)),
+            *([Stage("fused-rotation", _choose_fused_rotations, when=lambda c: not c.replay,
+                     doc="QuaRot R1 + R2 on pre-norm residual streams, where the graph allows")]
+              if s.transforms.rotate in ("hadamard", "random") else []),
+            Stage("FusedResidualRotationPass", _fuse_rotations, when=lambda c: bool(c.plan.fused_rotations)),
             *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay,
                      doc=f"SmoothQuant scales: {'alpha ' + str(s.transforms.smooth) if isinstance(s.transforms.smooth, float) else 'searched per activation'}")]
               if s.transforms.smooths(tgt.smooth) else []),

@@ -218,3 +218,32 @@ def test_lowering_policy_is_one_ordered_table():
     assert kernels.choose(layer, "function").kernel.name == "decoder + MatMul"
     with pytest.raises(ValueError):
         kernels.choose(layer, "fastest")
+
+
+def test_every_pass_class_has_a_contract_test():
+    """Issue 10, acceptance 2, kept true as passes are added: every onnx_ir pass qcompile defines
+    is named in a test module that runs `helpers.assert_pass_contract` (honest `modified`, second
+    run a no-op, checker-valid)."""
+    import importlib
+    import inspect
+    import pkgutil
+    from pathlib import Path
+
+    import onnx_ir as ir
+
+    import qcompile as pkg
+
+    classes = set()
+    for mod in pkgutil.walk_packages(pkg.__path__, "qcompile."):
+        if mod.name.endswith("__main__") or ".native" in mod.name:
+            continue
+        try:
+            m = importlib.import_module(mod.name)
+        except ImportError:  # an optional extra (e.g. the zoo's torch) that is not installed
+            continue
+        classes |= {n for n, c in inspect.getmembers(m, inspect.isclass)
+                    if issubclass(c, ir.passes.PassBase) and c.__module__ == m.__name__}
+    assert len(classes) >= 10, classes
+    tests = [p.read_text() for p in Path(__file__).parent.rglob("test_*.py")]
+    tested = {c for c in classes if any("assert_pass_contract" in t and f"{c}(" in t for t in tests)}
+    assert classes - tested == set(), "passes without a contract test"

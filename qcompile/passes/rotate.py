@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompile.graph import drop_unused_initializers, initializer, replace_const
+from qcompile.graph import drop_unused_initializers, index, initializer, replace_const
 from qcompile.passes.smooth_quant import _trans_b, scorer_for, smoothable
 from qcompile.plan import QuantPlan
 from qcompile.rotation import Rotation, block_for
@@ -56,8 +56,7 @@ class OnlineRotationPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = {n.name: n for n in graph}
-        values = {o.name: o for n in graph for o in n.outputs} | {v.name: v for v in graph.inputs}
+        nodes, values = index(graph)
         changed = 0
         for value, consumers in smoothable(graph, self.plan).items():
             r, x = self.rotations.get(value), values.get(value)
@@ -117,12 +116,17 @@ def _emit(graph: ir.Graph, x: ir.Value, r: Rotation) -> ir.Value:
 
 def rotatable(graph: ir.Graph, plan: QuantPlan) -> dict[str, tuple[int, list[str]]]:
     """Activation value -> (its width K, the plan nodes reading it whose weights fold R^T): the
-    values `smoothable` finds, with K read off the first consumer's weight shape (no weight bytes)."""
+    values `smoothable` finds, with K read off the first consumer's weight shape (no weight bytes),
+    except those a fused residual-stream rotation already rotated (`passes.residual_rotate`)."""
     from qcompile.passes.smooth_quant import _weight_kn
+
+    from qcompile.passes.residual_rotate import FUSED_KEY
 
     nodes = {n.name: n for n in graph}
     out = {}
     for value, consumers in smoothable(graph, plan).items():
+        if any("R1" in nodes[c].metadata_props.get(FUSED_KEY, "") for c in consumers):
+            continue  # already reads a fused residual-stream rotation
         w, transposed = _weight_kn(nodes[consumers[0]])
         out[value] = (int(w.const_value.shape[1 if transposed else 0]), consumers)
     return out

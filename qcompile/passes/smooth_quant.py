@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompile import external
-from qcompile.graph import drop_unused_initializers, initializer, replace_const
+from qcompile.graph import drop_unused_initializers, index, initializer, replace_const
 from qcompile.plan import QuantPlan
 from qcompile.transform_search import Scorer, search_columns
 
@@ -204,8 +204,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = {n.name: n for n in graph}
-        values = {o.name: o for n in graph for o in n.outputs} | {v.name: v for v in graph.inputs}
+        nodes, values = index(graph)
         changed = 0
         for value, consumers in smoothable(graph, self.plan).items():
             s = self.scales.get(value)
