@@ -33,30 +33,62 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from qcompile import __version__, external, restore
-from qcompile.analyze import has_compute, kept_in_float, make_plan, nothing_to_quantize, plan_on, tie_heads
+from qcompile.analyze import (
+    has_compute,
+    kept_in_float,
+    make_plan,
+    nothing_to_quantize,
+    plan_on,
+    tie_heads,
+)
 from qcompile.calibrate import Histogram, choose_clip, simulate
-from qcompile.statistics import collect, histogrammed, release_memory, stream_values
 from qcompile.context import CompileContext, Settings
 from qcompile.cpu import Cpu
 from qcompile.data import ArrayDataset, Dataset, InputInfo, synthesize
 from qcompile.errors import InputError, QCompileError, UnsupportedModelError
 from qcompile.formats import BlockFormat, parse_format
-from qcompile.passes.bias_correction import BiasCorrectionPass, channel_means, correctable
+from qcompile.passes import equalize, residual_rotate
+from qcompile.passes.bias_correction import (
+    BiasCorrectionPass,
+    channel_means,
+    correctable,
+)
 from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.fold_constant_of_shape import FoldConstantOfShapePass
 from qcompile.passes.insert_qdq import InsertQDQPass, layer_records
 from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
-from qcompile.passes.promote_float import (INTERFACE_KEY, SOURCE_TYPE_KEY, HalfInterfacePass, PromoteFloatPass,
-                                           StoreHalfPass, interface, source_type)
-from qcompile.passes import equalize, residual_rotate
-from qcompile.passes.rotate import (ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, choose_rotations, rotatable,
-                                    rotated_name)
-from qcompile.passes.smooth_quant import (SMOOTHED_KEY, SMOOTHING_KEY, SmoothQuantPass, channel_stats, channel_weight_maxima, choose_scales,
-                                         smoothable, smoothing_scales)
+from qcompile.passes.promote_float import (
+    INTERFACE_KEY,
+    SOURCE_TYPE_KEY,
+    HalfInterfacePass,
+    PromoteFloatPass,
+    StoreHalfPass,
+    interface,
+    source_type,
+)
+from qcompile.passes.rotate import (
+    ROTATED_KEY,
+    ROTATION_KEY,
+    OnlineRotationPass,
+    choose_rotations,
+    rotatable,
+    rotated_name,
+)
+from qcompile.passes.smooth_quant import (
+    SMOOTHED_KEY,
+    SMOOTHING_KEY,
+    SmoothQuantPass,
+    channel_stats,
+    channel_weight_maxima,
+    choose_scales,
+    smoothable,
+    smoothing_scales,
+)
 from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantPlan
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
+from qcompile.statistics import collect, histogrammed, release_memory, stream_values
 from qcompile.subgraphs import all_values, location
 from qcompile.validate import compare, output_names, verdict
 

@@ -23,6 +23,20 @@ AVX2_SAMPLES = 16  # held-out samples run on the AVX2 kernels (qemu is ~30-100x 
 # test_minilm_quality.py.
 CALIB_STRIDE = 32
 BUILD_TIMEOUT_S = 900
+_SQNR: dict = {}  # (data, target, settings) -> worst output SQNR (`output_sqnr`)
+
+
+def output_sqnr(data: tuple[str, str, str], target: str, **kw) -> float:
+    """The compile's own validation figure (worst output SQNR, dB) of (model, calib, eval) `data`
+    compiled for `target` with `kw`, cached for the session: tests of one module share compiles."""
+    import qcompile
+
+    key = (data, target, tuple(sorted(kw.items())))
+    if key not in _SQNR:
+        model, calib, eval_ = data
+        r = qcompile.compile(model, target, calib=calib, eval=eval_, min_sqnr=-100, **kw)
+        _SQNR[key] = r.report["verdict"]["worst_output_sqnr_db"]
+    return _SQNR[key]
 
 
 _QCOMPILE_CHILD = """

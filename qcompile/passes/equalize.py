@@ -223,13 +223,13 @@ class CrossLayerEqualizationPass(ir.passes.InPlacePass):
             p, q = nodes[c.producer], nodes[c.consumer]
             pa, ca = out_axis(p), in_axis(q)
             rank_p, rank_q = len(p.inputs[1].const_value.shape), len(q.inputs[1].const_value.shape)
-            replace_const(graph, p, 1, lambda a: (a / _along(s, rank_p, pa)).astype(a.dtype), f"{p.inputs[1].name}_cle_{p.name}")
+            replace_const(graph, p, 1, lambda a, d=_along(s, rank_p, pa): (a / d).astype(a.dtype), f"{p.inputs[1].name}_cle_{p.name}")
             node, i = (nodes[c.bias_add], 1) if c.bias_add else (p, 2)
             if len(node.inputs) > i and _const(node.inputs[i]) is not None:
-                replace_const(graph, node, i, lambda a: (a / s).astype(a.dtype), f"{node.inputs[i].name}_cle_{node.name}")
+                replace_const(graph, node, i, lambda a, s=s: (a / s).astype(a.dtype), f"{node.inputs[i].name}_cle_{node.name}")
             if c.activation and nodes[c.activation].op_type == "Clip":
                 self._bound(graph, nodes[c.activation], s, p)
-            replace_const(graph, q, 1, lambda a: (a * _along(s, rank_q, ca)).astype(a.dtype), f"{q.inputs[1].name}_cle_{q.name}")
+            replace_const(graph, q, 1, lambda a, d=_along(s, rank_q, ca): (a * d).astype(a.dtype), f"{q.inputs[1].name}_cle_{q.name}")
             p.metadata_props[EQUALIZED_KEY] = q.name
             changed += 1
         return ir.passes.PassResult(model, modified=changed > 0)

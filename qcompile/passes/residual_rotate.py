@@ -216,14 +216,15 @@ class FusedResidualRotationPass(ir.passes.InPlacePass):
             if r.width != s.width:
                 raise ValueError(f"rotation of width {r.width} for the {s.width}-wide stream of {s.gather.name}")
             m = r.matrix()
-            _fold(graph, s.gather, 0, lambda e: e @ m, "r1")
+            _fold(graph, s.gather, 0, lambda e, m=m: e @ m, "r1")
             for w in s.writers:
-                _fold(graph, w, 1, lambda a: a @ m, "r1")
+                _fold(graph, w, 1, lambda a, m=m: a @ m, "r1")
             for norm in s.norms:
                 g = _const(norm.gain).astype(np.float64) if norm.gain is not None else np.ones(s.width)
                 for rd in norm.readers:
                     trans = rd.op_type == "Gemm" and rd.attributes.get("transB") is not None and rd.attributes["transB"].as_int()
-                    _fold(graph, rd, 1, (lambda a: (m.T @ (g[:, None] * a.T)).T) if trans else (lambda a: m.T @ (g[:, None] * a)), "r1")
+                    fold = (lambda a, m=m, g=g: (m.T @ (g[:, None] * a.T)).T) if trans else (lambda a, m=m, g=g: m.T @ (g[:, None] * a))
+                    _fold(graph, rd, 1, fold, "r1")
                     rd.metadata_props[FUSED_KEY] = "R1"
                 if norm.gain_node is not None and norm.gain_node.op_type == "Mul":
                     ir.convenience.replace_all_uses_with(norm.gain_node.outputs[0], norm.normed)
@@ -253,8 +254,8 @@ class FusedResidualRotationPass(ir.passes.InPlacePass):
                 if v_proj.op_type != "MatMul" or width_v % d or width_o % d or d & (d - 1):
                     continue
                 hv, ho = Rotation(width_v, d).matrix(), Rotation(width_o, d).matrix()
-                _fold(graph, v_proj, 1, lambda a: a @ hv, "r2")
-                _fold(graph, o_proj, 1, lambda a: ho.T @ a, "r2")
+                _fold(graph, v_proj, 1, lambda a, hv=hv: a @ hv, "r2")
+                _fold(graph, o_proj, 1, lambda a, ho=ho: ho.T @ a, "r2")
                 v_proj.metadata_props[FUSED_KEY] = "R1,R2"
                 o_proj.metadata_props[FUSED_KEY] = "R2"
                 out.append({"v": v_proj.name, "o": o_proj.name, "head_dim": d})

@@ -1,13 +1,13 @@
 """Cross-layer equalization (passes/equalize.py, the `equalization` stages, `--cle`)."""
 from __future__ import annotations
 
+import helpers
 import numpy as np
 import onnx_ir as ir
 import pytest
-
-import helpers
-import qcompile
 import tiny_models
+
+import qcompile
 from qcompile.errors import InputError
 from qcompile.passes import equalize
 from qcompile.passes.normalize import NormalizePass
@@ -69,7 +69,7 @@ def test_cle_per_tensor_gains_and_per_channel_is_untouched(tmp_path):
     np.savez(tmp_path / "c.npz", x=x[:32])
     np.savez(tmp_path / "e.npz", x=x[32:])
     kw = dict(calib=str(tmp_path / "c.npz"), eval=str(tmp_path / "e.npz"), min_sqnr=-100)
-    sq = lambda r: r.report["verdict"]["worst_output_sqnr_db"]  # noqa: E731
+    sq = lambda r: r.report["verdict"]["worst_output_sqnr_db"]
     base, cle = (qcompile.compile(str(path), "w:int8/tensor,a:int8", cle=c, **kw) for c in (False, True))
     assert set(cle.plan.equalization) == {"expand", "depthwise"}
     assert sq(cle) > 20 and sq(base) > 20, (sq(base), sq(cle))
