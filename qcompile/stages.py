@@ -531,35 +531,52 @@ def _wants_snapshot(ctx: CompileContext) -> bool:
 
 def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | None]]:
     """Planned activation (as the working graph names it) -> (the float model's value it is
-    computed from, the transform from that value to it, or None): the division by its SmoothQuant
-    scales where it was smoothed, then the rotation x -> x R where it was rotated. A channel
-    permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the order."""
+    computed from, the transform from that value to it, or None): the division by its
+    cross-layer equalization scales along its channel axis where its reader was equalized, by its
+    SmoothQuant scales where it was smoothed, then the rotation x -> x R where it was rotated. A
+    channel permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the
+    order. Readers of a fused residual-stream rotation are left out (their float counterpart also
+    carries the folded norm gain): the layer table shows no activation SQNR for them."""
     out: dict[str, tuple[str, Callable | None]] = {}
     specs = ctx.work.activation_specs()
     rotated = {rotated_name(k): k for k in ctx.plan.rotations}  # x R's name -> the rotation's key
+    graph = {n.name: n for n in ctx.model.graph}
+    equalized = {n.metadata_props[equalize.EQUALIZED_KEY]: n.name for n in graph.values()
+                 if equalize.EQUALIZED_KEY in n.metadata_props and n.name in ctx.plan.equalization}
     for name, wnode in ctx.work.nodes.items():
         pnode = ctx.plan.nodes.get(name)
-        pairs = [(q, pnode.inputs.get(i) if pnode else None) for i, q in wnode.inputs.items()]
+        if "R1" in graph[name].metadata_props.get(residual_rotate.FUSED_KEY, "") if name in graph else False:
+            continue
+        pairs = [(q, pnode.inputs.get(i) if pnode else None, i) for i, q in wnode.inputs.items()]
         if wnode.output is not None:
-            pairs.append((wnode.output, pnode.output if pnode else None))
-        for q, p in pairs:
+            pairs.append((wnode.output, pnode.output if pnode else None, None))
+        for q, p, i in pairs:
             if q.role != "activation" or q.value not in specs or q.value in out:
                 continue
             orig = p.value if p is not None else q.value
-            out[q.value] = (orig, _transform_of(ctx.plan, orig, rotated.get(q.value)))
+            cle = None
+            if i == 0 and name in equalized:
+                cle = (np.asarray(ctx.plan.equalization[equalized[name]], np.float32), equalize.channel_axis(graph[name]))
+            out[q.value] = (orig, _transform_of(ctx.plan, orig, rotated.get(q.value), cle))
     return out
 
 
-def _transform_of(plan: QuantPlan, value: str, rotation: str | None) -> Callable | None:
-    """x -> (x / s) R for the plan's smoothing scales s of float value `value` and its rotation
-    `plan.rotations[rotation]` (each only where the plan has one), or None when it has neither."""
+def _transform_of(plan: QuantPlan, value: str, rotation: str | None,
+                  cle: tuple[np.ndarray, int] | None = None) -> Callable | None:
+    """x -> ((x / e) / s) R for cross-layer equalization scales e along `cle`'s axis, the plan's
+    smoothing scales s of float value `value` and its rotation `plan.rotations[rotation]` (each
+    only where there is one), or None when there is none."""
     r = Rotation.from_json(plan.rotations[rotation]) if rotation is not None else None
     s = plan.smoothing.get(value)
-    if r is None and s is None:
+    if r is None and s is None and cle is None:
         return None
     inv = None if s is None else (1.0 / np.asarray(s, dtype=np.float32)).astype(np.float32)
 
     def transform(x: np.ndarray) -> np.ndarray:
+        if cle is not None:
+            shape = [1] * x.ndim
+            shape[cle[1]] = -1
+            x = x / cle[0].reshape(shape)
         y = x if inv is None else x * inv
         return y if r is None else r.apply(y)
 
