@@ -29,6 +29,16 @@ def initializer(graph: ir.Graph, name: str, value: np.ndarray | ir.TensorProtoco
     return v
 
 
+def const_array(v: ir.Value | None) -> np.ndarray | None:
+    """The array of a constant value (an initializer), else None."""
+    return None if v is None or v.const_value is None else v.const_value.numpy()
+
+
+def attr_int(node: ir.Node, name: str, default: int = 0) -> int:
+    a = node.attributes.get(name)
+    return a.as_int() if a is not None else default
+
+
 def index(graph: ir.Graph) -> tuple[dict[str, ir.Node], dict[str, ir.Value]]:
     """The graph's nodes by name, and its values (node outputs and graph inputs) by name."""
     nodes = {n.name: n for n in graph}

@@ -262,8 +262,11 @@ def _choose_equalization(ctx: CompileContext) -> None:
         q = plan.nodes[node].inputs.get(1)
         return q is not None and isinstance(q.spec.granularity, PerChannel) and q.spec.granularity.axis == axis
 
-    absorbed = set() if not ctx.settings.target.quantize else {n for c in found for n, axis in ((c.producer, equalize.out_axis(nodes[c.producer])),
-                                                 (c.consumer, equalize.in_axis(nodes[c.consumer]))) if absorbs(n, axis)}
+    absorbed = set()
+    if ctx.settings.target.quantize:  # target "none" equalizes every chain
+        for c in found:
+            absorbed |= {n for n, axis in ((c.producer, equalize.out_axis(nodes[c.producer])),
+                                           (c.consumer, equalize.in_axis(nodes[c.consumer]))) if absorbs(n, axis)}
     reads = {nodes[c.consumer].inputs[0].name: c.consumer for c in found
              if 0 in plan.nodes[c.consumer].inputs and isinstance(plan.nodes[c.consumer].inputs[0].spec.granularity, PerTensor)}
     act_max: dict[str, np.ndarray] = {}

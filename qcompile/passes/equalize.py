@@ -31,6 +31,8 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import attr_int as _attr
+from qcompile.graph import const_array as _const
 from qcompile.graph import initializer, replace_const
 
 EQUALIZED_KEY = "qcompile.equalized"  # node metadata on an equalized producer: its consumer's name
@@ -49,15 +51,6 @@ class Chain:
     consumer: str
     bias_add: str | None = None  # an Add of a per-channel constant after a MatMul producer
     activation: str | None = None  # a Relu / LeakyRelu / Clip(0, c) node
-
-
-def _attr(node: ir.Node, name: str, default: int = 0) -> int:
-    a = node.attributes.get(name)
-    return a.as_int() if a is not None else default
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    return None if v is None or v.const_value is None else v.const_value.numpy()
 
 
 def out_axis(node: ir.Node) -> int | None:

@@ -33,6 +33,8 @@ import onnx_ir as ir
 
 from qcompile import external
 from qcompile.analyze import is_depthwise
+from qcompile.graph import attr_int as _attr
+from qcompile.graph import const_array as _const
 from qcompile.plan import PairBound, QuantPlan
 from qcompile.weights import pair_channel_axis, quantize_weight
 
@@ -57,15 +59,6 @@ class Chain:
     producers: list = dataclasses.field(default_factory=list)  # (node, weight index, axis of the channels)
     consts: list = dataclasses.field(default_factory=list)  # (node, input index, axis of the channels)
     consumers: list = dataclasses.field(default_factory=list)  # (node, weight rows axis)
-
-
-def _attr(node: ir.Node, name: str, default: int = 0) -> int:
-    a = node.attributes.get(name)
-    return a.as_int() if a is not None else default
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    return v.const_value.numpy() if v is not None and v.const_value is not None else None
 
 
 def _channel_dim(shape: tuple, rank: int, axis: int, c: int) -> int | None | bool:

@@ -33,6 +33,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qcompile.graph import const_array as _const
 from qcompile.graph import replace_const
 from qcompile.rotation import Rotation
 
@@ -55,10 +56,6 @@ class Stream:
     gather: ir.Node
     writers: list[ir.Node]
     norms: list[Norm]
-
-
-def _const(v: ir.Value | None) -> np.ndarray | None:
-    return None if v is None or v.const_value is None else v.const_value.numpy()
 
 
 def _scalar(v: ir.Value | None, value: float | None = None) -> bool:
