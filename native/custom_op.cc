@@ -1,5 +1,5 @@
 // onnxruntime custom-op library: domain "qcompile.native", ops MatMulFp4, MatMulF8, FakeQuantMX,
-// FakeQuantNVFP4 and FakeQuantMinifloat (version 1).
+// FakeQuantNVFP4, FakeQuantMinifloat and BlockHadamard (version 1).
 //
 //   Y = MatMulFp4(X, W, S[, T][, A_T])   Y[..., N] = fq(X[..., K]) @ dequantize(W, S, T)
 //     X   float  [..., K]
@@ -21,6 +21,9 @@
 //                                       has_nan; S float [] or [1]: grid(X / S) * S
 //   The qcompile function ops of the same names and attributes (qcompile/functions.py), natively:
 //   same values bit for bit, see fake_quant.h.
+//   Y = BlockHadamard(X[, D])           attr block (a power of two >= 2 dividing X's last axis K);
+//                                       D float [K] (optional signs): Y = (X * D) (I (x) H_block /
+//                                       sqrt(block)), see hadamard.h (passes/rotate.py emits it).
 //
 // Only the C API is used, through the OrtApi handed to RegisterCustomOps: the library does not
 // link against libonnxruntime. Attribute errors fail kernel creation (session load); input
@@ -35,6 +38,7 @@
 #include "f8_gemm.h"
 #include "fake_quant.h"
 #include "fp4_gemm.h"
+#include "hadamard.h"
 #include "onnxruntime_c_api.h"
 
 namespace {
@@ -304,6 +308,54 @@ OrtStatus* fake_quant_compute(const FakeQuantKernel& kern, OrtKernelContext* ctx
   return nullptr;
 }
 
+// --- BlockHadamard -------------------------------------------------------------------------------
+
+struct HadamardKernel {
+  int64_t block;
+};
+
+OrtStatus* read_hadamard(const OrtKernelInfo* info, HadamardKernel& kern) {
+  QCN_RETURN_IF_ERROR(g_api->KernelInfoGetAttribute_int64(info, "block", &kern.block));
+  const int64_t b = kern.block;
+  if (b < 2 || b > (int64_t{1} << 20) || (b & (b - 1)) != 0)
+    return fail("BlockHadamard: block must be a power of two >= 2, got " + std::to_string(b));
+  return nullptr;
+}
+
+OrtStatus* hadamard_compute(const HadamardKernel& kern, OrtKernelContext* ctx) {
+  const OrtValue *x = nullptr, *d = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
+  size_t inputs = 0;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(ctx, &inputs));
+  if (inputs > 1) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &d));
+  if (x == nullptr) return fail("BlockHadamard: missing input X");
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> dims;
+  QCN_RETURN_IF_ERROR(describe(x, type, dims));
+  const int64_t k = dims.empty() ? 0 : dims.back();
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.empty() || k % kern.block != 0)
+    return fail("BlockHadamard: X must be float with a last axis divisible by block " + std::to_string(kern.block) +
+                ", got " + dims_str(dims));
+  const float* signs = nullptr;
+  if (d != nullptr) {
+    ONNXTensorElementDataType dtype;
+    std::vector<int64_t> ddims;
+    QCN_RETURN_IF_ERROR(describe(d, dtype, ddims));
+    if (dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || ddims.size() != 1 || ddims[0] != k)
+      return fail("BlockHadamard: D must be float [" + std::to_string(k) + "], got " + dims_str(ddims));
+    signs = static_cast<const float*>(data(d));
+  }
+  int64_t count = 1;
+  for (int64_t v : dims) count *= v;
+  OrtValue* y = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
+  if (count == 0) return nullptr;
+  void* yd = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  qcn::block_hadamard(static_cast<const float*>(data(x)), count / k, k, kern.block, signs, static_cast<float*>(yd));
+  return nullptr;
+}
+
 // --- MatMulF8 -----------------------------------------------------------------------------------
 
 struct F8Kernel {
@@ -450,6 +502,7 @@ const OpDef g_ops[] = {
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kNvfp4>, fake_quant_compute>("FakeQuantNVFP4", 2, 2, all_float),
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kMinifloat>, fake_quant_compute>("FakeQuantMinifloat", 2, 2,
                                                                                       all_float),
+    make_op<HadamardKernel, read_hadamard, hadamard_compute>("BlockHadamard", 2, 1, all_float),
 };
 
 // Domains handed to ORT stay alive until the library is unloaded (ORT does not own them).

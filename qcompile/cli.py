@@ -143,7 +143,7 @@ def main() -> None:
                    "auto: per layer, the block or none that measures best), the inverse folded into their weights: "
                    "exact in float, spreads outlier channels")
 @click.option("--rotate-block", type=click.IntRange(min=2), metavar="N",
-              help="Hadamard block, a power of two [default: the activation format's block (MX 32, NVFP4 16), else 128]")
+              help="rotation block: the largest Hadamard order (2^k, or 12, 20, .. x 2^k) dividing the width up to N [default: the activation format's block (MX 32, NVFP4 16), else 128]")
 @click.option("--smooth", metavar="auto|off|ALPHA",
               help="SmoothQuant before the rotations: auto (search per activation), off, or a fixed alpha in [0, 1] "
                    "[default: the target's: int8 searches]")

@@ -68,8 +68,8 @@ HEADERS_PREFIX = "package/Plugins/iOS~/onnxruntime.xcframework/ios-arm64_x86_64-
 ORT_API_VERSION = 29
 
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "native"
-SOURCES = ("custom_op.cc", "fp4_gemm.cc", "fake_quant.cc", "f8_gemm.cc")
-HEADERS = ("isa.h", "fp4_gemm.h", "fake_quant.h", "f8_gemm.h")
+SOURCES = ("custom_op.cc", "fp4_gemm.cc", "fake_quant.cc", "f8_gemm.cc", "hadamard.cc")
+HEADERS = ("isa.h", "fp4_gemm.h", "fake_quant.h", "f8_gemm.h", "hadamard.h")
 BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-DNDEBUG")
 # ISA -> compiler flags; the kernel picks its code path from the macros these define.
 ISA_FLAGS = {

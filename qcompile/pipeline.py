@@ -34,7 +34,6 @@ from qcompile.errors import (
 )
 from qcompile.passes.insert_qdq import layer_records
 from qcompile.plan import QuantPlan
-from qcompile.rotation import is_power_of_two
 from qcompile.stages import (
     HELD_OUT,
     REPORT_SCHEMA,
@@ -138,8 +137,8 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     tgt = get_target(target) if isinstance(target, str) else target
     if rotate not in ROTATE_MODES:
         raise InputError(f"rotate must be one of {', '.join(ROTATE_MODES)}, got {rotate!r}")
-    if rotate_block is not None and not (isinstance(rotate_block, int) and rotate_block >= 2 and is_power_of_two(rotate_block)):
-        raise InputError(f"rotate_block must be a power of two >= 2, got {rotate_block!r}")
+    if rotate_block is not None and not (isinstance(rotate_block, int) and rotate_block >= 2):
+        raise InputError(f"rotate_block must be an integer >= 2, got {rotate_block!r}")
     if isinstance(smooth, str) and smooth not in ("auto", "off"):
         try:
             smooth = float(smooth)

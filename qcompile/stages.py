@@ -70,9 +70,11 @@ from qcompile.passes.promote_float import (
 )
 from qcompile.passes.rotate import (
     ROTATED_KEY,
+    ROTATION_IN_VALUES_KEY,
     ROTATION_KEY,
     OnlineRotationPass,
     choose_rotations,
+    emitted_rotation,
     rotatable,
     rotated_name,
 )
@@ -334,20 +336,23 @@ def _fuse_rotations(ctx: CompileContext):
 
 def _choose_rotations(ctx: CompileContext) -> None:
     """The rotation of every activation whose consumers all fold it (`passes.rotate.rotatable`):
-    a block-diagonal Hadamard with the largest power-of-two block dividing its width, up to the
-    requested block (`Transforms.rotate_block`, else the activation format's block for block
-    formats, else `rotation.DEFAULT_BLOCK`); a width without an even factor is left. "auto":
+    a block-diagonal Hadamard with the largest block dividing its width (`rotation.block_for`), up
+    to the requested block (`Transforms.rotate_block`, else the activation format's block for block
+    formats, else `rotation.DEFAULT_BLOCK`), as emitted fastest (`emitted_rotation`); a width with no
+    block above 1 is left. (`OnlineRotationPass` folds a block within a head of an attention's
+    merged heads into the value projection: no online op.) "auto":
     per value, none or the block (up to --rotate-block, default 128) of least quantized output error on
     the smoothing search's sample rows (`choose_rotations`). The report says what was chosen and
     why."""
     t = ctx.settings.transforms
+    native = ctx.settings.lowering == "native"
     found = rotatable(ctx.model.graph, ctx.work)  # the graph's values now (smoothed ones after SmoothQuant)
     measured = {}
     if t.rotate == "auto" and found:
         from qcompile.backends.onnxruntime.session import compile_threads
 
         _, rows = _smoothing_stats(ctx, sorted(found))
-        measured = choose_rotations(ctx.model.graph, ctx.work, rows, compile_threads())
+        measured = choose_rotations(ctx.model.graph, ctx.work, rows, compile_threads(), native)
     chosen, entries = {}, ctx.report.setdefault("transforms", [])
     for value, (width, consumers) in sorted(found.items()):
         fmt = ctx.work.nodes[consumers[0]].inputs[0].spec.fmt
@@ -357,16 +362,16 @@ def _choose_rotations(ctx: CompileContext) -> None:
             r, gains = measured.get(value, (None, {}))
             gains = {k: g for k, g in gains.items() if int(k.split("@")[1]) <= (t.rotate_block or DEFAULT_BLOCK)}
             best = max(gains, key=gains.get, default=None)
-            r = Rotation(width, int(best.split("@")[1])) if best is not None and gains[best] > 0 else None
+            r = emitted_rotation(width, int(best.split("@")[1]), native=native) if best is not None and gains[best] > 0 else None
             entries.append({"transform": "rotate-choice", "value": value, "nodes": consumers,
                             "chosen": f"hadamard@{r.block}" if r else "none", "gain_db": gains})
         elif block < 2:
             r = None
             entries.append({"transform": "rotate", "value": value, "nodes": consumers, "applied": False,
-                            "reason": f"width {width} has no power-of-two factor"})
+                            "reason": f"width {width} has no rotation block up to {requested}"})
         else:
             seed = (ctx.settings.seed * 7919 + zlib.crc32(value.encode())) % 2**31 if t.rotate == "random" else 0
-            r = Rotation(width, block, t.rotate, seed)
+            r = emitted_rotation(width, block, t.rotate, seed, native)
         if r is not None:
             chosen[value] = r.to_json()
     ctx.plan = dataclasses.replace(ctx.plan, rotations=chosen)
@@ -376,14 +381,15 @@ def _choose_rotations(ctx: CompileContext) -> None:
 def _rotate(ctx: CompileContext):
     """OnlineRotationPass with the plan's rotations; the plan is then re-read from the graph."""
     rotations = {v: Rotation.from_json(d) for v, d in ctx.plan.rotations.items()}
-    result = OnlineRotationPass(ctx.work, rotations)(ctx.model)
+    result = OnlineRotationPass(ctx.work, rotations, native=ctx.settings.lowering == "native")(ctx.model)
     ctx.work = plan_on(ctx.model.graph, ctx.work)
     entries = ctx.report.setdefault("transforms", [])
     graph = list(ctx.model.graph)
     for value, d in sorted(ctx.plan.rotations.items()):
         entries.append({"transform": "rotate", "value": value, "rotation": d,
                         "nodes": sorted(n.name for n in graph if n.metadata_props.get(ROTATED_KEY) == value),
-                        "emitted": [n.name for n in graph if n.metadata_props.get(ROTATION_KEY) == value]})
+                        "emitted": [n.name for n in graph if n.metadata_props.get(ROTATION_KEY) == value],
+                        "folded_into_values": [n.name for n in graph if n.metadata_props.get(ROTATION_IN_VALUES_KEY) == value]})
     return result
 
 
@@ -539,7 +545,9 @@ def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | N
     SmoothQuant scales where it was smoothed, then the rotation x -> x R where it was rotated. A
     channel permutation (`PairPermutationPass`) is left out: per-tensor SQNR does not depend on the
     order. Readers of a fused residual-stream rotation are left out (their float counterpart also
-    carries the folded norm gain): the layer table shows no activation SQNR for them."""
+    carries the folded norm gain), and so are the values between a value projection and its
+    attention output when a rotation was folded into the values: the layer table shows no
+    activation SQNR for them."""
     out: dict[str, tuple[str, Callable | None]] = {}
     specs = ctx.work.activation_specs()
     rotated = {rotated_name(k): k for k in ctx.plan.rotations}  # x R's name -> the rotation's key
@@ -553,9 +561,12 @@ def activation_sources(ctx: CompileContext) -> dict[str, tuple[str, Callable | N
         pairs = [(q, pnode.inputs.get(i) if pnode else None, i) for i, q in wnode.inputs.items()]
         if wnode.output is not None:
             pairs.append((wnode.output, pnode.output if pnode else None, None))
+        in_values = name in graph and residual_rotate.IN_VALUES_KEY in graph[name].metadata_props
         for q, p, i in pairs:
             if q.role != "activation" or q.value not in specs or q.value in out:
                 continue
+            if in_values and (i is None or (i == 1 and graph[name].op_type == "MatMul")):
+                continue  # in the values: a rotation of the merged heads went into W_v
             orig = p.value if p is not None else q.value
             cle = None
             if i == 0 and name in equalized:

@@ -718,3 +718,39 @@ def test_avx2_build_runs_on_an_avx2_only_cpu(lib, tmp_path):
     for i, p in enumerate(protos):
         for rows, x in feeds.items():
             assert_bits_equal(got[f"{i}_{rows}"], native_session(avx2, p).run(None, {"x": x})[0], f"model {i}, {rows} rows")
+
+
+# --- BlockHadamard (the native emission of online rotations, passes/rotate.py) ----------------------
+def _hadamard_model(block: int, shape: list, signs: np.ndarray | None):
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(signs, "d")] if signs is not None else []
+    node = helper.make_node("BlockHadamard", ["x", *(["d"] if signs is not None else [])], ["y"],
+                            domain=native.DOMAIN, block=block)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(native.DOMAIN, 1)],
+                             ir_version=10)
+
+
+@pytest.mark.parametrize("block", [2, 4, 8, 16, 32, 128, 512])
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+def test_block_hadamard_matches_the_rotation(lib, block, kind):
+    """Y = (X D)(I (x) H_b / sqrt b) with Sylvester's H_b: `Rotation.apply` (float64) to float32
+    rounding, over rows of a 3-D input."""
+    from qcompile.rotation import Rotation
+
+    r = Rotation(1024, block, kind, seed=7)
+    x = np.random.default_rng(block).standard_normal((2, 3, 1024)).astype(np.float32)
+    x[..., 5] *= 50  # an outlier channel
+    y = native_session(lib, _hadamard_model(block, [2, 3, 1024], r.signs())).run(None, {"x": x})[0]
+    ref = r.apply(x.astype(np.float64))
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_block_hadamard_errors(lib):
+    with pytest.raises(ORT_ERRORS, match="power of two"):
+        native_session(lib, _hadamard_model(24, [2, 48], None))
+    sess = native_session(lib, _hadamard_model(32, [2, None], None))
+    with pytest.raises(ORT_ERRORS, match="divisible by block 32"):
+        sess.run(None, {"x": np.zeros((2, 40), np.float32)})

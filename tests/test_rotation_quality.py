@@ -8,9 +8,12 @@ and a gain on real MiniLM weights and sentences.
   adds DISABLE_ALL and latency): MiniLM `int8` with the default rotation (block-diagonal Hadamard,
   block 128) gains >= 3 dB output SQNR over `int8` alone (SmoothQuant's search) and reaches >= 26 dB;
   `w4a8` with SmoothQuant then rotation gains >= 0.5 dB over w4a8 (rotation alone: ~0.4).
-- Choice (acceptance 5): tests/test_rotation_choice.py. The README's rotation table has the figures.
+- Choice (acceptance 5): `--rotate auto` is never worse than the better of none and hadamard by more
+  than 0.2 dB on int8, w4a8, mxfp4 and nvfp4. The README's rotation table has the figures.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +31,7 @@ pytestmark = pytest.mark.slow
 
 EXACT_REL = 1e-5  # acceptance 1: max |y' - y| / max |y|; float32 rounding of x R and R^T W gives ~1e-7
 INT8_GAIN_DB, INT8_MIN_DB, W4A8_GAIN_DB = 3.0, 26.0, 0.5  # acceptance 2
+AUTO_SLACK_DB = 0.2  # acceptance 5
 
 
 def _max_rel_err(original: str, transformed: ir.Model, eval_npz: str) -> float:
@@ -44,16 +48,47 @@ def _max_rel_err(original: str, transformed: ir.Model, eval_npz: str) -> float:
 
 @pytest.mark.parametrize("name", ["minilm", "llama-tiny"])
 @pytest.mark.parametrize("rotate,block,smooth", [("hadamard", None, None), ("random", None, None), ("hadamard", 16, None),
-                                                ("none", None, 0.5), ("random", None, 0.5)])
+                                                ("hadamard", 384, None), ("none", None, 0.5), ("random", None, 0.5)])
 def test_rotation_is_exact_under_target_none(name, rotate, block, smooth):
-    """Each transform alone, and SmoothQuant (alpha 0.5) then a random rotation together."""
+    """Each transform alone, and SmoothQuant (alpha 0.5) then a random rotation together. The
+    default block 128 is emitted in the fast form (16 x 8); 384 on MiniLM is the whole width, the
+    Paley-12 x Sylvester-32 Hadamard (24 x 16 fast form); at block 16 MiniLM's attention outputs
+    take their rotation in the value projections (12 heads of 32)."""
     model = str(zoo.get_model(name))
     calib, eval_ = str(zoo.get_data(name, "calib", 16)), str(zoo.get_data(name, "eval", 16))
     r = qcompile.compile(model, "none", calib=calib, eval=eval_, rotate=rotate, rotate_block=block, smooth=smooth)
     assert bool(r.plan.rotations) == (rotate != "none") and bool(r.plan.smoothing) == (smooth is not None), name
     assert all(e["nodes"] for e in r.report["transforms"] if "rotation" in e), "every chosen rotation is applied"
+    rot = [e for e in r.report["transforms"] if e["transform"] == "rotate" and "rotation" in e]
+    if name == "minilm" and rotate == "hadamard":
+        assert {e["rotation"]["block"] for e in rot} == {block or 128}
+        assert all(e["rotation"].get("factor") for e in rot) == (block != 16), "blocks from 128 up: the fast form"
+        in_values = [e for e in rot if e["folded_into_values"]]
+        assert len(in_values) == (6 if block == 16 else 0) and all(not e["emitted"] for e in in_values)
     err = _max_rel_err(model, r.model, eval_)
     assert err <= EXACT_REL, f"{name} {rotate}@{block} smooth {smooth}: max relative error {err:.2e}"
+
+
+def test_native_emission_is_exact_on_minilm():
+    """`--lowering native`: every online rotation is one qcompile.native BlockHadamard (Sylvester
+    blocks, random signs as its second input), and the float function is unchanged."""
+    from qcompile import native
+
+    try:
+        native.build()
+    except native.NativeUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"native library unavailable under CI: {e}")
+        pytest.skip(f"native library unavailable: {e}")
+    model = str(zoo.get_model("minilm"))
+    calib, eval_ = str(zoo.get_data("minilm", "calib", 16)), str(zoo.get_data("minilm", "eval", 16))
+    r = qcompile.compile(model, "none", calib=calib, eval=eval_, rotate="random", lowering="native")
+    ops = {n.name: n.op_type for n in r.model.graph}
+    rot = [e for e in r.report["transforms"] if e["transform"] == "rotate" and "rotation" in e]
+    assert len(rot) == 24 and all([ops[n] for n in e["emitted"]] == ["BlockHadamard"] for e in rot)
+    assert all(not e["rotation"].get("factor") for e in rot), "Sylvester blocks, not the fast form"
+    err = _max_rel_err(model, r.model, eval_)
+    assert err <= EXACT_REL, f"native rotation: max relative error {err:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +115,19 @@ def test_smoothing_then_rotation_gains_on_minilm_w4a8(minilm_data):
     both = _sqnr(minilm_data, "w4a8", smooth="auto", rotate="hadamard")
     print(f"MiniLM w4a8: {base:.2f} dB, smoothed {smooth:.2f}, smoothed and rotated {both:.2f}")
     assert both - base >= W4A8_GAIN_DB and both - smooth >= 0.15, (base, smooth, both)
+
+
+# --- rotation choice (acceptance 5); in this module, so its none / hadamard compiles are shared -----
+@pytest.mark.parametrize("target", ["int8", "w4a8", "mxfp4", "nvfp4"])
+def test_rotate_auto_is_never_worse_than_the_better_of_none_and_hadamard(minilm_data, target):
+    """Acceptance 5: per value, auto keeps a rotation only where it measures a smaller quantized
+    output error on calibration rows; on nvfp4 (where every Hadamard block loses 1.2-1.9 dB) it
+    must keep (almost) none, on int8 (+5 dB) (almost) all. On the 256 + 256 sentences of
+    acceptance 2: with 64 + 64 the choice is noisier and auto fell 0.22-0.30 dB below the best
+    fixed setting on int8, w4a8 and mxfp4 (when written; the 256 figures are in the README)."""
+    none, had, auto = (_sqnr(minilm_data, target, **({"rotate": r} if r != "none" else {})) for r in ("none", "hadamard", "auto"))
+    print(f"MiniLM {target}: none {none:.2f} dB, hadamard {had:.2f}, auto {auto:.2f}")
+    assert auto >= max(none, had) - AUTO_SLACK_DB, (none, had, auto)
 
 
 # --- fused residual-stream rotation (acceptance 4) -------------------------------------------------

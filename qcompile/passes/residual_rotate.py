@@ -38,6 +38,7 @@ from qcompile.graph import replace_const
 from qcompile.rotation import Rotation
 
 FUSED_KEY = "qcompile.fused_rotation"  # node metadata: "R1" on a rotated norm's readers, "R2" on V/O
+IN_VALUES_KEY = "qcompile.in_values"  # on v_proj and the head ops when a rotation of the merged heads x went into W_v: x
 
 
 @dataclasses.dataclass
@@ -242,16 +243,18 @@ class FusedResidualRotationPass(ir.passes.InPlacePass):
         writers = {w.name for w in s.writers}
         for norm in s.norms:
             for v_proj in norm.readers:
-                found = _head_path(v_proj, writers)
-                if found is None:
+                hp = _head_path(v_proj, lambda n: n.name in writers)
+                if hp is None:
                     continue
-                o_proj, d = found
+                o_proj, d = hp.o_proj, hp.d
                 width_v = v_proj.inputs[1].const_value.shape[1]
                 width_o = o_proj.inputs[1].const_value.shape[0]
                 if v_proj.op_type != "MatMul" or width_v % d or width_o % d or d & (d - 1):
                     continue
                 hv, ho = Rotation(width_v, d).matrix(), Rotation(width_o, d).matrix()
                 _fold(graph, v_proj, 1, lambda a, hv=hv: a @ hv, "r2")
+                if hp.bias is not None:
+                    _fold(graph, hp.bias, 1 if hp.bias.inputs[0] is v_proj.outputs[0] else 0, lambda b, hv=hv: b @ hv, "r2")
                 _fold(graph, o_proj, 1, lambda a, ho=ho: ho.T @ a, "r2")
                 v_proj.metadata_props[FUSED_KEY] = "R1,R2"
                 o_proj.metadata_props[FUSED_KEY] = "R2"
@@ -262,19 +265,50 @@ class FusedResidualRotationPass(ir.passes.InPlacePass):
 HEAD_OPS = ("Reshape", "Transpose", "MatMul", "Expand", "Unsqueeze")
 
 
-def _head_path(v_proj: ir.Node, writers: set[str]) -> tuple[ir.Node, int] | None:
-    """(o_proj, d_head) when v_proj's output reaches a stream writer only through head-wise ops
-    whose last axis is d_head (the first Reshape's), else None."""
-    v, d, node = v_proj.outputs[0], None, None
+@dataclasses.dataclass
+class HeadPath:
+    """V = y W_v (+ b_v) reaching o_proj only through head-wise layout ops whose last axis is d."""
+
+    v_proj: ir.Node
+    bias: ir.Node | None  # the Add of a constant b_v [width_v] right after v_proj, if any
+    o_proj: ir.Node
+    d: int
+    nodes: list[ir.Node]  # the layout ops between them
+
+
+def head_paths(graph: ir.Graph) -> dict[str, HeadPath]:
+    """o_proj's input value name -> its `HeadPath`, for every MatMul with a constant weight whose
+    output reaches another such MatMul only through head-wise ops (`_head_path`)."""
+    out = {}
+    for node in graph:
+        if node.op_type == "MatMul" and node.domain == "" and _const(node.inputs[1]) is not None:
+            hp = _head_path(node, lambda n: n.op_type == "MatMul" and _const(n.inputs[1]) is not None)
+            if hp is not None:
+                out[hp.o_proj.inputs[0].name] = hp
+    return out
+
+
+def _head_path(v_proj: ir.Node, is_o_proj) -> HeadPath | None:
+    """The `HeadPath` from v_proj to the node `is_o_proj` accepts (reading the merged heads as its
+    input 0), through a bias Add, then only head-wise ops whose last axis is d_head (the first
+    Reshape's), each value used once; else None."""
+    v, d, node, bias, path = v_proj.outputs[0], None, None, None, []
+    w = _const(v_proj.inputs[1])
+    width_v = w.shape[-1] if w is not None else None
     for _ in range(16):
         uses = [u for u in v.uses()]
         if len(uses) != 1 or v.is_graph_output():
             return None
         node, idx = uses[0].node, uses[0].idx
-        if node.name in writers and node.op_type == "MatMul" and idx == 0:
-            return (node, d) if d is not None else None
+        if node.op_type == "MatMul" and idx == 0 and is_o_proj(node):
+            return HeadPath(v_proj, bias, node, d, path) if d is not None else None
+        if (node.op_type == "Add" and d is None and bias is None and not path
+                and (b := _const(node.inputs[1 - idx])) is not None and b.shape == (width_v,)):
+            bias, v = node, node.outputs[0]
+            continue
         if node.op_type not in HEAD_OPS or node.domain != "":
             return None
+        path.append(node)
         out = node.outputs[0]
         last = out.shape[-1] if out.shape is not None and len(out.shape) else None
         if node.op_type == "MatMul" and (idx != 1 or _const(node.inputs[0]) is not None):
@@ -293,7 +327,8 @@ def _head_path(v_proj: ir.Node, writers: set[str]) -> tuple[ir.Node, int] | None
                 d = last
             elif last != d:  # the merge back to [..., heads * d]: the next node must be o_proj
                 nxt = [u.node for u in out.uses()]
-                return (nxt[0], d) if len(nxt) == 1 and nxt[0].name in writers and nxt[0].inputs[0] is out else None
+                ok = len(nxt) == 1 and nxt[0].op_type == "MatMul" and is_o_proj(nxt[0]) and nxt[0].inputs[0] is out
+                return HeadPath(v_proj, bias, nxt[0], d, path) if ok else None
         elif last != d:
             return None
         v = out

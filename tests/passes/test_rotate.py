@@ -16,8 +16,8 @@ import tiny_models
 from qcompile.analyze import make_plan, plan_on
 from qcompile.errors import InputError
 from qcompile.passes.normalize import NormalizePass
-from qcompile.passes.rotate import ROTATED_KEY, ROTATION_KEY, OnlineRotationPass, rotatable, rotated_name
-from qcompile.rotation import Rotation, block_for, hadamard
+from qcompile.passes.rotate import ROTATED_KEY, ROTATION_IN_VALUES_KEY, ROTATION_KEY, OnlineRotationPass, rotatable, rotated_name
+from qcompile.rotation import Rotation, block_for, fast_factor, hadamard, orthogonal_block
 from qcompile.targets import get_target
 
 
@@ -39,17 +39,51 @@ def test_rotation_is_orthogonal_and_folds_exactly(kind):
     assert Rotation.from_json(json.loads(json.dumps(r.to_json()))) == r
 
 
-def test_hadamard_and_blocks():
-    h = hadamard(8)
-    np.testing.assert_array_equal(h @ h.T, 8 * np.eye(8))
+@pytest.mark.parametrize("n", [8, 12, 20, 24, 28, 36, 44, 60, 96, 384, 768, 1536])
+def test_hadamard_orders(n):
+    """Sylvester for powers of two, Paley I (12 = 11 + 1, 20, 24, 44, 60) and Paley II (28 = 2 x 14,
+    36 = 2 x 18) times Sylvester: entries +-1 and H H^T = n I."""
+    h = hadamard(n)
+    np.testing.assert_array_equal(h @ h.T, n * np.eye(n))
     assert set(np.unique(h)) == {-1.0, 1.0}
-    # the largest power of two dividing the width, up to the request: 384 = 3 x 128, 1536 = 12 x 128
-    assert [block_for(k, 128) for k in (384, 1536, 96, 7, 64)] == [128, 128, 32, 1, 64]
-    assert block_for(384, 16) == 16
+
+
+def test_blocks():
+    # the largest Hadamard order dividing the width, up to the request: 384 = 3 x 128, 96 = 12 x 8,
+    # 100 = 5 x 20, 300 = 5 x 60; 150 = 2 x 75 has only 2: the Hadamard x DCT block 75; 7 is left
+    assert [block_for(k, 128) for k in (384, 1536, 96, 7, 64, 100, 300, 150)] == [128, 128, 96, 1, 64, 20, 60, 75]
+    assert block_for(384, 16) == 16 and block_for(384, 384) == 384 and block_for(384, 32) == 32
     with pytest.raises(ValueError):
         Rotation(96, 64)  # 64 does not divide 96
     with pytest.raises(ValueError):
-        hadamard(12)
+        hadamard(172)  # a Hadamard order, but not one constructed here
+    with pytest.raises(ValueError):
+        Rotation(128, 128, factor=3)
+    b = orthogonal_block(150)  # C_75 (x) H_2 / sqrt 2
+    np.testing.assert_allclose(b @ b.T, np.eye(150), atol=1e-12)
+    assert [fast_factor(b) for b in (32, 64, 128, 384, 512)] == [0, 0, 16, 24, 32]
+
+
+@pytest.mark.parametrize("width,block,factor", [(256, 128, 16), (384, 384, 24), (768, 384, 12), (150, 150, 15)])
+def test_fast_form_is_the_permuted_kronecker_product(width, block, factor):
+    """B = (B_a (x) B_c) P: orthogonal, its columns those of B_a (x) B_c (the same spread), and in
+    onnxruntime the emitted Reshape/MatMul/Transpose/MatMul/Reshape computes x R."""
+    r = Rotation(width, block, "random", 5, factor)
+    m = r.matrix()
+    np.testing.assert_allclose(m @ m.T, np.eye(width), atol=1e-12)
+    kron = np.kron(orthogonal_block(factor), orthogonal_block(block // factor))
+    assert sorted(map(tuple, r.block_matrix().T.round(12))) == sorted(map(tuple, kron.T.round(12)))
+    x = np.random.default_rng(1).standard_normal((2, 3, width)).astype(np.float32)
+    graph = ir.Graph([], [], nodes=[], opset_imports={"": 21})
+    xv = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3, width]))
+    graph.inputs.append(xv)
+    from qcompile.passes.rotate import _emit
+
+    out = _emit(graph, xv, r)
+    graph.outputs.append(out)
+    assert [n.op_type for n in graph][:5] == ["Mul", "Reshape", "MatMul", "Transpose", "MatMul"]
+    got = helpers.run(ir.to_proto(ir.Model(graph, ir_version=10)), {"x": x})[0]
+    np.testing.assert_allclose(got, r.apply(x), rtol=1e-5, atol=1e-5)
 
 
 # --- the pass --------------------------------------------------------------------------------------
@@ -79,6 +113,15 @@ def test_online_rotation_pass_contract_and_exactness(kind):
         assert nodes[c].inputs[0].name == rotated_name("xn") and nodes[c].metadata_props[ROTATED_KEY] == "xn"
     emitted = [n.op_type for n in model.graph if n.metadata_props.get(ROTATION_KEY) == "xn"]
     assert emitted == (["Mul"] if kind == "random" else []) + ["Reshape", "MatMul", "Reshape"], "grouped emission"
+    # the attention output o2 (2 heads of 16): a signless block within a head goes into W_v, b_v
+    o_emitted = [n.op_type for n in model.graph if n.metadata_props.get(ROTATION_KEY) == "o2"]
+    if kind == "hadamard":
+        assert o_emitted == [] and nodes["v_proj"].metadata_props[ROTATION_IN_VALUES_KEY] == "o2"
+        assert nodes["o_proj"].inputs[0].name == rotated_name("o2") and nodes["o_proj"].inputs[0].producer().name == "merge"
+        assert nodes["v_bias"].inputs[1].name != "bv", "b_v R"
+    else:  # random signs differ per head: online
+        assert o_emitted == ["Mul", "Reshape", "MatMul", "Reshape"]
+        assert ROTATION_IN_VALUES_KEY not in nodes["v_proj"].metadata_props
     got = helpers.session(ir.to_proto(model), "disable").run(None, feeds)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
@@ -165,8 +208,8 @@ def test_rotate_options_are_checked():
 
     with pytest.raises(InputError, match="rotate must be"):
         settings_for("int8", rotate="spin")
-    with pytest.raises(InputError, match="power of two"):
-        settings_for("int8", rotate="hadamard", rotate_block=24)
+    with pytest.raises(InputError, match="integer >= 2"):
+        settings_for("int8", rotate="hadamard", rotate_block=1)
 
 
 def test_rotate_cli(attention_data, tmp_path):
