@@ -10,7 +10,8 @@ onnxruntime's DISABLE_ALL (no fusion: the CPU-independent reference, what the Q/
 and at ENABLE_ALL (the integer kernels this CPU runs), 1 thread. Latency: the median of --runs
 timed runs of one batch of 8 sentences at ENABLE_ALL, 1 thread, as a ratio to the target's first
 setting, and to float. A setting is `none`, `hadamard`, `random`, `auto`, KIND@BLOCK, each
-optionally with `+smooth` (`--smooth auto`) or `+smooth=ALPHA|off`.
+optionally with `+smooth` (`--smooth auto`) or `+smooth=ALPHA|off`, and `/native` for
+`--lowering native` (rotations as the native BlockHadamard op), e.g. `hadamard+smooth/native`.
 """
 from __future__ import annotations
 
@@ -85,11 +86,12 @@ def main() -> None:
     for target in a.targets.split(","):
         base = None
         for setting in a.settings.split(","):
-            rot, _, smooth = setting.partition("+")
+            spec, _, lowering = setting.partition("/")
+            rot, _, smooth = spec.partition("+")
             kind, _, block = rot.partition("@")
             smooth = (smooth.partition("=")[2] or "auto") if smooth else None
             r = qcompile.compile(model, target, calib=calib, eval=eval_, validate=False, rotate=kind,
-                                 rotate_block=int(block) if block else None, smooth=smooth)
+                                 rotate_block=int(block) if block else None, smooth=smooth, lowering=lowering or "auto")
             q = {lvl: sqnr_db(ref[lvl], outputs(r.model, batches, lvl)) for lvl in ("disable", "all")}
             t = latency(r.model, batches[0], a.runs)
             blocks = sorted({v["block"] for v in r.plan.rotations.values()})

@@ -28,6 +28,10 @@ max(64, block_size), padding codes 0 and padding scales 1.0:
     A_T float32 [] or [1]         NVFP4 activation tensor scale (only with act "nvfp4")
 so an MXFP4 4096x4096 layer stores 8 MiB of codes + 0.5 MiB of scales (4.25 bits per weight).
 
+Op `BlockHadamard` (same domain): Y = (X * D) (I (x) H_block / sqrt(block)) over X's last axis
+(float32 [..., K], K a multiple of the power-of-two `block`; D float32 [K] optional signs), the
+online rotation of `passes.rotate` under --lowering native (native/hadamard.h).
+
 The C API headers come from the npm package `HEADERS_PACKAGE@HEADERS_VERSION` (onnxruntime C API
 version `ORT_API_VERSION`, which onnxruntime 1.29+ serves), fetched once with `npm pack` and
 checked against its pinned sha512; `$QCOMPILE_ORT_INCLUDE` may point at a directory holding

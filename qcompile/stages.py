@@ -75,6 +75,7 @@ from qcompile.passes.rotate import (
     OnlineRotationPass,
     choose_rotations,
     emitted_rotation,
+    order_free,
     rotatable,
     rotated_name,
 )
@@ -354,15 +355,17 @@ def _choose_rotations(ctx: CompileContext) -> None:
         _, rows = _smoothing_stats(ctx, sorted(found))
         measured = choose_rotations(ctx.model.graph, ctx.work, rows, compile_threads(), native)
     chosen, entries = {}, ctx.report.setdefault("transforms", [])
+    graph_nodes = {n.name: n for n in ctx.model.graph}
     for value, (width, consumers) in sorted(found.items()):
         fmt = ctx.work.nodes[consumers[0]].inputs[0].spec.fmt
+        free = order_free(ctx.work, graph_nodes, consumers)
         requested = t.rotate_block or (fmt.block_size if isinstance(fmt, BlockFormat) else DEFAULT_BLOCK)
         block = block_for(width, requested)
         if t.rotate == "auto":  # it measures, so it tries every block up to --rotate-block (default 128)
             r, gains = measured.get(value, (None, {}))
             gains = {k: g for k, g in gains.items() if int(k.split("@")[1]) <= (t.rotate_block or DEFAULT_BLOCK)}
             best = max(gains, key=gains.get, default=None)
-            r = emitted_rotation(width, int(best.split("@")[1]), native=native) if best is not None and gains[best] > 0 else None
+            r = emitted_rotation(width, int(best.split("@")[1]), native=native, order_free=free) if best is not None and gains[best] > 0 else None
             entries.append({"transform": "rotate-choice", "value": value, "nodes": consumers,
                             "chosen": f"hadamard@{r.block}" if r else "none", "gain_db": gains})
         elif block < 2:
@@ -371,7 +374,7 @@ def _choose_rotations(ctx: CompileContext) -> None:
                             "reason": f"width {width} has no rotation block up to {requested}"})
         else:
             seed = (ctx.settings.seed * 7919 + zlib.crc32(value.encode())) % 2**31 if t.rotate == "random" else 0
-            r = emitted_rotation(width, block, t.rotate, seed, native)
+            r = emitted_rotation(width, block, t.rotate, seed, native, free)
         if r is not None:
             chosen[value] = r.to_json()
     ctx.plan = dataclasses.replace(ctx.plan, rotations=chosen)

@@ -16,7 +16,16 @@ import tiny_models
 from qcompile.analyze import make_plan, plan_on
 from qcompile.errors import InputError
 from qcompile.passes.normalize import NormalizePass
-from qcompile.passes.rotate import ROTATED_KEY, ROTATION_IN_VALUES_KEY, ROTATION_KEY, OnlineRotationPass, rotatable, rotated_name
+from qcompile.passes.rotate import (
+    ROTATED_KEY,
+    ROTATION_IN_VALUES_KEY,
+    ROTATION_KEY,
+    OnlineRotationPass,
+    emitted_rotation,
+    order_free,
+    rotatable,
+    rotated_name,
+)
 from qcompile.rotation import Rotation, block_for, fast_factor, hadamard, orthogonal_block
 from qcompile.targets import get_target
 
@@ -124,6 +133,20 @@ def test_online_rotation_pass_contract_and_exactness(kind):
         assert ROTATION_IN_VALUES_KEY not in nodes["v_proj"].metadata_props
     got = helpers.session(ir.to_proto(model), "disable").run(None, feeds)[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("target,free", [("int8", True), ("fp8", True), ("w4a8", False), ("mxfp4", False), ("none", True)])
+def test_order_free_quantizers(target, free):
+    """The fast form's permutation is used only where no quantizer of x or W groups x's channels
+    (int8: per-tensor x, per-channel W; w4a8: W in blocks of K; mxfp4: both in blocks)."""
+    proto = tiny_models.attention()
+    model = ir.from_proto(proto)
+    NormalizePass(21, 26)(model)
+    plan = make_plan(model, get_target(target))
+    nodes = {n.name: n for n in model.graph}
+    assert order_free(plan, nodes, ["q_proj", "k_proj", "v_proj"]) is free
+    r = emitted_rotation(256, 128, order_free=free)
+    assert bool(r.factor) is free and emitted_rotation(256, 128, native=True).factor == 0
 
 
 def test_rotation_of_a_value_of_unknown_rank_and_a_gemm_with_trans_b():
