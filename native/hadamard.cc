@@ -1,31 +1,19 @@
 #include "hadamard.h"
 
 #include <cmath>
-#include <cstring>
+
+#include "isa.h"
 
 namespace qcn {
 
 namespace {
 
-// One block in place: the butterfly rounds with half-width h = 1, 2, .., b / 2. For h >= 8 the
-// inner loop runs over contiguous a / c vectors (the compiler vectorizes it); the first three
-// rounds are done together on groups of 8.
-inline void fwht8(float* v) {
-  float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
-  float a4 = v[4] + v[5], a5 = v[4] - v[5], a6 = v[6] + v[7], a7 = v[6] - v[7];
-  float b0 = a0 + a2, b1 = a1 + a3, b2 = a0 - a2, b3 = a1 - a3;
-  float b4 = a4 + a6, b5 = a5 + a7, b6 = a4 - a6, b7 = a5 - a7;
-  v[0] = b0 + b4; v[1] = b1 + b5; v[2] = b2 + b6; v[3] = b3 + b7;
-  v[4] = b0 - b4; v[5] = b1 - b5; v[6] = b2 - b6; v[7] = b3 - b7;
-}
-
-void fwht(float* v, int64_t b) {
-  int64_t h = 1;
-  if (b >= 8) {
-    for (int64_t i = 0; i < b; i += 8) fwht8(v + i);
-    h = 8;
-  }
-  for (; h < b; h *= 2) {
+// The butterfly rounds with half-width h = from, 2 from, .., b / 2 on one block in place: (a, c) ->
+// (a + c, a - c) for a = v[i + j], c = v[i + j + h]. The rounds commute (each pairs indices that
+// differ in one bit), so any order gives H_b; for h >= 8 the inner loop runs over contiguous
+// vectors (the compiler vectorizes it).
+void rounds(float* v, int64_t b, int64_t from) {
+  for (int64_t h = from; h < b; h *= 2) {
     for (int64_t i = 0; i < b; i += 2 * h) {
       float* __restrict a = v + i;
       float* __restrict c = v + i + h;
@@ -38,6 +26,19 @@ void fwht(float* v, int64_t b) {
   }
 }
 
+#ifdef QCN_AVX2
+// H_8 on each 8-float vector in registers: rounds h = 1, 2, 4 as out = v * s + swap(v), with
+// swap exchanging the partners and s = +1 for the lower partner, -1 for the upper one.
+inline __m256 h8(__m256 v) {
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xB1));            // swap adjacent lanes
+  v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4E));            // swap lane pairs
+  return _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 0x01));  // swap the 128-bit halves
+}
+#endif
+
 }  // namespace
 
 void block_hadamard(const float* x, int64_t rows, int64_t k, int64_t block, const float* signs, float* y) {
@@ -45,13 +46,21 @@ void block_hadamard(const float* x, int64_t rows, int64_t k, int64_t block, cons
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * k;
     float* yr = y + r * k;
-    if (signs != nullptr) {
-      for (int64_t i = 0; i < k; ++i) yr[i] = xr[i] * signs[i];
-    } else if (yr != xr) {
-      std::memcpy(yr, xr, static_cast<size_t>(k) * sizeof(float));
+    int64_t i = 0;
+#ifdef QCN_AVX2
+    if (block >= 8) {  // y = H_8 (x * d * scale) per vector, then the rounds from h = 8
+      const __m256 sc = _mm256_set1_ps(scale);
+      for (; i + 8 <= k; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xr + i), sc);
+        if (signs != nullptr) v = _mm256_mul_ps(v, _mm256_loadu_ps(signs + i));
+        _mm256_storeu_ps(yr + i, h8(v));
+      }
+      for (int64_t g = 0; g < k; g += block) rounds(yr + g, block, 8);
+      continue;
     }
-    for (int64_t g = 0; g < k; g += block) fwht(yr + g, block);
-    for (int64_t i = 0; i < k; ++i) yr[i] *= scale;
+#endif
+    for (; i < k; ++i) yr[i] = xr[i] * (signs != nullptr ? signs[i] * scale : scale);
+    for (int64_t g = 0; g < k; g += block) rounds(yr + g, block, 1);
   }
 }
 

@@ -92,6 +92,56 @@ def test_native_emission_is_exact_on_minilm():
 
 
 @pytest.fixture(scope="module")
+def opt_export(tmp_path_factory):
+    """A foreign graph: transformers' OPT (pre-LN LayerNorm decoder, biased linears, learned
+    positions, an MLP of Gemms on rows flattened to 2-D, symbolic dims), random init, exported
+    by the TorchScript exporter (dynamo=False) at opset 17; random token data."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("opt")
+    cfg = transformers.OPTConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=2, ffn_dim=1024,
+                                 num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=256,
+                                 tie_word_embeddings=False, do_layer_norm_before=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm = transformers.OPTForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}}
+    torch.onnx.export(Logits(), (ids, torch.ones_like(ids)), str(d / "opt.onnx"), input_names=["input_ids", "attention_mask"],
+                      output_names=["logits"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    for split in ("calib", "eval"):
+        tokens = rng.integers(0, 1024, (16, 24)).astype(np.int64)
+        np.savez(d / f"{split}.npz", input_ids=tokens, attention_mask=np.ones_like(tokens))
+    return str(d / "opt.onnx"), str(d / "calib.npz"), str(d / "eval.npz")
+
+
+@pytest.mark.parametrize("rotate,smooth", [("hadamard", None), ("random", 0.5)])
+def test_rotation_is_exact_on_a_torchscript_opt_export(opt_export, rotate, smooth):
+    """Online rotation on a graph we did not shape: the 9 linear inputs (per layer the two LN
+    outputs, the attention output, the Relu output; the final LN before the head) are rotated,
+    the float outputs stay within 1e-5; the fused R1 refuses (LayerNorm streams: not folded) with
+    a reason."""
+    model, calib, eval_ = opt_export
+    r = qcompile.compile(model, "none", calib=calib, eval=eval_, rotate=rotate, smooth=smooth)
+    rot = [e for e in r.report["transforms"] if e["transform"] == "rotate" and "rotation" in e]
+    assert len(rot) == 9 and all(e["nodes"] for e in rot)
+    refused = [e for e in r.report["transforms"] if e["transform"] == "fused-rotation"]
+    assert refused and all(not e["applied"] and e["reason"] for e in refused)
+    err = _max_rel_err(model, r.model, eval_)
+    assert err <= EXACT_REL, f"OPT {rotate} smooth {smooth}: max relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
 def minilm_data():
     return (str(zoo.get_model("minilm")), str(zoo.get_data("minilm", "calib", N_CALIB)),
             str(zoo.get_data("minilm", "eval", N_EVAL)))

@@ -16,16 +16,23 @@ x R is a MatMul by the one b x b block B over x viewed as [..., K/b, b] (K b mul
 
          x_rot = Reshape(MatMul(Transpose(MatMul(Reshape(x, [0, .., K/b, a, c]), B_c)), B_a), [0, .., K])
 
-(K (a + c) multiply-adds a row: 128 = 16 x 8 costs 24 instead of 128); the Mul by the signs d is
-there for kind "random" only. When x's rank is unknown the
-rotation is one MatMul by the whole block-diagonal R [K, K] ("dense"). A Gemm with transB stores
+(K (a + c) multiply-adds a row: 128 = 16 x 8 costs 24 instead of 128; used only where no
+quantizer of the consumers groups x's channels, `order_free`, since its permutation regroups
+them); the Mul by the signs d is there for kind "random" only. With `native` (--lowering native)
+a power-of-two Sylvester block is one op of the native library instead,
+
+         x_rot = qcompile.native.BlockHadamard(x[, d], block=b)      (one pass, native/hadamard.h)
+
+When x's rank is unknown the rotation is one MatMul by the whole block-diagonal R [K, K] ("dense"). A Gemm with transB stores
 W^T, and gets (R^T W)^T = W^T R. The rotated value x_rot is what the quantizer of the consumers
 then sees: its outlier channels are spread over b channels each.
 
 When x is an attention's merged heads, reached from a value projection V = y W_v (+ b_v) only
-through head-wise layout ops (`residual_rotate.head_paths`), and R has no signs and blocks inside
-a head, x R costs nothing online: W_v := W_v R, b_v := b_v R (`_fuse_into_values`; QuaRot's R2
-without a residual-stream rotation, so also on post-LN encoders).
+through head-wise layout ops (`residual_rotate.head_paths`), R has no signs and blocks inside
+a head, and no quantizer sits on the way from V to x, x R costs nothing online: W_v := W_v R,
+b_v := b_v R (`_fuse_into_values`; QuaRot's R2 without a residual-stream rotation, so also on
+post-LN encoders). With a quantizer on the way (attention MatMuls quantized, e.g. w4a8) it would
+quantize V R instead of V: MiniLM w4a8 with `auto` lost 0.13 dB that way, so x R stays online.
 
 Each consumer is marked (node metadata `qcompile.rotated` = x's name), so a second run rotates
 nothing twice; the rotation's own nodes carry `qcompile.rotation` = x's name and are never
@@ -74,13 +81,16 @@ class OnlineRotationPass(ir.passes.InPlacePass):
         nodes, values = index(graph)
         changed = 0
         heads = head_paths(graph) if self.rotations else None
+        quantized = set(self.plan.activation_specs())
         for value, consumers in smoothable(graph, self.plan).items():
             r, x = self.rotations.get(value), values.get(value)
             if r is None or x is None or any(ROTATED_KEY in nodes[c].metadata_props for c in consumers):
                 continue
-            if x.shape is not None and x.shape[-1] != r.width:
+            if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != r.width:
                 raise ValueError(f"rotation of {value!r}: width {r.width}, but the value has {x.shape[-1]} channels")
             hp = heads.get(value) if heads is not None else None
+            if hp is not None and quantized & {v.name for n in (hp.v_proj, hp.bias, *hp.nodes) if n for v in n.outputs} - {value}:
+                hp = None  # a quantizer on the way would see V R instead of V: the choice measured the online form
             xr = _fuse_into_values(graph, hp, x, r) if hp is not None else None
             xr = xr if xr is not None else _emit(graph, x, r, self.native and native_emits(r, x))
             for c in consumers:
@@ -196,7 +206,8 @@ ROTATION_BLOCKS = (16, 32, 64, 128)  # the Hadamard blocks `choose_rotations` tr
 def rotation_candidates(width: int, native: bool = False, order_free: bool = True) -> list[Rotation]:
     """Block-diagonal Hadamard rotations of `width` channels, one per distinct block of
     ROTATION_BLOCKS (`block_for` of each), each as it will be emitted (`emitted_rotation`)."""
-    return [emitted_rotation(width, b, native=native, order_free=order_free) for b in sorted({block_for(width, b) for b in ROTATION_BLOCKS} - {1})]
+    blocks = sorted({block_for(width, b) for b in ROTATION_BLOCKS} - {1})
+    return [emitted_rotation(width, b, native=native, order_free=order_free) for b in blocks]
 
 
 def emitted_rotation(width: int, block: int, kind: str = "hadamard", seed: int = 0, native: bool = False,
