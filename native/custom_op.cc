@@ -24,6 +24,9 @@
 //   Y = BlockHadamard(X[, D])           attr block (a power of two >= 2 dividing X's last axis K);
 //                                       D float [K] (optional signs): Y = (X * D) (I (x) H_block /
 //                                       sqrt(block)), see hadamard.h (passes/rotate.py emits it).
+//   Y = BlockHadamardQuantize(X, D, y_scale, y_zero_point)   (D may be empty-named)
+//       QuantizeLinear(BlockHadamard(X, D), y_scale, y_zero_point): uint8 Y, per-tensor scale and
+//       zero point, in one pass; BlockHadamardQuantizeS8 the same with int8 (lower_native.py).
 //
 // Only the C API is used, through the OrtApi handed to RegisterCustomOps: the library does not
 // link against libonnxruntime. Attribute errors fail kernel creation (session load); input
@@ -33,6 +36,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "f8_gemm.h"
@@ -322,37 +326,84 @@ OrtStatus* read_hadamard(const OrtKernelInfo* info, HadamardKernel& kern) {
   return nullptr;
 }
 
-OrtStatus* hadamard_compute(const HadamardKernel& kern, OrtKernelContext* ctx) {
-  const OrtValue *x = nullptr, *d = nullptr;
+// X and the optional signs D of BlockHadamard(Quantize): dims, row count, K and D's data (or nullptr).
+OrtStatus* hadamard_inputs(const HadamardKernel& kern, OrtKernelContext* ctx, const char* op, const OrtValue*& x,
+                           std::vector<int64_t>& dims, int64_t& count, const float*& signs) {
+  const OrtValue* d = nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 0, &x));
   size_t inputs = 0;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(ctx, &inputs));
   if (inputs > 1) QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 1, &d));
-  if (x == nullptr) return fail("BlockHadamard: missing input X");
+  if (x == nullptr) return fail(std::string(op) + ": missing input X");
   ONNXTensorElementDataType type;
-  std::vector<int64_t> dims;
   QCN_RETURN_IF_ERROR(describe(x, type, dims));
   const int64_t k = dims.empty() ? 0 : dims.back();
   if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || dims.empty() || k % kern.block != 0)
-    return fail("BlockHadamard: X must be float with a last axis divisible by block " + std::to_string(kern.block) +
-                ", got " + dims_str(dims));
-  const float* signs = nullptr;
+    return fail(std::string(op) + ": X must be float with a last axis divisible by block " +
+                std::to_string(kern.block) + ", got " + dims_str(dims));
+  signs = nullptr;
   if (d != nullptr) {
     ONNXTensorElementDataType dtype;
     std::vector<int64_t> ddims;
     QCN_RETURN_IF_ERROR(describe(d, dtype, ddims));
     if (dtype != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || ddims.size() != 1 || ddims[0] != k)
-      return fail("BlockHadamard: D must be float [" + std::to_string(k) + "], got " + dims_str(ddims));
+      return fail(std::string(op) + ": D must be float [" + std::to_string(k) + "], got " + dims_str(ddims));
     signs = static_cast<const float*>(data(d));
   }
-  int64_t count = 1;
+  count = 1;
   for (int64_t v : dims) count *= v;
+  return nullptr;
+}
+
+OrtStatus* hadamard_compute(const HadamardKernel& kern, OrtKernelContext* ctx) {
+  const OrtValue* x = nullptr;
+  std::vector<int64_t> dims;
+  int64_t count = 0;
+  const float* signs = nullptr;
+  QCN_RETURN_IF_ERROR(hadamard_inputs(kern, ctx, "BlockHadamard", x, dims, count, signs));
   OrtValue* y = nullptr;
   QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
   if (count == 0) return nullptr;
   void* yd = nullptr;
   QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
-  qcn::block_hadamard(static_cast<const float*>(data(x)), count / k, k, kern.block, signs, static_cast<float*>(yd));
+  qcn::block_hadamard(static_cast<const float*>(data(x)), count / dims.back(), dims.back(), kern.block, signs,
+                      static_cast<float*>(yd));
+  return nullptr;
+}
+
+// BlockHadamardQuantize(X, [D], y_scale, y_zero_point): QuantizeLinear(BlockHadamard(X, D)) with a
+// per-tensor scale and zero point (uint8, or int8 for the S8 op).
+template <class Q>
+OrtStatus* hadamard_quantize_compute(const HadamardKernel& kern, OrtKernelContext* ctx) {
+  const char* op = std::is_same<Q, uint8_t>::value ? "BlockHadamardQuantize" : "BlockHadamardQuantizeS8";
+  const OrtValue* x = nullptr;
+  std::vector<int64_t> dims;
+  int64_t count = 0;
+  const float* signs = nullptr;
+  QCN_RETURN_IF_ERROR(hadamard_inputs(kern, ctx, op, x, dims, count, signs));
+  const OrtValue *s = nullptr, *z = nullptr;
+  size_t inputs = 0;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInputCount(ctx, &inputs));
+  if (inputs < 4) return fail(std::string(op) + ": needs y_scale and y_zero_point");
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 2, &s));
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetInput(ctx, 3, &z));
+  if (s == nullptr || z == nullptr) return fail(std::string(op) + ": needs y_scale and y_zero_point");
+  float scale = 1.0f;
+  QCN_RETURN_IF_ERROR(scalar_input(s, op, "y_scale", scale));
+  ONNXTensorElementDataType ztype;
+  std::vector<int64_t> zdims;
+  QCN_RETURN_IF_ERROR(describe(z, ztype, zdims));
+  int64_t zcount = 1;
+  for (int64_t v : zdims) zcount *= v;
+  if (zcount != 1) return fail(std::string(op) + ": y_zero_point must hold one value, got " + dims_str(zdims));
+  const int32_t zero_point = *static_cast<const Q*>(data(z));
+  OrtValue* y = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->KernelContext_GetOutput(ctx, 0, dims.data(), dims.size(), &y));
+  if (count == 0) return nullptr;
+  void* yd = nullptr;
+  QCN_RETURN_IF_ERROR(g_api->GetTensorMutableData(y, &yd));
+  qcn::block_hadamard_quantize(static_cast<const float*>(data(x)), count / dims.back(), dims.back(), kern.block,
+                               signs, scale, zero_point, static_cast<Q*>(yd));
   return nullptr;
 }
 
@@ -399,6 +450,7 @@ struct OpDef {
   const char* name;
   size_t inputs, required;  // inputs from `required` on are optional
   bool (*is_uint8_input)(size_t index);
+  ONNXTensorElementDataType int_type, out_type;  // the type of the "uint8" inputs; the output's
 };
 
 const OpDef& def(const OrtCustomOp* op) { return *reinterpret_cast<const OpDef*>(op); }
@@ -438,12 +490,10 @@ size_t ORT_API_CALL input_count(const OrtCustomOp* op) { return def(op).inputs; 
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 1; }
 
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp* op, size_t index) {
-  return def(op).is_uint8_input(index) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return def(op).is_uint8_input(index) ? def(op).int_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
-ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t) {
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-}
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp* op, size_t) { return def(op).out_type; }
 
 OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp* op, size_t index) {
   return index >= def(op).required ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -460,7 +510,9 @@ int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
 int ORT_API_CALL end_version(const OrtCustomOp*) { return 1; }
 
 template <class K, OrtStatus* (*Read)(const OrtKernelInfo*, K&), OrtStatus* (*Compute)(const K&, OrtKernelContext*)>
-OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_input)(size_t)) {
+OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_input)(size_t),
+             ONNXTensorElementDataType int_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+             ONNXTensorElementDataType out_type = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
   using Calls = KernelCalls<K, Read, Compute>;
   OpDef d;
   std::memset(&d.op, 0, sizeof(d.op));
@@ -468,6 +520,8 @@ OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_
   d.inputs = inputs;
   d.required = required;
   d.is_uint8_input = is_uint8_input;
+  d.int_type = int_type;
+  d.out_type = out_type;
   OrtCustomOp& op = d.op;
   op.version = ORT_API_VERSION;
   op.GetName = op_name;
@@ -494,6 +548,7 @@ OpDef make_op(const char* name, size_t inputs, size_t required, bool (*is_uint8_
 bool matmul_uint8(size_t index) { return index == 1 || index == 2; }
 bool f8_uint8(size_t index) { return index == 1; }
 bool all_float(size_t) { return false; }
+bool zero_point_input(size_t index) { return index == 3; }
 
 const OpDef g_ops[] = {
     make_op<Kernel, read_attributes, compute>("MatMulFp4", 5, 3, matmul_uint8),
@@ -503,6 +558,12 @@ const OpDef g_ops[] = {
     make_op<FakeQuantKernel, read_fake_quant<FqKind::kMinifloat>, fake_quant_compute>("FakeQuantMinifloat", 2, 2,
                                                                                       all_float),
     make_op<HadamardKernel, read_hadamard, hadamard_compute>("BlockHadamard", 2, 1, all_float),
+    make_op<HadamardKernel, read_hadamard, hadamard_quantize_compute<uint8_t>>(
+        "BlockHadamardQuantize", 4, 1, zero_point_input, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+    make_op<HadamardKernel, read_hadamard, hadamard_quantize_compute<int8_t>>(
+        "BlockHadamardQuantizeS8", 4, 1, zero_point_input, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8),
 };
 
 // Domains handed to ORT stay alive until the library is unloaded (ORT does not own them).

@@ -1,6 +1,9 @@
 #include "hadamard.h"
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
 
 #include "isa.h"
 
@@ -63,5 +66,41 @@ void block_hadamard(const float* x, int64_t rows, int64_t k, int64_t block, cons
     for (int64_t g = 0; g < k; g += block) rounds(yr + g, block, 1);
   }
 }
+
+template <class Q>
+void block_hadamard_quantize(const float* x, int64_t rows, int64_t k, int64_t block, const float* signs, float scale,
+                             int32_t zero_point, Q* q) {
+  // clamp before rounding to [lo - zp, hi - zp] (integers, so the order does not matter)
+  const float lo = static_cast<float>(std::numeric_limits<Q>::lowest() - zero_point);
+  const float hi = static_cast<float>(std::numeric_limits<Q>::max() - zero_point);
+  std::vector<float> buf(static_cast<size_t>(k));
+  for (int64_t r = 0; r < rows; ++r) {
+    block_hadamard(x + r * k, 1, k, block, signs, buf.data());
+    Q* qr = q + r * k;
+    int64_t i = 0;
+#ifdef QCN_AVX2
+    const __m256 vs = _mm256_set1_ps(scale), vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const __m256i vz = _mm256_set1_epi32(zero_point);
+    for (; i + 8 <= k; i += 8) {
+      __m256 v = _mm256_div_ps(_mm256_loadu_ps(buf.data() + i), vs);
+      v = _mm256_min_ps(_mm256_max_ps(v, vlo), vhi);
+      const __m256i n = _mm256_add_epi32(_mm256_cvtps_epi32(v), vz);  // cvtps: round half to even
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), n);
+      for (int j = 0; j < 8; ++j) qr[i + j] = static_cast<Q>(lanes[j]);
+    }
+#endif
+    for (; i < k; ++i) {
+      float v = buf[i] / scale;
+      v = v < lo ? lo : (v > hi ? hi : v);
+      qr[i] = static_cast<Q>(static_cast<int32_t>(std::nearbyint(v)) + zero_point);
+    }
+  }
+}
+
+template void block_hadamard_quantize<uint8_t>(const float*, int64_t, int64_t, int64_t, const float*, float, int32_t,
+                                               uint8_t*);
+template void block_hadamard_quantize<int8_t>(const float*, int64_t, int64_t, int64_t, const float*, float, int32_t,
+                                              int8_t*);
 
 }  // namespace qcn

@@ -754,3 +754,80 @@ def test_block_hadamard_errors(lib):
     sess = native_session(lib, _hadamard_model(32, [2, None], None))
     with pytest.raises(ORT_ERRORS, match="divisible by block 32"):
         sess.run(None, {"x": np.zeros((2, 40), np.float32)})
+
+
+def _hadamard_quantize_models(block: int, k: int, signs: np.ndarray | None, scale: float, zp: np.ndarray):
+    """(BlockHadamard -> QuantizeLinear, BlockHadamardQuantize[S8]) on x [rows, k]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    fused_op = "BlockHadamardQuantize" if zp.dtype == np.uint8 else "BlockHadamardQuantizeS8"
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(zp, "z")]
+    if signs is not None:
+        inits.append(numpy_helper.from_array(signs, "d"))
+    d = ["d"] if signs is not None else [""]
+    qtype = TensorProto.UINT8 if zp.dtype == np.uint8 else TensorProto.INT8
+    graphs = [
+        [helper.make_node("BlockHadamard", ["x", *d[:1 if signs is not None else 0]], ["r"], domain=native.DOMAIN, block=block),
+         helper.make_node("QuantizeLinear", ["r", "s", "z"], ["y"])],
+        [helper.make_node(fused_op, ["x", *d, "s", "z"], ["y"], domain=native.DOMAIN, block=block)],
+    ]
+    return [helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                                                [helper.make_tensor_value_info("y", qtype, None)], inits),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(native.DOMAIN, 1)], ir_version=10)
+            for nodes in graphs]
+
+
+@pytest.mark.parametrize("zp", [np.uint8(128), np.uint8(3), np.int8(0), np.int8(-5)], ids=["u8-128", "u8-3", "s8-0", "s8-m5"])
+@pytest.mark.parametrize("block,signed", [(32, False), (128, True)], ids=["b32", "b128-signs"])
+def test_block_hadamard_quantize_is_quantize_linear_bit_for_bit(lib, zp, block, signed):
+    """The fused op gives onnxruntime's QuantizeLinear of BlockHadamard's output, every code
+    (saturating values included: a scale that clips ~5% of them)."""
+    from qcompile.rotation import Rotation
+
+    k = 384
+    r = Rotation(k, block, "random" if signed else "hadamard", seed=2)
+    x = np.random.default_rng(block).standard_normal((70, k)).astype(np.float32) * 3
+    scale = float(np.quantile(np.abs(r.apply(x)), 0.95) / 127)
+    ref_model, fused_model = _hadamard_quantize_models(block, k, r.signs(), scale, np.array(zp))
+    ref = native_session(lib, ref_model).run(None, {"x": x})[0]
+    got = native_session(lib, fused_model).run(None, {"x": x})[0]
+    assert got.dtype == ref.dtype and np.array_equal(got, ref)
+    lo, hi = np.iinfo(ref.dtype).min, np.iinfo(ref.dtype).max
+    assert ((ref == lo) | (ref == hi)).mean() > 0.01, "the case saturates some codes"
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["hadamard", "random"])
+def test_rotation_quantize_pass(lib, signed):
+    """NativeRotationQuantizePass turns BlockHadamard -> QuantizeLinear (read by a DequantizeLinear ->
+    MatMul) into one BlockHadamardQuantize: the contract (a second run is a no-op), the same
+    outputs bit for bit, and onnxruntime still fuses the DequantizeLinear -> MatMul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompile.backends.onnxruntime.lower_native import NativeRotationQuantizePass
+    from qcompile.rotation import Rotation
+
+    rng = np.random.default_rng(3)
+    r = Rotation(128, 32, "random" if signed else "hadamard", seed=1)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "z"),
+             numpy_helper.from_array(rng.integers(-100, 100, (128, 64)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
+    d = []
+    if signed:
+        inits.append(numpy_helper.from_array(r.signs(), "d"))
+        d = ["d"]
+    nodes = [helper.make_node("BlockHadamard", ["x", *d], ["xr"], domain=native.DOMAIN, block=32),
+             helper.make_node("QuantizeLinear", ["xr", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 128])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 64])], inits),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(native.DOMAIN, 1)], ir_version=10)
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    ref = native_session(lib, proto).run(None, {"x": x})[0]
+    model = ir.from_proto(proto)
+    assert_pass_contract(NativeRotationQuantizePass(), model, expect_modified=True)
+    assert [n.op_type for n in model.graph][:1] == ["BlockHadamardQuantize"]
+    assert "BlockHadamard" not in [n.op_type for n in model.graph] and "QuantizeLinear" not in [n.op_type for n in model.graph]
+    fused = ir.to_proto(model)
+    np.testing.assert_array_equal(native_session(lib, fused).run(None, {"x": x})[0], ref)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES
 from qcompile.backends.onnxruntime.kernels import KERNELS, LOWERINGS, choose
-from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass
+from qcompile.backends.onnxruntime.lower_native import NativeFakeQuantPass, NativeRotationQuantizePass
 from qcompile.backends.onnxruntime.lower_nbits import LowerToMatMulNBitsPass
 from qcompile.backends.onnxruntime.lowering import LowerForOnnxruntimePass
 from qcompile.backends.onnxruntime.session import make_session
@@ -22,7 +22,7 @@ def lowering_passes(lowering: str = "auto", accuracy_level: int = 0, caps=CAPABI
     """The backend passes, in order, that turn a Q/DQ model into what onnxruntime runs."""
     passes = [LowerForOnnxruntimePass(caps), LowerToMatMulNBitsPass(lowering, accuracy_level, caps)]
     if lowering == "native":
-        passes.append(NativeFakeQuantPass())
+        passes += [NativeFakeQuantPass(), NativeRotationQuantizePass()]
     return passes
 
 

@@ -12,6 +12,15 @@ moves them to the native library's ops of the same name, attributes and values (
 
 (saturate_cast(x / s) to a float8 type is round_to_grid(x / s) on its grid, ending at +-max), and
 drops the function definitions no node uses any more.
+
+NativeRotationQuantizePass fuses an online rotation (`passes.rotate`'s native BlockHadamard) with
+the per-tensor 8-bit quantizer that reads it, so the rotated float tensor is never written:
+
+    QuantizeLinear(qcompile.native.BlockHadamard(x[, d]), s, z)
+                                     -> qcompile.native.BlockHadamardQuantize[S8](x, d | "", s, z)
+
+(uint8 z: BlockHadamardQuantize, int8: ...S8; the same codes, native/hadamard.h). onnxruntime
+still fuses the DequantizeLinear -> MatMul after it into its integer kernels.
 """
 from __future__ import annotations
 
@@ -45,6 +54,52 @@ class NativeFakeQuantPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault(native.DOMAIN, native.VERSION)
             functions.attach(model)
         return ir.passes.PassResult(model, modified=modified)
+
+
+class NativeRotationQuantizePass(ir.passes.InPlacePass):
+    """Stateless: `modified` counts the rotations fused with their quantizer."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fused = 0
+        for node in list(model.graph):
+            if node.domain != native.DOMAIN or node.op_type != "BlockHadamard" or node.outputs[0].is_graph_output():
+                continue
+            qs = [u.node for u in node.outputs[0].uses()]
+            if not qs or not all(_per_tensor_q(q, qs[0]) for q in qs):
+                continue
+            s, z = qs[0].inputs[1], qs[0].inputs[2]
+            op = "BlockHadamardQuantize" if z.const_value.dtype == ir.DataType.UINT8 else "BlockHadamardQuantizeS8"
+            d = node.inputs[1] if len(node.inputs) > 1 else None
+            new = ir.node(op, [node.inputs[0], d, s, z], {"block": node.attributes["block"].as_int()},
+                          domain=native.DOMAIN, name=f"{node.name}_quantize", metadata_props=dict(node.metadata_props))
+            out = qs[0].outputs[0]
+            new.outputs[0].dtype, new.outputs[0].shape = z.const_value.dtype, out.shape or node.outputs[0].shape
+            model.graph.insert_before(qs[0], new)
+            name = out.name
+            for q in qs:
+                q.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+                q.outputs[0].name = None
+            new.outputs[0].name = name
+            for q in qs:
+                model.graph.remove(q, safe=True)
+            model.graph.remove(node, safe=True)
+            fused += 1
+        if fused:
+            model.graph.sort()
+        return ir.passes.PassResult(model, modified=fused > 0)
+
+
+def _per_tensor_q(q: ir.Node, first: ir.Node) -> bool:
+    """q is a standard QuantizeLinear with a constant scalar scale and uint8/int8 zero point, the
+    same as `first`'s."""
+    if q.op_type != "QuantizeLinear" or q.domain != "" or len(q.inputs) < 3 or q.inputs[2] is None:
+        return False
+    z = q.inputs[2].const_value
+    if _scalar(q.inputs[1]) is None or z is None or z.size != 1 or z.dtype not in (ir.DataType.UINT8, ir.DataType.INT8):
+        return False
+    same = q is first or (_scalar(q.inputs[1]) == _scalar(first.inputs[1]) and z.dtype == first.inputs[2].const_value.dtype
+                          and int(z.numpy().reshape(-1)[0]) == int(first.inputs[2].const_value.numpy().reshape(-1)[0]))
+    return same and not (q.attributes.get("output_dtype") and q.attributes.get_int("output_dtype") not in (0, z.dtype))
 
 
 def _replace(graph: ir.Graph, mul: ir.Node, x: ir.Value, scale: ir.Value, fmt) -> None:
