@@ -8,8 +8,8 @@ Every setting compiles the same model on the same calibration sentences (`qcompi
 compiled model is then measured on the same held-out sentences against the float model, at
 onnxruntime's DISABLE_ALL (no fusion: the CPU-independent reference, what the Q/DQ graph means)
 and at ENABLE_ALL (the integer kernels this CPU runs), 1 thread. Latency: the median of --runs
-timed runs of one batch of 8 sentences at ENABLE_ALL, 1 thread, as a ratio to the target's first
-setting, and to float. A setting is `none`, `hadamard`, `random`, `auto`, KIND@BLOCK, each
+timed runs of one batch of 8 sentences at ENABLE_ALL, 1 thread, every model (float included)
+timed round-robin at the end, as a ratio to the target's first setting, and to float. A setting is `none`, `hadamard`, `random`, `auto`, KIND@BLOCK, each
 optionally with `+smooth` (`--smooth auto`) or `+smooth=ALPHA|off`, and `/native` for
 `--lowering native` (rotations as the native BlockHadamard op), e.g. `hadamard+smooth/native`.
 """
@@ -41,17 +41,21 @@ def outputs(model, batches: list[dict], level: str) -> list[np.ndarray]:
     return [sess.run([name], b)[0] for b in batches]
 
 
-def latency(model, batch: dict, runs: int) -> float:
+def latencies(models: list, batch: dict, runs: int) -> list[float]:
+    """Median seconds of one run of each model, timed round-robin (run i of every model before run
+    i + 1 of any), so a drift of the machine's speed during the bench hits all of them alike."""
     from qcompile.backends.onnxruntime.session import make_session
 
-    sess = make_session(model, level="all", threads=1)
-    sess.run(None, batch)
-    times = []
+    sessions = [make_session(m, level="all", threads=1) for m in models]
+    for s in sessions:
+        s.run(None, batch)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, batch)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for s, t in zip(sessions, times):
+            t0 = time.perf_counter()
+            s.run(None, batch)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -77,14 +81,10 @@ def main() -> None:
     float_model = ir.load(model)
     batches = list(as_dataset(eval_, InputInfo.of_model(float_model)).batches(8))
     ref = {lvl: outputs(float_model, batches, lvl) for lvl in ("disable", "all")}
-    t_float = latency(float_model, batches[0], a.runs)
     d = host_description()
     print(f"{a.model}, {a.samples} calibration + {a.samples} held-out samples; CPU: {d['model']} ({', '.join(d['flags'])})")
-    print("| target | setting | blocks | smoothed | SQNR dB DISABLE_ALL | SQNR dB ENABLE_ALL | gain (DISABLE_ALL) | latency x first | latency x float |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows = []
+    rows, models = [], [float_model]
     for target in a.targets.split(","):
-        base = None
         for setting in a.settings.split(","):
             spec, _, lowering = setting.partition("/")
             rot, _, smooth = spec.partition("+")
@@ -93,16 +93,21 @@ def main() -> None:
             r = qcompile.compile(model, target, calib=calib, eval=eval_, validate=False, rotate=kind,
                                  rotate_block=int(block) if block else None, smooth=smooth, lowering=lowering or "auto")
             q = {lvl: sqnr_db(ref[lvl], outputs(r.model, batches, lvl)) for lvl in ("disable", "all")}
-            t = latency(r.model, batches[0], a.runs)
-            blocks = sorted({v["block"] for v in r.plan.rotations.values()})
-            if base is None:
-                base = (q, t)
-            row = {"target": target, "setting": setting, "rotate": kind, "blocks": blocks, "smoothed": len(r.plan.smoothing), "sqnr_disable": q["disable"], "sqnr_all": q["all"],
-                   "gain_disable": q["disable"] - base[0]["disable"], "latency_vs_unrotated": t / base[1],
-                   "latency_vs_float": t / t_float}
-            rows.append(row)
-            print(f"| {target} | {setting} | {','.join(map(str, blocks)) or '-'} | {len(r.plan.smoothing)} | {q['disable']:.2f} | {q['all']:.2f} | "
-                  f"{row['gain_disable']:+.2f} | {row['latency_vs_unrotated']:.3f} | {row['latency_vs_float']:.3f} |", flush=True)
+            rows.append({"target": target, "setting": setting, "rotate": kind,
+                         "blocks": sorted({v["block"] for v in r.plan.rotations.values()}),
+                         "smoothed": len(r.plan.smoothing), "sqnr_disable": q["disable"], "sqnr_all": q["all"]})
+            models.append(r.model)
+    t_float, *times = latencies(models, batches[0], a.runs)
+    print("| target | setting | blocks | smoothed | SQNR dB DISABLE_ALL | SQNR dB ENABLE_ALL | gain (DISABLE_ALL) | latency x first | latency x float |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    first = {}
+    for row, t in zip(rows, times):
+        base = first.setdefault(row["target"], (row, t))
+        row.update(gain_disable=row["sqnr_disable"] - base[0]["sqnr_disable"], latency_vs_unrotated=t / base[1],
+                   latency_vs_float=t / t_float)
+        print(f"| {row['target']} | {row['setting']} | {','.join(map(str, row['blocks'])) or '-'} | {row['smoothed']} | "
+              f"{row['sqnr_disable']:.2f} | {row['sqnr_all']:.2f} | {row['gain_disable']:+.2f} | "
+              f"{row['latency_vs_unrotated']:.3f} | {row['latency_vs_float']:.3f} |")
     if a.out:
         a.out.write_text(json.dumps({"cpu": d, "rows": rows}, indent=1))
 

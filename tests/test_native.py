@@ -778,13 +778,14 @@ def _hadamard_quantize_models(block: int, k: int, signs: np.ndarray | None, scal
 
 
 @pytest.mark.parametrize("zp", [np.uint8(128), np.uint8(3), np.int8(0), np.int8(-5)], ids=["u8-128", "u8-3", "s8-0", "s8-m5"])
-@pytest.mark.parametrize("block,signed", [(32, False), (128, True)], ids=["b32", "b128-signs"])
-def test_block_hadamard_quantize_is_quantize_linear_bit_for_bit(lib, zp, block, signed):
+@pytest.mark.parametrize("block,signed,k", [(32, False, 384), (128, True, 384), (8, False, 40)],
+                         ids=["b32", "b128-signs", "b8-k40"])
+def test_block_hadamard_quantize_is_quantize_linear_bit_for_bit(lib, zp, block, signed, k):
     """The fused op gives onnxruntime's QuantizeLinear of BlockHadamard's output, every code
-    (saturating values included: a scale that clips ~5% of them)."""
+    (saturating values included: a scale that clips ~5% of them; k = 40: the 32-code vector
+    loop and the scalar tail)."""
     from qcompile.rotation import Rotation
 
-    k = 384
     r = Rotation(k, block, "random" if signed else "hadamard", seed=2)
     x = np.random.default_rng(block).standard_normal((70, k)).astype(np.float32) * 3
     scale = float(np.quantile(np.abs(r.apply(x)), 0.95) / 127)
