@@ -21,7 +21,9 @@ prints it without running it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -384,7 +386,8 @@ def _choose_rotations(ctx: CompileContext) -> None:
 def _rotate(ctx: CompileContext):
     """OnlineRotationPass with the plan's rotations; the plan is then re-read from the graph."""
     rotations = {v: Rotation.from_json(d) for v, d in ctx.plan.rotations.items()}
-    result = OnlineRotationPass(ctx.work, rotations, native=ctx.settings.lowering == "native")(ctx.model)
+    quantized = None if ctx.settings.target.quantize else set()  # target "none" quantizes nothing
+    result = OnlineRotationPass(ctx.work, rotations, native=ctx.settings.lowering == "native", quantized=quantized)(ctx.model)
     ctx.work = plan_on(ctx.model.graph, ctx.work)
     entries = ctx.report.setdefault("transforms", [])
     graph = list(ctx.model.graph)
@@ -692,9 +695,30 @@ def _layer_table(ctx: CompileContext) -> None:
 
 
 # --- validate -----------------------------------------------------------------------------------
+_FLOAT_REFERENCE: dict = {}  # `_reference_key` -> the float outputs per held-out batch (the last compile's)
+
+
+def _reference_key(ctx: CompileContext, outputs: list[str]) -> tuple | None:
+    """What the float outputs on the held-out data depend on, when it can be named: the input
+    model file and the held-out files (path, size, mtime), the sample range, the batch size and
+    the output names, the float graph's interface; None for in-memory models or data (no reuse). Compiles of one model on one
+    held-out set in a process (sweeps, tests) then run the float model over all of it once."""
+    from qcompile.data import ArrayDataset
+
+    if ctx.source_path is None or isinstance(ctx.eval, ArrayDataset) or not hasattr(ctx.eval, "files"):
+        return None
+    try:
+        stamp = lambda p: (str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)  # noqa: E731
+        io = tuple((v.name, v.dtype) for v in (*ctx.float_model.graph.inputs, *ctx.float_model.graph.outputs))
+        return (stamp(ctx.source_path), tuple(stamp(f) for f in ctx.eval.files), ctx.eval.start, ctx.eval.stop,
+                ctx.settings.batch_size, tuple(outputs), io)
+    except OSError:
+        return None
+
+
 def _float_reference(ctx: CompileContext) -> None:
     """One pass of the float model over the held-out data: its outputs (the reference validation
-    compares against) and, on the first ACTIVATION_SQNR_SAMPLES samples, the quantization SQNR of
+    compares against; reused from the previous compile of the same files, `_reference_key`) and, on the first ACTIVATION_SQNR_SAMPLES samples, the quantization SQNR of
     every planned activation, measured on the value the float model computes (divided by its
     SmoothQuant scales where it was smoothed)."""
     ctx.float_model = ir.from_proto(ctx.float_proto)
@@ -705,10 +729,16 @@ def _float_reference(ctx: CompileContext) -> None:
     specs = ctx.work.activation_specs()
     names = outputs + sorted({o for o, _ in sources.values()} - set(outputs))
     acc = {v: [0.0, 0.0] for v in sources}
-    ctx.reference = []
+    key = _reference_key(ctx, outputs)
+    cached = _FLOAT_REFERENCE.get(key) if key is not None else None
+    ctx.reference = [] if cached is None else cached
+    batches = ctx.eval.batches(ctx.settings.batch_size)
+    if cached is not None:  # the outputs are known: only the samples the activation SQNR reads
+        batches = itertools.islice(batches, -(-ACTIVATION_SQNR_SAMPLES // ctx.settings.batch_size) if sources else 0)
     seen = 0
-    for batch, values in stream_values(ctx.float_model, names, ctx.eval.batches(ctx.settings.batch_size)):
-        ctx.reference.append([values[n] for n in outputs])
+    for batch, values in stream_values(ctx.float_model, names, batches):
+        if cached is None:
+            ctx.reference.append([values[n] for n in outputs])
         if seen >= ACTIVATION_SQNR_SAMPLES:
             continue
         seen += next(iter(batch.values())).shape[0]
@@ -719,6 +749,9 @@ def _float_reference(ctx: CompileContext) -> None:
             acc[v][1] += float(np.sum((x64 - simulate(x, specs[v])) ** 2))
     ctx.activation_sqnr = {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3))
                            for v, (sig, n) in acc.items()}
+    if key is not None:
+        _FLOAT_REFERENCE.clear()  # one entry: the last model and held-out set
+        _FLOAT_REFERENCE[key] = ctx.reference
     # what validation needs of the float model from here on is its interface: its weights go now
     ctx.report.setdefault("sizes", {})["float_weight_bytes"] = external.weight_bytes(ctx.float_model)
     ctx.float_proto = None

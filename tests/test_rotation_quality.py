@@ -46,11 +46,13 @@ def _max_rel_err(original: str, transformed: ir.Model, eval_npz: str) -> float:
     return worst
 
 
-@pytest.mark.parametrize("name", ["minilm", "llama-tiny"])
-@pytest.mark.parametrize("rotate,block,smooth", [("hadamard", None, None), ("random", None, None), ("hadamard", 16, None),
-                                                ("hadamard", 384, None), ("none", None, 0.5), ("random", None, 0.5)])
+@pytest.mark.parametrize("name,rotate,block,smooth", [
+    (name, *case) for name in ("minilm", "llama-tiny")
+    for case in [("hadamard", None, None), ("hadamard", 16, None), ("none", None, 0.5), ("random", None, 0.5)]
+] + [("minilm", "hadamard", 384, None)])
 def test_rotation_is_exact_under_target_none(name, rotate, block, smooth):
-    """Each transform alone, and SmoothQuant (alpha 0.5) then a random rotation together. The
+    """Each transform alone, and SmoothQuant (alpha 0.5) then a random rotation together (random
+    signs alone are covered there and in the OPT and native tests). The
     default block 128 is emitted in the fast form (16 x 8); 384 on MiniLM is the whole width, the
     Paley-12 x Sylvester-32 Hadamard (24 x 16 fast form); at block 16 MiniLM's attention outputs
     take their rotation in the value projections (12 heads of 32)."""
@@ -151,6 +153,23 @@ def test_rotation_gains_on_minilm_int8(minilm_data):
     base = _sqnr(minilm_data, "int8")
     rot = _sqnr(minilm_data, "int8", rotate="hadamard")
     print(f"MiniLM int8: {base:.2f} dB, with rotation {rot:.2f} dB")
+    assert rot - base >= INT8_GAIN_DB and rot >= INT8_MIN_DB, (base, rot)
+
+
+def test_native_fused_rotation_keeps_the_int8_gain(minilm_data):
+    """The fastest emission (`--lowering native`: BlockHadamardQuantize, +8% latency over
+    unrotated int8 when written) meets acceptance 2's int8 floors like the standard-op one."""
+    from qcompile import native
+
+    try:
+        native.build()
+    except native.NativeUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"native library unavailable under CI: {e}")
+        pytest.skip(f"native library unavailable: {e}")
+    base = _sqnr(minilm_data, "int8")
+    rot = _sqnr(minilm_data, "int8", rotate="hadamard", lowering="native")
+    print(f"MiniLM int8: {base:.2f} dB, with the native fused rotation {rot:.2f} dB")
     assert rot - base >= INT8_GAIN_DB and rot >= INT8_MIN_DB, (base, rot)
 
 

@@ -247,3 +247,37 @@ def test_every_pass_class_has_a_contract_test():
     tests = [p.read_text() for p in Path(__file__).parent.rglob("test_*.py")]
     tested = {c for c in classes if any("assert_pass_contract" in t and f"{c}(" in t for t in tests)}
     assert classes - tested == set(), "passes without a contract test"
+
+
+def test_float_reference_is_reused_for_the_same_files(tmp_path, monkeypatch):
+    """A second compile of the same model file on the same held-out file reuses the float outputs
+    (the float model then runs only over the samples the activation SQNR reads), with the same
+    validation figures; touching the held-out file makes it recompute."""
+    proto = tiny_models.mlp()
+    model = tmp_path / "m.onnx"
+    onnx.save(proto, model)
+    feeds = tiny_models.inputs_for(proto, 96, seed=1)
+    calib, held = tmp_path / "c.npz", tmp_path / "e.npz"
+    np.savez(calib, **feeds)
+    np.savez(held, **tiny_models.inputs_for(proto, 96, seed=2))
+    runs = []
+    real = stages.stream_values
+
+    def counting(model_, names, batches, *a, **kw):
+        batches = list(batches)
+        runs.append(len(batches))
+        return real(model_, names, iter(batches), *a, **kw)
+
+    monkeypatch.setattr(stages, "stream_values", counting)
+    stages._FLOAT_REFERENCE.clear()
+    first = qcompile.compile(str(model), "int8", calib=str(calib), eval=str(held))
+    n_first = list(runs)
+    second = qcompile.compile(str(model), "int8", calib=str(calib), eval=str(held))
+    assert second.report["outputs"] == first.report["outputs"]
+    assert len(stages._FLOAT_REFERENCE) == 1
+    # the float reference is each compile's last pass: 12 batches of 8, then only the 64 samples
+    # of the activation SQNR
+    assert (n_first[-1], runs[-1]) == (12, stages.ACTIVATION_SQNR_SAMPLES // 8)
+    np.savez(held, **tiny_models.inputs_for(proto, 96, seed=3))  # new contents, new mtime/size key
+    third = qcompile.compile(str(model), "int8", calib=str(calib), eval=str(held))
+    assert third.report["outputs"] != first.report["outputs"]

@@ -67,11 +67,13 @@ class OnlineRotationPass(ir.passes.InPlacePass):
     """Apply given rotations {activation value: Rotation} (see the module doc). `plan` names the
     graph the pass runs on; afterwards `analyze.plan_on` names the new one."""
 
-    def __init__(self, plan: QuantPlan, rotations: dict[str, Rotation], native: bool = False) -> None:
+    def __init__(self, plan: QuantPlan, rotations: dict[str, Rotation], native: bool = False,
+                 quantized: set[str] | None = None) -> None:
         super().__init__()
         self.plan = plan
         self.rotations = rotations
         self.native = native  # emit `native_emits` rotations as qcompile.native BlockHadamard
+        self.quantized = quantized  # the values that will be quantized (default: the plan's activations)
 
     def __repr__(self) -> str:
         return f"OnlineRotationPass({len(self.rotations)} values)"
@@ -81,7 +83,7 @@ class OnlineRotationPass(ir.passes.InPlacePass):
         nodes, values = index(graph)
         changed = 0
         heads = head_paths(graph) if self.rotations else None
-        quantized = set(self.plan.activation_specs())
+        quantized = set(self.plan.activation_specs()) if self.quantized is None else self.quantized
         for value, consumers in smoothable(graph, self.plan).items():
             r, x = self.rotations.get(value), values.get(value)
             if r is None or x is None or any(ROTATED_KEY in nodes[c].metadata_props for c in consumers):
