@@ -696,6 +696,7 @@ def _layer_table(ctx: CompileContext) -> None:
 
 # --- validate -----------------------------------------------------------------------------------
 _FLOAT_REFERENCE: dict = {}  # `_reference_key` -> the float outputs per held-out batch (the last compile's)
+REFERENCE_CACHE_BYTES = 256 << 20  # larger references (e.g. a decoder's logits) are not kept
 
 
 def _reference_key(ctx: CompileContext, outputs: list[str]) -> tuple | None:
@@ -750,8 +751,9 @@ def _float_reference(ctx: CompileContext) -> None:
     ctx.activation_sqnr = {v: (float("inf") if n == 0 else round(10 * np.log10(max(sig, 1e-300) / n), 3))
                            for v, (sig, n) in acc.items()}
     if key is not None:
-        _FLOAT_REFERENCE.clear()  # one entry: the last model and held-out set
-        _FLOAT_REFERENCE[key] = ctx.reference
+        _FLOAT_REFERENCE.clear()  # one entry: the last model and held-out set, up to a size
+        if sum(a.nbytes for batch in ctx.reference for a in batch) <= REFERENCE_CACHE_BYTES:
+            _FLOAT_REFERENCE[key] = ctx.reference
     # what validation needs of the float model from here on is its interface: its weights go now
     ctx.report.setdefault("sizes", {})["float_weight_bytes"] = external.weight_bytes(ctx.float_model)
     ctx.float_proto = None
