@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import itertools
-import os
 
 import ml_dtypes
 import numpy as np
@@ -32,13 +31,8 @@ ORT_ERRORS = (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pyb
 
 
 @pytest.fixture(scope="module")
-def lib():
-    try:
-        return native.build()
-    except native.NativeUnavailable as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"native library unavailable under CI: {e}")
-        pytest.skip(f"native library unavailable: {e}")
+def lib(native_lib):
+    return native_lib
 
 
 def weight(fmt_name: str, k: int, n: int, seed: int = 0) -> storage.PackedTensor:

@@ -13,8 +13,6 @@ and a gain on real MiniLM weights and sentences.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -71,17 +69,9 @@ def test_rotation_is_exact_under_target_none(name, rotate, block, smooth):
     assert err <= EXACT_REL, f"{name} {rotate}@{block} smooth {smooth}: max relative error {err:.2e}"
 
 
-def test_native_emission_is_exact_on_minilm():
+def test_native_emission_is_exact_on_minilm(native_lib):
     """`--lowering native`: every online rotation is one qcompile.native BlockHadamard (Sylvester
     blocks, random signs as its second input), and the float function is unchanged."""
-    from qcompile import native
-
-    try:
-        native.build()
-    except native.NativeUnavailable as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"native library unavailable under CI: {e}")
-        pytest.skip(f"native library unavailable: {e}")
     model = str(zoo.get_model("minilm"))
     calib, eval_ = str(zoo.get_data("minilm", "calib", 16)), str(zoo.get_data("minilm", "eval", 16))
     r = qcompile.compile(model, "none", calib=calib, eval=eval_, rotate="random", lowering="native")
@@ -156,17 +146,9 @@ def test_rotation_gains_on_minilm_int8(minilm_data):
     assert rot - base >= INT8_GAIN_DB and rot >= INT8_MIN_DB, (base, rot)
 
 
-def test_native_fused_rotation_keeps_the_int8_gain(minilm_data):
+def test_native_fused_rotation_keeps_the_int8_gain(native_lib, minilm_data):
     """The fastest emission (`--lowering native`: BlockHadamardQuantize, +8% latency over
     unrotated int8 when written) meets acceptance 2's int8 floors like the standard-op one."""
-    from qcompile import native
-
-    try:
-        native.build()
-    except native.NativeUnavailable as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"native library unavailable under CI: {e}")
-        pytest.skip(f"native library unavailable: {e}")
     base = _sqnr(minilm_data, "int8")
     rot = _sqnr(minilm_data, "int8", rotate="hadamard", lowering="native")
     print(f"MiniLM int8: {base:.2f} dB, with the native fused rotation {rot:.2f} dB")
