@@ -701,17 +701,17 @@ REFERENCE_CACHE_BYTES = 256 << 20  # larger references (e.g. a decoder's logits)
 
 def _reference_key(ctx: CompileContext, outputs: list[str]) -> tuple | None:
     """What the float outputs on the held-out data depend on, when it can be named: the input
-    model file and the held-out files (path, size, mtime), the sample range, the batch size and
-    the output names, the float graph's interface; None for in-memory models or data (no reuse). Compiles of one model on one
-    held-out set in a process (sweeps, tests) then run the float model over all of it once."""
-    from qcompile.data import ArrayDataset
-
-    if ctx.source_path is None or isinstance(ctx.eval, ArrayDataset) or not hasattr(ctx.eval, "files"):
+    model file and the held-out files (path, size, mtime), the sample range, the batch size, the
+    output names and the float graph's interface; None for in-memory models or data (no reuse).
+    Compiles of one model on one held-out set in a process (sweeps, tests) then run the float
+    model over all of it once."""
+    files = getattr(ctx.eval, "files", None)  # file-backed datasets only
+    if ctx.source_path is None or not files:
         return None
     try:
         stamp = lambda p: (str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns)  # noqa: E731
         io = tuple((v.name, v.dtype) for v in (*ctx.float_model.graph.inputs, *ctx.float_model.graph.outputs))
-        return (stamp(ctx.source_path), tuple(stamp(f) for f in ctx.eval.files), ctx.eval.start, ctx.eval.stop,
+        return (stamp(ctx.source_path), tuple(stamp(f) for f in files), ctx.eval.start, ctx.eval.stop,
                 ctx.settings.batch_size, tuple(outputs), io)
     except OSError:
         return None
@@ -719,7 +719,8 @@ def _reference_key(ctx: CompileContext, outputs: list[str]) -> tuple | None:
 
 def _float_reference(ctx: CompileContext) -> None:
     """One pass of the float model over the held-out data: its outputs (the reference validation
-    compares against; reused from the previous compile of the same files, `_reference_key`) and, on the first ACTIVATION_SQNR_SAMPLES samples, the quantization SQNR of
+    compares against; reused from the previous compile of the same files, `_reference_key`) and,
+    on the first ACTIVATION_SQNR_SAMPLES samples, the quantization SQNR of
     every planned activation, measured on the value the float model computes (divided by its
     SmoothQuant scales where it was smoothed)."""
     ctx.float_model = ir.from_proto(ctx.float_proto)

@@ -91,9 +91,7 @@ class OnlineRotationPass(ir.passes.InPlacePass):
             if x.shape is not None and len(x.shape) and isinstance(x.shape[-1], int) and x.shape[-1] != r.width:
                 raise ValueError(f"rotation of {value!r}: width {r.width}, but the value has {x.shape[-1]} channels")
             hp = heads.get(value) if heads is not None else None
-            if hp is not None and quantized & {v.name for n in (hp.v_proj, hp.bias, *hp.nodes) if n for v in n.outputs} - {value}:
-                hp = None  # a quantizer on the way would see V R instead of V: the choice measured the online form
-            xr = _fuse_into_values(graph, hp, x, r) if hp is not None else None
+            xr = _fuse_into_values(graph, hp, x, r, quantized) if hp is not None else None
             xr = xr if xr is not None else _emit(graph, x, r, self.native and native_emits(r, x))
             for c in consumers:
                 node = nodes[c]
@@ -115,14 +113,17 @@ def native_emits(r: Rotation, x: ir.Value | None = None) -> bool:
     return not r.factor and is_power_of_two(r.block) and r.block >= 2 and (x is None or x.dtype == ir.DataType.FLOAT)
 
 
-def _fuse_into_values(graph: ir.Graph, hp: HeadPath, x: ir.Value, r: Rotation) -> ir.Value | None:
+def _fuse_into_values(graph: ir.Graph, hp: HeadPath, x: ir.Value, r: Rotation, quantized: set[str]) -> ir.Value | None:
     """x R folded into the attention's value projection when x is the merged heads of `hp`
     (`residual_rotate.head_paths`) and R = I (x) B has no signs and blocks inside a head (b divides
     d_head): (I (x) B) commutes with the head-wise layout ops and with P V per head, so
     x R = the same attention over V R = y (W_v R) + b_v R. No online op; x is renamed to
-    `rotated_name` (it now holds x R). None when R does not fit."""
+    `rotated_name` (it now holds x R). None when R does not fit, or when a value on the way is in
+    `quantized` (its quantizer would see V R instead of V; the choice measured the online form)."""
     w = hp.v_proj.inputs[1].const_value
     if r.signs() is not None or hp.d % r.block or w is None or w.shape[-1] % r.block:
+        return None
+    if quantized & ({v.name for n in (hp.v_proj, hp.bias, *hp.nodes) if n is not None for v in n.outputs} - {x.name}):
         return None
     rv = Rotation(int(w.shape[-1]), r.block, factor=r.factor)  # the same block B over V's width
     fold = lambda a: rv.apply(a.astype(np.float64)).astype(a.dtype)  # noqa: E731
