@@ -8,7 +8,7 @@ prints it without running it.
 
     front      load, data, InlinePass, PromoteFloatPass, ConvertOpsetPass, NormalizePass,
                FoldConstantOfShapePass, FoldBatchNormPass, float-snapshot
-    plan       plan, equalization, CrossLayerEqualizationPass, fused-rotation,
+    plan       plan, equalization, CrossLayerEqualizationPass, fused-rotation, LayerNormToRMSNormPass,
                FusedResidualRotationPass, smoothing-search, SmoothQuantPass, rotation, OnlineRotationPass,
                PairPermutationPass, calibrate, restore-snapshot, BiasCorrectionPass
                (target "none": the transforms only, then emit and validate)
@@ -59,6 +59,7 @@ from qcompile.passes.convert_opset import ConvertOpsetPass, pop_record
 from qcompile.passes.fold_batchnorm import FoldBatchNormPass
 from qcompile.passes.fold_constant_of_shape import FoldConstantOfShapePass
 from qcompile.passes.insert_qdq import InsertQDQPass, layer_records
+from qcompile.passes.layernorm_to_rmsnorm import LayerNormToRMSNormPass
 from qcompile.passes.normalize import NormalizePass
 from qcompile.passes.pair_permute import PairPermutationPass
 from qcompile.passes.promote_float import (
@@ -94,6 +95,7 @@ from qcompile.passes.smooth_quant import (
 from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantPlan
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.statistics import collect, histogrammed, release_memory, stream_values
+from qcompile.streams import find_streams
 from qcompile.subgraphs import all_values, location
 from qcompile.validate import compare, output_names, verdict
 
@@ -304,30 +306,44 @@ def _equalize(ctx: CompileContext):
 
 
 def _choose_fused_rotations(ctx: CompileContext) -> None:
-    """QuaRot R1 (+ R2) on every pre-norm residual stream `passes.residual_rotate.find_streams`
-    finds: R a Walsh-Hadamard over the largest power-of-two block of the width up to
-    --rotate-block (default: the whole width), with random signs for "random". The report gives
-    the reason for every stream it refuses (online rotation then covers what it can)."""
+    """QuaRot R1 (+ R2) on every pre-norm residual stream `streams.find_streams` finds: R a
+    Walsh-Hadamard over the largest power-of-two block of the width up to --rotate-block
+    (default: the whole width), with random signs for "random"; a LayerNorm stream is first
+    centered into an RMSNorm one ("layernorm"). The report gives the reason for every stream it
+    refuses (online rotation then covers what it can)."""
     t = ctx.settings.transforms
-    streams, reasons = residual_rotate.find_streams(ctx.model.graph)
+    streams, reasons = find_streams(ctx.model.graph)
     chosen = {}
     for s in streams:
         block = block_for(s.width, t.rotate_block or s.width)
         if block < 2:
             reasons.append(f"{s.gather.name}: width {s.width} has no power-of-two factor")
             continue
+        if len(s.kinds) > 1:
+            reasons.append(f"{s.gather.name}: both RMSNorms and LayerNorms read the stream")
+            continue
         seed = (ctx.settings.seed * 7919 + zlib.crc32(s.gather.name.encode())) % 2**31 if t.rotate == "random" else 0
-        chosen[s.gather.name] = {"rotation": Rotation(s.width, block, t.rotate, seed).to_json(), "heads": True}
+        chosen[s.gather.name] = {"rotation": Rotation(s.width, block, t.rotate, seed).to_json(), "heads": True,
+                                 **({"layernorm": True} if s.kinds == {"layer"} else {})}
     entries = ctx.report.setdefault("transforms", [])
     entries.extend({"transform": "fused-rotation", "applied": False, "reason": r} for r in reasons)
     ctx.plan = dataclasses.replace(ctx.plan, fused_rotations=chosen)
     ctx.work = dataclasses.replace(ctx.work, fused_rotations=chosen)
 
 
+def _layernorm_to_rmsnorm(ctx: CompileContext):
+    """LayerNormToRMSNormPass on the streams the plan's fused rotations mark "layernorm"."""
+    p = LayerNormToRMSNormPass({k for k, v in ctx.plan.fused_rotations.items() if v.get("layernorm")})
+    result = p(ctx.model)
+    ctx.work = plan_on(ctx.model.graph, ctx.work)
+    ctx.report.setdefault("transforms", []).extend(p.applied)
+    return result
+
+
 def _fuse_rotations(ctx: CompileContext):
     """FusedResidualRotationPass with the plan's rotations; the report lists what each touched."""
     plan = ctx.plan.fused_rotations
-    streams = {s.gather.name: s for s in residual_rotate.find_streams(ctx.model.graph)[0]}
+    streams = {s.gather.name: s for s in find_streams(ctx.model.graph)[0]}
     todo = {k: v for k, v in plan.items() if k in streams}
     p = residual_rotate.FusedResidualRotationPass({k: Rotation.from_json(v["rotation"]) for k, v in todo.items()},
                                                   {k for k, v in todo.items() if v.get("heads")})
@@ -829,6 +845,8 @@ def pipeline_for(s: Settings) -> list[Stage]:
             *([Stage("fused-rotation", _choose_fused_rotations, when=lambda c: not c.replay,
                      doc="QuaRot R1 + R2 on pre-norm residual streams, where the graph allows")]
               if s.transforms.rotate in ("hadamard", "random") else []),
+            Stage("LayerNormToRMSNormPass", _layernorm_to_rmsnorm,
+                  when=lambda c: any(v.get("layernorm") for v in c.plan.fused_rotations.values())),
             Stage("FusedResidualRotationPass", _fuse_rotations, when=lambda c: bool(c.plan.fused_rotations)),
             *([Stage("smoothing-search", _smoothing_search, when=lambda c: not c.replay,
                      doc=f"SmoothQuant scales: {'alpha ' + str(s.transforms.smooth) if isinstance(s.transforms.smooth, float) else 'searched per activation'}")]

@@ -96,7 +96,7 @@ class OnlineRotationPass(ir.passes.InPlacePass):
             for c in consumers:
                 node = nodes[c]
                 node.replace_input_with(0, xr)
-                fold = (lambda a: r.fold_rows(a.T).T) if node.op_type == "Gemm" and _trans_b(node) else r.fold_rows
+                fold = (lambda a, r=r: r.fold_rows(a.T).T) if node.op_type == "Gemm" and _trans_b(node) else r.fold_rows  # r bound now: a file-backed weight folds lazily
                 replace_const(graph, node, 1, fold, f"{node.inputs[1].name}_rot_{c}")
                 node.metadata_props[ROTATED_KEY] = value
             changed += 1
