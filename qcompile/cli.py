@@ -100,6 +100,7 @@ def main() -> None:
     qcompile lower QDQ_MODEL [-o OUT]         (the backend stages alone)
     qcompile validate FLOAT COMPILED --eval DATA
     qcompile inspect MODEL
+    qcompile allocate --table T --budget-bits 4.5   (re-solve a measured allocation)
     qcompile formats
     """
 
@@ -364,6 +365,54 @@ def inspect_cmd(model, as_json, verbose):
         click.echo(f"quantizable nodes ({len(s.quantizable)}):")
         for n in s.quantizable:
             click.echo(f"  {n}")
+
+    _run(work, verbose)
+
+
+@main.command("allocate")
+@click.option("--table", "table_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A candidate table (JSON), or a report / plan holding one under allocation.table")
+@click.option("--budget-bits", type=click.FloatRange(min=0, min_open=True), help="Average bits per weight of the layers")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), help="Stored weights, MB (10^6 bytes)")
+@click.option("--budget-latency", type=click.FloatRange(min=0, min_open=True), help="Latency as a ratio of the float model's")
+@click.option("--method", type=click.Choice(["ilp", "greedy"]), default="ilp", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def allocate_cmd(table_path, budget_bits, budget_mb, budget_latency, method, as_json, verbose):
+    """Re-solve the mixed-precision allocation of a measured candidate table for other budgets."""
+    _setup_logging(verbose, False)
+
+    def work():
+        import json
+
+        from qcompile import allocate
+        from qcompile.errors import InputError
+
+        try:
+            doc = json.loads(table_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read the candidate table {table_path}: {e}") from None
+        doc = doc.get("allocation", {}).get("table", doc) if isinstance(doc, dict) else doc
+        try:
+            table = allocate.Table.from_json(doc)
+            budgets = allocate.budgets_from(table, budget_bits, budget_mb, budget_latency)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{table_path}: not a candidate table ({type(e).__name__}: {e})") from None
+        if not budgets:
+            raise InputError("give at least one budget: --budget-bits, --budget-mb or --budget-latency")
+        sol = (allocate.solve if method == "ilp" else allocate.greedy)(table, budgets)
+        out = {"budgets": [dataclasses.asdict(b) for b in budgets], **sol.to_json(table)}
+        if as_json:
+            click.echo(_dump(out))
+        else:
+            click.echo(f"{method}: {sol.status}, objective {sol.objective}, bound {sol.bound}, gap {sol.gap}, "
+                       f"{sol.seconds * 1e3:.1f} ms")
+            for b in budgets:
+                click.echo(f"  {b.cost}: {sol.totals.get(b.cost)} <= {b.limit}")
+            for layer, cand in out["plan"].items():
+                click.echo(f"  {layer}: {cand}")
+        if sol.choice is None:
+            raise InputError(f"no allocation fits the budgets ({sol.status})")
 
     _run(work, verbose)
 
