@@ -151,6 +151,13 @@ def main() -> None:
 @click.option("--cle", is_flag=True,
               help="Cross-layer equalization: rescale Conv/MatMul -> (Relu|Relu6) -> Conv/MatMul chains so both weights "
                    "have equal per-channel ranges (exact in float; helps per-tensor weights)")
+@click.option("--budget-bits", type=click.FloatRange(min=0, min_open=True),
+              help="--target auto: the layers' average stored bits per weight (scales included), e.g. 4.5")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
+              help="--target auto: the model's stored weights in MB (10^6 bytes)")
+@click.option("--candidates", metavar="T;T;...",
+              help="--target auto: the candidate targets, ';'-separated (float is always one) [default: "
+                   + ";".join(TARGETS["auto"].candidates) + "]")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
@@ -165,7 +172,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, as_json, verbose, quiet):
+                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, budget_bits, budget_mb, candidates,
+                as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -190,7 +198,8 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        accuracy_level=accuracy_level if accuracy_level == "auto" else int(accuracy_level),
                                        cpu=cpu, input_shapes=input_shape, max_float=max_float,
                                        dump_after=tuple(dump_after), dump_dir=dump_dir, rotate=rotate,
-                                       rotate_block=rotate_block, smooth=smooth, cle=cle)
+                                       rotate_block=rotate_block, smooth=smooth, cle=cle, budget_bits=budget_bits,
+                                       budget_mb=budget_mb, candidates=candidates)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

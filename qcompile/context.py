@@ -24,6 +24,17 @@ ROTATE_MODES = ("none", "hadamard", "random", "auto")
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """What a mixed-precision allocation (target "auto", `qcompile.mixed`) must fit: the layers'
+    average stored bits per weight (scales included), and/or the model's stored weights in MB;
+    `candidates` overrides the target's candidate targets (float is always one)."""
+
+    bits: float | None = None
+    mb: float | None = None
+    candidates: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Transforms:
     """The float-exact transforms a compile folds in before quantizing (the user's control).
 
@@ -74,6 +85,7 @@ class Settings:
     dump_after: tuple[str, ...] = ()  # stage names after which the model is written to dump_dir
     dump_dir: str | os.PathLike | None = None
     transforms: Transforms = field(default_factory=lambda: Transforms())
+    budgets: Budgets = field(default_factory=lambda: Budgets())
 
     @property
     def gate_db(self) -> float:

@@ -23,7 +23,7 @@ from qcompile import external, restore
 from qcompile.analyze import PlanOptions
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.session import is_runtime_error
-from qcompile.context import ROTATE_MODES, CompileContext, Settings, Transforms
+from qcompile.context import ROTATE_MODES, Budgets, CompileContext, Settings, Transforms
 from qcompile.cpu import Cpu
 from qcompile.data import Dataset
 from qcompile.errors import (
@@ -124,7 +124,8 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  lowering: str = "auto", accuracy_level: int | str = "auto", cpu: str | Cpu = Cpu.PORTABLE,
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
                  dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
-                 smooth: str | float | None = None, cle: bool = False) -> Settings:
+                 smooth: str | float | None = None, cle: bool = False, budget_bits: float | None = None,
+                 budget_mb: float | None = None, candidates: str | list[str] | None = None) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -153,6 +154,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     if not isinstance(cle, bool):
         raise InputError(f"cle must be True or False, got {cle!r}")
     transforms = Transforms(rotate, rotate_block, smooth, cle)
+    budgets = _budgets(tgt, budget_bits, budget_mb, candidates)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
@@ -163,7 +165,35 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     if unknown:
         raise InputError(f"--dump-after {unknown[0]}: no such stage; stages: {', '.join(sorted(stage_names))}")
     return Settings(tgt, dataclasses.replace(options, cpu=deploy.value), deploy, lowering, accuracy_level, validate,
-                    min_sqnr, samples, seed, batch_size, caps, input_shapes, probe, tuple(dump_after), dump_dir, transforms)
+                    min_sqnr, samples, seed, batch_size, caps, input_shapes, probe, tuple(dump_after), dump_dir, transforms,
+                    budgets)
+
+
+def _budgets(tgt: Target, bits, mb, candidates) -> Budgets:
+    """The allocation's budgets and candidates, checked: only for a target with candidates ("auto"),
+    which needs a budget; every candidate a known fixed target."""
+    if candidates is not None:
+        candidates = tuple(c.strip() for c in (candidates.split(";") if isinstance(candidates, str) else candidates) if c.strip())
+    if not tgt.candidates:
+        if bits is not None or mb is not None or candidates:
+            raise InputError(f"--budget-bits, --budget-mb and --candidates are for --target auto, not {tgt.name}")
+        return Budgets()
+    for name, v in (("budget_bits", bits), ("budget_mb", mb)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise InputError(f"{name} must be a positive number, got {v!r}")
+    if bits is None and mb is None:
+        raise InputError("--target auto needs a budget: --budget-bits (average bits per weight) or --budget-mb")
+    for c in candidates or ():
+        if c == "float":
+            continue
+        try:
+            t = get_target(c)
+        except KeyError as e:
+            raise InputError(f"candidate {c!r}: {e.args[0]}") from None
+        if t.candidates or not t.quantize:
+            raise InputError(f"candidate {c!r}: a candidate is a fixed quantizing target")
+    return Budgets(None if bits is None else float(bits), None if mb is None else float(mb),
+                   None if candidates is None else tuple(c for c in candidates if c != "float") or None)
 
 
 def _rss_peak() -> int:
@@ -198,6 +228,9 @@ def compile(
     rotate_block: int | None = None,
     smooth: str | float | None = None,
     cle: bool = False,
+    budget_bits: float | None = None,
+    budget_mb: float | None = None,
+    candidates: str | list[str] | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -236,6 +269,9 @@ def compile(
     (the per-activation search, any target), "off", or a fixed alpha in [0, 1].
     cle: cross-layer equalization of Conv/MatMul -> (Relu|Relu6) -> Conv/MatMul chains
     (`qcompile/passes/equalize.py`), before the other transforms; the plan records its scales.
+    budget_bits / budget_mb / candidates: target "auto" only (`qcompile.mixed`): the layers'
+    average stored bits per weight and/or the stored weights in MB the allocation must fit, and
+    the candidate targets (default: the target's; float is always one).
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -244,7 +280,8 @@ def compile(
     settings = settings_for(target, validate=validate, min_sqnr=min_sqnr, options=options, batch_size=batch_size,
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
-                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle)
+                            dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle,
+                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

@@ -237,7 +237,8 @@ class QuantPlan:
     rotations: activation value (as the smoothed graph names it) -> the orthogonal rotation R
     (`rotation.Rotation` as JSON) applied online before its consumers (X W = (X R)(R^T W),
     `passes.rotate`; the rotated value is named `passes.rotate.rotated_name`), last, before
-    calibration. Node entries name the values of the *untransformed* graph, so a saved plan
+    calibration. allocation: target "auto"'s measured candidate table, budgets and ILP solution
+    (the chosen candidate per layer), so `qcompile allocate` re-solves from the plan alone. Node entries name the values of the *untransformed* graph, so a saved plan
     replays on the original model.
     """
 
@@ -247,6 +248,7 @@ class QuantPlan:
     rotations: dict[str, dict] = field(default_factory=dict)
     equalization: dict[str, list[float]] = field(default_factory=dict)
     fused_rotations: dict[str, dict] = field(default_factory=dict)
+    allocation: dict = field(default_factory=dict)  # target "auto": {"table", "budgets", "solution"} (`qcompile.mixed`)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -298,6 +300,8 @@ class QuantPlan:
             d["equalization"] = {k: [float(x) for x in v] for k, v in self.equalization.items()}
         if self.fused_rotations:
             d["fused_rotations"] = {k: dict(v) for k, v in self.fused_rotations.items()}
+        if self.allocation:
+            d["allocation"] = self.allocation
         return d
 
     @classmethod
@@ -309,7 +313,8 @@ class QuantPlan:
                        smoothing={k: [float(x) for x in v] for k, v in d.get("smoothing", {}).items()},
                        rotations={k: dict(v) for k, v in d.get("rotations", {}).items()},
                        equalization={k: [float(x) for x in v] for k, v in d.get("equalization", {}).items()},
-                       fused_rotations={k: dict(v) for k, v in d.get("fused_rotations", {}).items()})
+                       fused_rotations={k: dict(v) for k, v in d.get("fused_rotations", {}).items()},
+                       allocation=dict(d.get("allocation", {})))
         except KeyError as e:
             raise InputError(f"plan: missing or unknown key {e}") from None
 

@@ -93,6 +93,7 @@ from qcompile.passes.smooth_quant import (
     smoothing_scales,
 )
 from qcompile.plan import PerBlock, PerChannel, PerTensor, QuantPlan
+from qcompile.targets import get_target
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.statistics import collect, histogrammed, release_memory, stream_values
 from qcompile.streams import find_streams
@@ -211,7 +212,9 @@ def required_opset(ctx: CompileContext) -> int:
     """`required_opset_for` the formats of the target, or of the replayed plan."""
     if ctx.plan_arg is None:
         tgt = ctx.settings.target
-        return required_opset_for(tgt.formats(), tgt.weights.granularity == "block", ctx.settings.caps)
+        blocked = any(get_target(c).weights.granularity == "block" for c in tgt.candidates) if tgt.candidates \
+            else tgt.weights.granularity == "block"
+        return required_opset_for(tgt.formats(), blocked, ctx.settings.caps)
     specs = [q.spec for n in ctx.plan_arg.nodes.values() for q in [*n.inputs.values(), *([n.output] if n.output else [])]]
     return required_opset_for([s.fmt for s in specs], any(isinstance(s.granularity, PerBlock) for s in specs),
                               ctx.settings.caps)
@@ -545,6 +548,70 @@ def _calibrate(ctx: CompileContext) -> None:
     ctx.plan = ctx.plan.with_specs_of(ctx.work)  # the plan to save names the original graph's values
 
 
+def _allocate(ctx: CompileContext) -> None:
+    """Target "auto" (`qcompile.mixed`): every candidate's plan of the graph as it is now,
+    calibrated in one pass; each (layer, candidate) simulated alone on calibration samples
+    (`restore.Simulator`); the ILP (`allocate.solve`) under the budgets; the work plan becomes the
+    merged choice (calibrated, so `calibrate` only measures the bias-correction means again), the
+    plan to save names the original graph's values. report["allocation"] holds the candidate
+    table, the budgets and the solver's status, objective, bound, gap and time."""
+    import time
+
+    from qcompile import allocate, mixed
+
+    s, graph = ctx.settings, ctx.model.graph
+    t0 = time.perf_counter()
+    plans = {c: p for c in (s.budgets.candidates or s.target.candidates)
+             if (p := make_plan(ctx.model, get_target(c), s.options, s.caps)).nodes}
+    heads = {c: calibration_heads(ctx.model, p, s.caps) for c, p in plans.items()}
+    union = QuantPlan("auto", {n: np_ for p in reversed(list(plans.values())) for n, np_ in p.nodes.items()})
+    ops = {n.name: n.op_type for n in graph}
+    axes = {v: 1 if ops[n] == "Conv" else -1 for n, v in correctable(graph, union).items()}
+    hists = {h: Histogram() for hs in heads.values() for h_list in hs.values() for h in h_list}
+    stream = histogrammed(stream_values(ctx.model, sorted(set(hists) | set(axes)), ctx.calib.batches(s.batch_size)),
+                          hists, ctx.progress)
+    means = channel_means(stream, sorted(axes), axes)
+    plans = {c: (q := clips_from(p, heads[c], hists)) and _without(q, uncalibrated(ctx.model, q)) for c, p in plans.items()}
+    sim = restore.Simulator(restore.snapshot(ctx.model), union, means if s.target.bias_correction else None,
+                            ctx.calib, s.batch_size, s.caps)
+    sens = {}
+    for c, p in plans.items():
+        sim.plan = p
+        for n in p.nodes:
+            sens[(n, c)] = sim.noise([n], restore.RANKING_SAMPLES)
+    t1 = time.perf_counter()
+    layers = {n for p in plans.values() for n in p.nodes}
+    layer_bits = sum(8 * v.const_value.nbytes for n in graph if n.name in layers and len(n.inputs) > 1
+                     for v in [n.inputs[1]] if v is not None and v.const_value is not None)
+    table = mixed.build_table(graph, plans, sens, 8.0 * external.weight_bytes(ctx.model) - layer_bits,
+                              {"loss": "output noise / signal, worst output", "samples": min(restore.RANKING_SAMPLES, len(ctx.calib)),
+                               "seconds": round(t1 - t0, 3)})
+    budgets = allocate.budgets_from(table, s.budgets.bits, s.budgets.mb)
+    sol = allocate.solve(table, budgets)
+    if sol.choice is None:
+        low = table.costs[allocate.WEIGHT_BITS].min(axis=1)
+        raise InputError(f"no allocation fits the budget ({sol.status}): the candidates need at least "
+                         f"{low.sum() / max(sum(table.meta['params']), 1):.2f} bits per weight, "
+                         f"{(low.sum() + table.fixed[allocate.WEIGHT_BITS]) / 8e6:.2f} MB")
+    work = mixed.merge(plans, table, sol.choice)
+    original = ctx.plan.nodes
+
+    def renamed(name, np_):  # the original graph's value names, input by input (the transforms renamed some)
+        o = original.get(name)
+        if o is None:
+            return np_
+        ins = {i: dataclasses.replace(q, value=o.inputs[i].value) if i in o.inputs else q for i, q in np_.inputs.items()}
+        return dataclasses.replace(np_, inputs=ins)
+
+    ctx.work = dataclasses.replace(ctx.work, nodes=work.nodes, target="auto")
+    record = {"table": table.to_json(), "budgets": [dataclasses.asdict(b) for b in budgets], "solution": sol.to_json(table)}
+    ctx.plan = dataclasses.replace(ctx.plan, nodes={n: renamed(n, np_) for n, np_ in work.nodes.items()}, target="auto",
+                                   allocation=record)
+    ctx.report["allocation"] = {**record, "sensitivity_seconds": round(t1 - t0, 3)}
+    log.info("allocation: %s, objective %.4g, %d of %d layers quantized, %.1f s measuring", sol.status, sol.objective,
+             len(work.nodes), len(table.layers), t1 - t0)
+
+
 def _mean_axes(ctx: CompileContext) -> dict[str, int]:
     """Input value of each layer whose bias can absorb a correction -> its channel axis."""
     ops = {n.name: n.op_type for n in ctx.model.graph}
@@ -857,6 +924,9 @@ def pipeline_for(s: Settings) -> list[Stage]:
               if s.transforms.rotate != "none" else []),
             Stage("OnlineRotationPass", _rotate, when=lambda c: bool(c.plan.rotations)),
             *quantizing([
+                *([Stage("allocation", _allocate, when=lambda c: not c.replay,
+                         doc="mixed precision: every candidate measured per layer, then the ILP under the budgets")]
+                  if tgt.candidates else []),
                 pass_stage("PairPermutationPass", lambda c: PairPermutationPass(c.work), when=_has_pairs),
                 Stage("calibrate", _calibrate),
                 Stage("restore-snapshot", _restore_snapshot, when=_wants_snapshot),

@@ -57,8 +57,11 @@ class Target:
     bias_correction: bool = True  # add dW E[x] to Conv/Gemm biases (passes/bias_correction.py)
     ops: tuple[str, ...] = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # op types it quantizes
     quantize: bool = True  # False ("none"): the plan only locates the layers the transforms fold into
+    candidates: tuple[str, ...] = ()  # "auto": the targets a layer may take (`qcompile.mixed`), float besides
 
     def formats(self):
+        if self.candidates:
+            return [f for c in self.candidates for f in get_target(c).formats()]
         out = [parse_format(self.weights.format)]
         if self.activations:
             out.append(parse_format(self.activations.format))
@@ -159,6 +162,13 @@ TARGETS: dict[str, Target] = {
                WeightPolicy("mxint8", method="mse"), ActivationPolicy("mxint8", True, "minmax"), min_sqnr_db=15.0),
         Target("nvfp4", "NVIDIA NVFP4 (E2M1, E4M3 scale per 16, fp32 tensor scale) weights and activations",
                WeightPolicy("nvfp4", method="mse"), ActivationPolicy("nvfp4", True, "minmax"), min_sqnr_db=5.0),
+        # Mixed precision: a candidate per layer by the ILP of `qcompile.allocate` under the budgets
+        # given (--budget-bits / --budget-mb), from measured sensitivities (`qcompile.mixed`). The
+        # policies here only locate the layers before the allocation; the gate is the 4-bit one.
+        Target("auto", "mixed precision: per layer the candidate (or float) of least measured output error "
+               "within --budget-bits / --budget-mb (an ILP, solved to optimality)",
+               WeightPolicy("int8"), ActivationPolicy("uint8"), min_sqnr_db=5.0,
+               candidates=("int8", "fp8", "a16w8", "w4", "w:int4/128", "fp6", "w4a8", "mxfp4", "nvfp4")),
     ]
 }
 
