@@ -26,7 +26,9 @@ level-0 one in RMS (SQNR at most 0.83 dB lower, were the change aligned with the
 and ~0.04 dB lower when it is uncorrelated with it, as rounding noise is (measured: MiniLM w4
 21.6 dB, SQNR 11.888 -> 11.875 dB; tiny models 24-33 dB, -0.00..-0.03 dB). An exact model
 (E = 0) keeps level 0 unless level 4 changes nothing. Without validation nothing is measured and
-level 0 stays. One decision per model: a layer whose activations int8 cannot carry (an outlier
+level 0 stays, and so it does, unmeasured, when the MatMulNBits nodes do under MIN_SHARE of
+the model's multiply-adds (EfficientNet-Lite0's classifier: 0.3%; two sessions of the compiled
+model cost more than level 4 can ever save). One decision per model: a layer whose activations int8 cannot carry (an outlier
 channel setting its blocks' scale) keeps the whole model at level 0.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from qcompile.backends.onnxruntime.session import compile_threads, make_session
 from qcompile.validate import output_names, reference_outputs
 
 MARGIN_DB = 20.0
+MIN_SHARE = 0.10  # below this share of the model's multiply-adds in MatMulNBits, level 4 cannot speed it up: not measured
 LEVEL = 4  # the fast level: int8 activations (MLAS CompInt8)
 SAMPLES = 64  # held-out samples measured: an energy ratio over whole outputs, not a per-sample statistic
 
@@ -51,24 +54,64 @@ def _nbits_nodes(model: ir.Model) -> list[ir.Node]:
             and getattr(n.attributes.get("accuracy_level"), "value", 0) == 0]
 
 
+_REDUCING = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MatMulNBits", "QLinearConv", "QLinearMatMul", "MatMulInteger",
+             "MatMulIntegerToFloat", "FusedMatMul")
+
+
+def _macs(node: ir.Node) -> float | None:
+    """Multiply-adds of one run of a reducing op: output elements x reduction length (a symbolic
+    dim counts 1, the same for every layer of a model); None when a shape is unknown."""
+    out = node.outputs[0].shape
+    if out is None:
+        return None
+    n = math.prod(d if isinstance(d, int) else 1 for d in out)
+    if node.op_type == "MatMulNBits":
+        k = node.attributes["K"].as_int() if "K" in node.attributes else None
+    elif node.op_type in ("Conv", "ConvTranspose", "QLinearConv"):
+        w = node.inputs[3 if node.op_type == "QLinearConv" else 1].shape
+        k = math.prod(d for d in w[1:]) if w is not None and all(isinstance(d, int) for d in w[1:]) else None
+    else:
+        x = node.inputs[0].shape
+        k = x[-1] if x is not None and len(x) and isinstance(x[-1], int) else None
+    return None if k is None else float(n * k)
+
+
+def nbits_share(model: ir.Model) -> float | None:
+    """The share of the model's multiply-adds its MatMulNBits nodes do (None: unknown shapes)."""
+    total = nbits = 0.0
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        if n.op_type in _REDUCING:
+            m = _macs(n)
+            if m is None:
+                return None
+            total += m
+            nbits += m if n.op_type == "MatMulNBits" else 0.0
+    return nbits / total if total else None
+
+
 def _set_level(nodes: list[ir.Node], level: int) -> None:
     for n in nodes:
         n.attributes["accuracy_level"] = ir.Attr("accuracy_level", ir.AttributeType.INT, level)
 
 
 def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, batch_size: int = 8,
-                          reference: list | None = None) -> dict:
+                          reference: list | None = None, keep: dict | None = None) -> dict:
     """Set `model`'s level-0 MatMulNBits nodes to level 4 when that is measured negligible (module
     doc); returns the report entry: the level, why, and per output SQNR at both levels and the margin.
     `reference`: the float model's outputs per batch of `data` (`validate.reference_outputs`); on
     more than SAMPLES samples the first ceil(SAMPLES / batch_size) batches of it are used. Without
-    it the float model runs on the first SAMPLES. One session exists at a time."""
+    it the float model runs on the first SAMPLES. One session exists at a time; when level 4 is
+    kept its session goes to keep["session"] (for validation) if `keep` is given."""
     nodes = _nbits_nodes(model)
     entry = {"policy": "auto", "nodes": len(nodes), "margin_db": MARGIN_DB}
     if not nodes:
         return entry | {"level": None, "reason": "no MatMulNBits node"}
     if float_model is None or data is None:
         return entry | {"level": 0, "reason": "not measured (no validation): level 0, exact"}
+    share = nbits_share(model)
+    if share is not None and share < MIN_SHARE:
+        return entry | {"level": 0, "reason": f"not measured: the MatMulNBits nodes do {100 * share:.1f}% of the "
+                                              f"multiply-adds, level 4 cannot speed the model up (level 0, exact)"}
     names = output_names(float_model, model)
     if reference is None:
         data = data.take(0, SAMPLES)
@@ -81,7 +124,8 @@ def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, b
         _set_level(nodes, level)
         sess = make_session(model, level="all", threads=compile_threads())
         runs[level] = [sess.run(names, batch) for batch in data.batches(batch_size)]
-        del sess
+        if level != LEVEL:
+            del sess
     _set_level(nodes, 0)
     sums = {name: np.zeros(4) for name in names}  # signal, level-0 error, level-4 error, level-4 change
     for refs, outs0, outs4 in zip(reference, runs[0], runs[LEVEL], strict=True):
@@ -94,6 +138,9 @@ def choose_accuracy_level(float_model: ir.Model | None, model: ir.Model, data, b
     ok = all(s[3] <= s[1] * 10 ** (-MARGIN_DB / 10) for s in sums.values())
     if ok:
         _set_level(nodes, LEVEL)
+        if keep is not None:
+            keep["session"] = sess  # the model as it now is: validation runs it instead of building another
+    del sess
     gap = outputs[worst]["weight_error_over_level4_change_db"] if worst else math.inf
     relation = ">=" if ok else "<"
     reason = (f"weight quantization error / level-4 change = {gap:.1f} dB on output {worst!r} (the worst), "

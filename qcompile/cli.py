@@ -158,6 +158,8 @@ def main() -> None:
 @click.option("--candidates", metavar="T;T;...",
               help="--target auto: the candidate targets, ';'-separated (float is always one) [default: "
                    + ";".join(TARGETS["auto"].candidates) + "]")
+@click.option("--executor", type=click.Choice(["process", "serial", "ray"]), default="process", show_default=True,
+              help="--target auto: where the sensitivity sweep runs (ray: a local Ray, or RAY_ADDRESS's cluster)")
 @click.option("--no-validate", is_flag=True, help="Skip the float-vs-compiled check")
 @click.option("--min-sqnr", type=float, help="Override the target's minimum output SQNR (dB)")
 @click.option("--max-float", type=click.FloatRange(0, 1), default=0.05, show_default=True,
@@ -173,7 +175,7 @@ def main() -> None:
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
                 max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, budget_bits, budget_mb, candidates,
-                as_json, verbose, quiet):
+                executor, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -199,7 +201,7 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        cpu=cpu, input_shapes=input_shape, max_float=max_float,
                                        dump_after=tuple(dump_after), dump_dir=dump_dir, rotate=rotate,
                                        rotate_block=rotate_block, smooth=smooth, cle=cle, budget_bits=budget_bits,
-                                       budget_mb=budget_mb, candidates=candidates)
+                                       budget_mb=budget_mb, candidates=candidates, executor=executor)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

@@ -24,14 +24,16 @@ ROTATE_MODES = ("none", "hadamard", "random", "auto")
 
 
 @dataclass(frozen=True)
-class Budgets:
-    """What a mixed-precision allocation (target "auto", `qcompile.mixed`) must fit: the layers'
-    average stored bits per weight (scales included), and/or the model's stored weights in MB;
-    `candidates` overrides the target's candidate targets (float is always one)."""
+class Allocation:
+    """A mixed-precision allocation (target "auto", `qcompile.mixed`): the budgets it must fit --
+    the layers' average stored bits per weight (scales included), and/or the model's stored
+    weights in MB --, the candidate targets (None: the target's; float is always one), and where
+    the sensitivity sweep runs (`qcompile.sweep.EXECUTORS`)."""
 
     bits: float | None = None
     mb: float | None = None
     candidates: tuple[str, ...] | None = None
+    executor: str = "process"
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Settings:
     dump_after: tuple[str, ...] = ()  # stage names after which the model is written to dump_dir
     dump_dir: str | os.PathLike | None = None
     transforms: Transforms = field(default_factory=lambda: Transforms())
-    budgets: Budgets = field(default_factory=lambda: Budgets())
+    allocation: Allocation = field(default_factory=lambda: Allocation())
 
     @property
     def gate_db(self) -> float:
@@ -113,6 +115,7 @@ class CompileContext:
     float_proto: object = None  # the float model validation compares against (after the exact folds)
 
     plan: QuantPlan | None = None  # the plan to save: names the float graph's values
+    session: object = None  # a session of ctx.model as it is, left by accuracy-level for validate
     work: QuantPlan | None = None  # the same plan naming the graph as it is now (after smoothing)
     replay: bool = False
     kept: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (op type, why it stays float)

@@ -23,7 +23,7 @@ from qcompile import external, restore
 from qcompile.analyze import PlanOptions
 from qcompile.backends.onnxruntime.capabilities import CAPABILITIES, Capabilities
 from qcompile.backends.onnxruntime.session import is_runtime_error
-from qcompile.context import ROTATE_MODES, Budgets, CompileContext, Settings, Transforms
+from qcompile.context import ROTATE_MODES, Allocation, CompileContext, Settings, Transforms
 from qcompile.cpu import Cpu
 from qcompile.data import Dataset
 from qcompile.errors import (
@@ -125,7 +125,8 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  samples: int | None = None, seed: int = 0, input_shapes: dict | None = None, probe: bool = True,
                  dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
                  smooth: str | float | None = None, cle: bool = False, budget_bits: float | None = None,
-                 budget_mb: float | None = None, candidates: str | list[str] | None = None) -> Settings:
+                 budget_mb: float | None = None, candidates: str | list[str] | None = None,
+                 executor: str = "process") -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -154,7 +155,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     if not isinstance(cle, bool):
         raise InputError(f"cle must be True or False, got {cle!r}")
     transforms = Transforms(rotate, rotate_block, smooth, cle)
-    budgets = _budgets(tgt, budget_bits, budget_mb, candidates)
+    allocation = _allocation(tgt, budget_bits, budget_mb, candidates, executor)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
@@ -166,18 +167,22 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
         raise InputError(f"--dump-after {unknown[0]}: no such stage; stages: {', '.join(sorted(stage_names))}")
     return Settings(tgt, dataclasses.replace(options, cpu=deploy.value), deploy, lowering, accuracy_level, validate,
                     min_sqnr, samples, seed, batch_size, caps, input_shapes, probe, tuple(dump_after), dump_dir, transforms,
-                    budgets)
+                    allocation)
 
 
-def _budgets(tgt: Target, bits, mb, candidates) -> Budgets:
-    """The allocation's budgets and candidates, checked: only for a target with candidates ("auto"),
-    which needs a budget; every candidate a known fixed target."""
+def _allocation(tgt: Target, bits, mb, candidates, executor) -> Allocation:
+    """The allocation's budgets, candidates and executor, checked: only for a target with
+    candidates ("auto"), which needs a budget; every candidate a known fixed target."""
+    from qcompile.sweep import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     if candidates is not None:
         candidates = tuple(c.strip() for c in (candidates.split(";") if isinstance(candidates, str) else candidates) if c.strip())
     if not tgt.candidates:
         if bits is not None or mb is not None or candidates:
             raise InputError(f"--budget-bits, --budget-mb and --candidates are for --target auto, not {tgt.name}")
-        return Budgets()
+        return Allocation(executor=executor)
     for name, v in (("budget_bits", bits), ("budget_mb", mb)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise InputError(f"{name} must be a positive number, got {v!r}")
@@ -192,8 +197,8 @@ def _budgets(tgt: Target, bits, mb, candidates) -> Budgets:
             raise InputError(f"candidate {c!r}: {e.args[0]}") from None
         if t.candidates or not t.quantize:
             raise InputError(f"candidate {c!r}: a candidate is a fixed quantizing target")
-    return Budgets(None if bits is None else float(bits), None if mb is None else float(mb),
-                   None if candidates is None else tuple(c for c in candidates if c != "float") or None)
+    return Allocation(None if bits is None else float(bits), None if mb is None else float(mb),
+                      None if candidates is None else tuple(c for c in candidates if c != "float") or None, executor)
 
 
 def _rss_peak() -> int:
@@ -231,6 +236,7 @@ def compile(
     budget_bits: float | None = None,
     budget_mb: float | None = None,
     candidates: str | list[str] | None = None,
+    executor: str = "process",
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -271,7 +277,8 @@ def compile(
     (`qcompile/passes/equalize.py`), before the other transforms; the plan records its scales.
     budget_bits / budget_mb / candidates: target "auto" only (`qcompile.mixed`): the layers'
     average stored bits per weight and/or the stored weights in MB the allocation must fit, and
-    the candidate targets (default: the target's; float is always one).
+    the candidate targets (default: the target's; float is always one); executor: where its
+    sensitivity sweep runs, "process" (a local pool), "serial" or "ray" (`qcompile.sweep`).
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -281,7 +288,7 @@ def compile(
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
                             dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle,
-                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates)
+                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates, executor=executor)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

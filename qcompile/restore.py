@@ -73,13 +73,15 @@ def snapshot(model: ir.Model) -> ir.Model:
 class Simulator:
     """Output noise of `snapshot` (the float model the plan names, before bias correction) with a
     subset of the plan's layers quantized -- their Q/DQ inserted and their biases corrected with
-    `means`, as the compile does -- against the float model, on up to SAMPLES samples of `data`."""
+    `means`, as the compile does -- against the float model, on up to SAMPLES samples of `data`
+    (a Dataset, or its batches as a list)."""
 
     def __init__(self, snapshot: ir.Model, plan: QuantPlan, means: dict[str, np.ndarray] | None, data: Dataset,
                  batch_size: int, caps: Capabilities) -> None:
         self.snapshot, self.plan, self.means, self.caps = snapshot, plan, means, caps
-        self.samples, self.batch_size = min(SAMPLES, len(data)), batch_size
-        self.batches = list(data.take(0, self.samples).batches(batch_size))
+        self.batch_size = batch_size
+        self.batches = data if isinstance(data, list) else list(data.take(0, min(SAMPLES, len(data))).batches(batch_size))
+        self.samples = sum(len(next(iter(b.values()))) for b in self.batches)
         self.names = output_names(snapshot, snapshot)
         sess = make_session(snapshot, level="all")
         self.refs = [[np.asarray(r) for r in sess.run(self.names, b)] for b in self.batches]

@@ -97,6 +97,7 @@ from qcompile.targets import get_target
 from qcompile.rotation import DEFAULT_BLOCK, Rotation, block_for
 from qcompile.statistics import collect, histogrammed, release_memory, stream_values
 from qcompile.streams import find_streams
+from qcompile.sweep import sweep
 from qcompile.subgraphs import all_values, location
 from qcompile.validate import compare, output_names, verdict
 
@@ -561,7 +562,7 @@ def _allocate(ctx: CompileContext) -> None:
 
     s, graph = ctx.settings, ctx.model.graph
     t0 = time.perf_counter()
-    plans = {c: p for c in (s.budgets.candidates or s.target.candidates)
+    plans = {c: p for c in (s.allocation.candidates or s.target.candidates)
              if (p := make_plan(ctx.model, get_target(c), s.options, s.caps)).nodes}
     heads = {c: calibration_heads(ctx.model, p, s.caps) for c, p in plans.items()}
     union = QuantPlan("auto", {n: np_ for p in reversed(list(plans.values())) for n, np_ in p.nodes.items()})
@@ -572,13 +573,9 @@ def _allocate(ctx: CompileContext) -> None:
                           hists, ctx.progress)
     means = channel_means(stream, sorted(axes), axes)
     plans = {c: (q := clips_from(p, heads[c], hists)) and _without(q, uncalibrated(ctx.model, q)) for c, p in plans.items()}
-    sim = restore.Simulator(restore.snapshot(ctx.model), union, means if s.target.bias_correction else None,
-                            ctx.calib, s.batch_size, s.caps)
-    sens = {}
-    for c, p in plans.items():
-        sim.plan = p
-        for n in p.nodes:
-            sens[(n, c)] = sim.noise([n], restore.RANKING_SAMPLES)
+    batches = list(ctx.calib.take(0, min(restore.SAMPLES, len(ctx.calib))).batches(s.batch_size))
+    sens = sweep(restore.snapshot(ctx.model), plans, means if s.target.bias_correction else None, batches,
+                 s.batch_size, s.caps, restore.RANKING_SAMPLES, s.allocation.executor)
     t1 = time.perf_counter()
     layers = {n for p in plans.values() for n in p.nodes}
     layer_bits = sum(8 * v.const_value.nbytes for n in graph if n.name in layers and len(n.inputs) > 1
@@ -586,7 +583,7 @@ def _allocate(ctx: CompileContext) -> None:
     table = mixed.build_table(graph, plans, sens, 8.0 * external.weight_bytes(ctx.model) - layer_bits,
                               {"loss": "output noise / signal, worst output", "samples": min(restore.RANKING_SAMPLES, len(ctx.calib)),
                                "seconds": round(t1 - t0, 3)})
-    budgets = allocate.budgets_from(table, s.budgets.bits, s.budgets.mb)
+    budgets = allocate.budgets_from(table, s.allocation.bits, s.allocation.mb)
     sol = allocate.solve(table, budgets)
     if sol.choice is None:
         low = table.costs[allocate.WEIGHT_BITS].min(axis=1)
@@ -849,8 +846,10 @@ def _float_reference(ctx: CompileContext) -> None:
 def _accuracy_level(ctx: CompileContext) -> None:
     from qcompile.accuracy_level import choose_accuracy_level
 
+    keep = {}
     ctx.report["accuracy_level"] = choose_accuracy_level(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size,
-                                                         ctx.reference)
+                                                         ctx.reference, keep)
+    ctx.session = keep.get("session")
 
 
 def _validate(ctx: CompileContext) -> None:
@@ -858,7 +857,8 @@ def _validate(ctx: CompileContext) -> None:
     from qcompile.cpu import host_description
 
     r = ctx.report
-    r["outputs"] = compare(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size, None, ctx.reference)
+    r["outputs"] = compare(ctx.float_model, ctx.model, ctx.eval, ctx.settings.batch_size, None, ctx.reference, ctx.session)
+    ctx.session = None
     r["validation"] = {"samples": len(ctx.eval), "session": f"onnxruntime ENABLE_ALL, {compile_threads()} threads", "host_cpu": host_description()}
     v = verdict(r["outputs"], ctx.settings.gate_db)
     v["worst_layers"] = sorted(ctx.layers, key=worst_sqnr)[:5]

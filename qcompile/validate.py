@@ -93,16 +93,17 @@ def reference_outputs(float_model: ir.Model, names: list[str], data: Dataset, ba
 
 
 def compare(float_model: ir.Model, compiled: ir.Model, data: Dataset, batch_size: int = 8,
-            float_session=None, reference: list[list[np.ndarray]] | None = None) -> dict[str, dict]:
+            float_session=None, reference: list[list[np.ndarray]] | None = None, session=None) -> dict[str, dict]:
     """Per-output metrics of `compiled` against `float_model` on `data` (see module doc).
 
     `reference`: the float outputs of `output_names(float_model, compiled)` per batch
-    (`reference_outputs`), computed here when not given."""
+    (`reference_outputs`), computed here when not given; `session`: one of `compiled` already
+    built (ENABLE_ALL, `compile_threads`), else made here."""
     names = output_names(float_model, compiled)
     stats = {v.name: OutputStats(scores=looks_like_scores(v)) for v in float_model.graph.outputs if v.name in names}
     if reference is None:
         reference = reference_outputs(float_model, names, data, batch_size, float_session)
-    test_sess = make_session(compiled, level="all", threads=compile_threads())  # MLAS: the same results on any count
+    test_sess = session or make_session(compiled, level="all", threads=compile_threads())  # MLAS: the same results on any count
     for batch, refs in zip(data.batches(batch_size), reference, strict=True):
         outs = test_sess.run(names, batch)
         for name, r, o in zip(names, refs, outs):

@@ -74,3 +74,43 @@ def test_auto_budget_errors(tmp_path):
     out = CliRunner().invoke(main, [MLP, "--target", "auto", "--calib", CALIB, "--eval", EVAL, "-o", str(tmp_path / "o.onnx")])
     assert out.exit_code == 1 and "needs a budget" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_sweep_executors_agree_and_a_sweep_resumes(tmp_path, monkeypatch):
+    """Acceptance 4: the process pool and a local Ray (2 CPUs; the state put once in its object
+    store) give the serial sweep's candidate table exactly; a cached sweep with entries missing
+    runs only those."""
+    import os
+
+    from qcompile import sweep
+
+    monkeypatch.setattr(sweep, "SERIAL_SECONDS", 0.0)  # a pool even for this small sweep
+    executors = ["serial", "process", "ray"]
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI installs the ray extra")
+        executors.remove("ray")
+    tables = {}
+    for ex in executors:
+        monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / ex))  # no cache shared between executors
+        r = qcompile.compile(MLP, "auto", calib=CALIB, eval=EVAL, budget_bits=6.0, executor=ex)
+        t = r.report["allocation"]["table"]
+        tables[ex] = (t["layers"], t["candidates"], t["sensitivity"], t["costs"])
+    if "ray" in executors:
+        ray.shutdown()
+    assert all(tables[ex] == tables["serial"] for ex in executors), "every executor measures the same"
+
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path / "serial"))
+    (cached,) = (tmp_path / "serial" / "sensitivity").glob("*.json")
+    entries = json.loads(cached.read_text())
+    dropped = sorted(entries)[:4]
+    cached.write_text(json.dumps({k: v for k, v in entries.items() if k not in dropped}))
+    calls = []
+    real = sweep._run_task
+    monkeypatch.setattr(sweep, "_run_task", lambda *a: calls.append(a[3]) or real(*a))
+    r = qcompile.compile(MLP, "auto", calib=CALIB, eval=EVAL, budget_bits=6.0, executor="serial")
+    t = r.report["allocation"]["table"]
+    assert (t["layers"], t["candidates"], t["sensitivity"], t["costs"]) == tables["serial"]
+    assert sorted(n for layers in calls for n in layers) == sorted(k.split("\t")[0] for k in dropped)
