@@ -155,6 +155,9 @@ def main() -> None:
               help="--target auto: the layers' average stored bits per weight (scales included), e.g. 4.5")
 @click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
               help="--target auto: the model's stored weights in MB (10^6 bytes)")
+@click.option("--budget-latency", type=click.FloatRange(min=0, min_open=True),
+              help="--target auto: latency as a ratio of the float model's, from per-layer microbenchmarks "
+                   "(1 thread, batch 1; cached per CPU class)")
 @click.option("--candidates", metavar="T;T;...",
               help="--target auto: the candidate targets, ';'-separated (float is always one) [default: "
                    + ";".join(TARGETS["auto"].candidates) + "]")
@@ -174,8 +177,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True)
 def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape, batch_size, method, plan_in, save_plan,
                 exclude_node, exclude_op, keep_last, lowering, accuracy_level, cpu, external_data, no_validate, min_sqnr,
-                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, budget_bits, budget_mb, candidates,
-                executor, as_json, verbose, quiet):
+                max_float, dump_after, dump_dir, rotate, rotate_block, smooth, cle, budget_bits, budget_mb, budget_latency,
+                candidates, executor, as_json, verbose, quiet):
     """Quantize MODEL for --target and write the result."""
     _setup_logging(verbose, quiet)
 
@@ -201,7 +204,8 @@ def compile_cmd(model, target, output, calib, eval_, samples, seed, input_shape,
                                        cpu=cpu, input_shapes=input_shape, max_float=max_float,
                                        dump_after=tuple(dump_after), dump_dir=dump_dir, rotate=rotate,
                                        rotate_block=rotate_block, smooth=smooth, cle=cle, budget_bits=budget_bits,
-                                       budget_mb=budget_mb, candidates=candidates, executor=executor)
+                                       budget_mb=budget_mb, candidates=candidates, executor=executor,
+                                       budget_latency=budget_latency)
             except ValidationFailed as e:
                 if as_json and e.report is not None:
                     e.report["output"] = None

@@ -26,14 +26,16 @@ ROTATE_MODES = ("none", "hadamard", "random", "auto")
 @dataclass(frozen=True)
 class Allocation:
     """A mixed-precision allocation (target "auto", `qcompile.mixed`): the budgets it must fit --
-    the layers' average stored bits per weight (scales included), and/or the model's stored
-    weights in MB --, the candidate targets (None: the target's; float is always one), and where
+    the layers' average stored bits per weight (scales included), the model's stored weights in
+    MB, its latency as a ratio of float's, any combination --, the candidate targets (None: the target's; float is always one), and where
     the sensitivity sweep runs (`qcompile.sweep.EXECUTORS`)."""
 
     bits: float | None = None
     mb: float | None = None
+    latency: float | None = None  # a ratio of the float model's latency (`qcompile.latency`)
     candidates: tuple[str, ...] | None = None
     executor: str = "process"
+    method: str = "ilp"  # or "greedy": the AIMET-style baseline (`allocate.greedy`), for comparisons
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
                  smooth: str | float | None = None, cle: bool = False, budget_bits: float | None = None,
                  budget_mb: float | None = None, candidates: str | list[str] | None = None,
-                 executor: str = "process") -> Settings:
+                 executor: str = "process", allocator: str = "ilp", budget_latency: float | None = None) -> Settings:
     """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
@@ -155,7 +155,7 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
     if not isinstance(cle, bool):
         raise InputError(f"cle must be True or False, got {cle!r}")
     transforms = Transforms(rotate, rotate_block, smooth, cle)
-    allocation = _allocation(tgt, budget_bits, budget_mb, candidates, executor)
+    allocation = _allocation(tgt, budget_bits, budget_mb, candidates, executor, allocator, budget_latency)
     try:
         deploy = Cpu(cpu).resolve()
     except ValueError:
@@ -170,24 +170,28 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                     allocation)
 
 
-def _allocation(tgt: Target, bits, mb, candidates, executor) -> Allocation:
+def _allocation(tgt: Target, bits, mb, candidates, executor, method="ilp", latency=None) -> Allocation:
     """The allocation's budgets, candidates and executor, checked: only for a target with
     candidates ("auto"), which needs a budget; every candidate a known fixed target."""
     from qcompile.sweep import EXECUTORS
 
     if executor not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if method not in ("ilp", "greedy"):
+        raise InputError(f"allocator must be 'ilp' or 'greedy', got {method!r}")
     if candidates is not None:
         candidates = tuple(c.strip() for c in (candidates.split(";") if isinstance(candidates, str) else candidates) if c.strip())
     if not tgt.candidates:
-        if bits is not None or mb is not None or candidates:
-            raise InputError(f"--budget-bits, --budget-mb and --candidates are for --target auto, not {tgt.name}")
-        return Allocation(executor=executor)
-    for name, v in (("budget_bits", bits), ("budget_mb", mb)):
+        if bits is not None or mb is not None or latency is not None or candidates:
+            raise InputError(f"--budget-bits, --budget-mb, --budget-latency and --candidates are for --target auto, "
+                             f"not {tgt.name}")
+        return Allocation(executor=executor, method=method)
+    for name, v in (("budget_bits", bits), ("budget_mb", mb), ("budget_latency", latency)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise InputError(f"{name} must be a positive number, got {v!r}")
-    if bits is None and mb is None:
-        raise InputError("--target auto needs a budget: --budget-bits (average bits per weight) or --budget-mb")
+    if bits is None and mb is None and latency is None:
+        raise InputError("--target auto needs a budget: --budget-bits (average bits per weight), --budget-mb or "
+                         "--budget-latency (a ratio of float)")
     for c in candidates or ():
         if c == "float":
             continue
@@ -198,7 +202,8 @@ def _allocation(tgt: Target, bits, mb, candidates, executor) -> Allocation:
         if t.candidates or not t.quantize:
             raise InputError(f"candidate {c!r}: a candidate is a fixed quantizing target")
     return Allocation(None if bits is None else float(bits), None if mb is None else float(mb),
-                      None if candidates is None else tuple(c for c in candidates if c != "float") or None, executor)
+                      None if latency is None else float(latency), None if candidates is None else tuple(c for c in candidates if c != "float") or None, executor,
+                      method)
 
 
 def _rss_peak() -> int:
@@ -237,6 +242,8 @@ def compile(
     budget_mb: float | None = None,
     candidates: str | list[str] | None = None,
     executor: str = "process",
+    allocator: str = "ilp",
+    budget_latency: float | None = None,
 ) -> CompileResult:
     """Quantize `model` for `target`; see the README for the data flow.
 
@@ -275,10 +282,12 @@ def compile(
     (the per-activation search, any target), "off", or a fixed alpha in [0, 1].
     cle: cross-layer equalization of Conv/MatMul -> (Relu|Relu6) -> Conv/MatMul chains
     (`qcompile/passes/equalize.py`), before the other transforms; the plan records its scales.
-    budget_bits / budget_mb / candidates: target "auto" only (`qcompile.mixed`): the layers'
-    average stored bits per weight and/or the stored weights in MB the allocation must fit, and
+    budget_bits / budget_mb / budget_latency / candidates: target "auto" only (`qcompile.mixed`):
+    the layers' average stored bits per weight, the stored weights in MB, the latency as a ratio
+    of float's (measured per layer, `qcompile.latency`) the allocation must fit, and
     the candidate targets (default: the target's; float is always one); executor: where its
-    sensitivity sweep runs, "process" (a local pool), "serial" or "ray" (`qcompile.sweep`).
+    sensitivity sweep runs, "process" (a local pool), "serial" or "ray" (`qcompile.sweep`);
+    allocator: "ilp" (optimal) or "greedy" (the AIMET-style baseline, for comparisons).
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
@@ -288,7 +297,8 @@ def compile(
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
                             seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
                             dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle,
-                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates, executor=executor)
+                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates, executor=executor,
+                            allocator=allocator, budget_latency=budget_latency)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":

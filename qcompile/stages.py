@@ -572,7 +572,8 @@ def _allocate(ctx: CompileContext) -> None:
     stream = histogrammed(stream_values(ctx.model, sorted(set(hists) | set(axes)), ctx.calib.batches(s.batch_size)),
                           hists, ctx.progress)
     means = channel_means(stream, sorted(axes), axes)
-    plans = {c: (q := clips_from(p, heads[c], hists)) and _without(q, uncalibrated(ctx.model, q)) for c, p in plans.items()}
+    plans = {c: clips_from(p, heads[c], hists) for c, p in plans.items()}
+    plans = {c: _without(p, uncalibrated(ctx.model, p)) for c, p in plans.items()}  # a value no sample computed
     batches = list(ctx.calib.take(0, min(restore.SAMPLES, len(ctx.calib))).batches(s.batch_size))
     sens = sweep(restore.snapshot(ctx.model), plans, means if s.target.bias_correction else None, batches,
                  s.batch_size, s.caps, restore.RANKING_SAMPLES, s.allocation.executor)
@@ -583,13 +584,12 @@ def _allocate(ctx: CompileContext) -> None:
     table = mixed.build_table(graph, plans, sens, 8.0 * external.weight_bytes(ctx.model) - layer_bits,
                               {"loss": "output noise / signal, worst output", "samples": min(restore.RANKING_SAMPLES, len(ctx.calib)),
                                "seconds": round(t1 - t0, 3)})
-    budgets = allocate.budgets_from(table, s.allocation.bits, s.allocation.mb)
-    sol = allocate.solve(table, budgets)
+    if s.allocation.latency is not None:
+        _latency_costs(ctx, table, plans)
+    budgets = allocate.budgets_from(table, s.allocation.bits, s.allocation.mb, s.allocation.latency)
+    sol = (allocate.solve if s.allocation.method == "ilp" else allocate.greedy)(table, budgets)
     if sol.choice is None:
-        low = table.costs[allocate.WEIGHT_BITS].min(axis=1)
-        raise InputError(f"no allocation fits the budget ({sol.status}): the candidates need at least "
-                         f"{low.sum() / max(sum(table.meta['params']), 1):.2f} bits per weight, "
-                         f"{(low.sum() + table.fixed[allocate.WEIGHT_BITS]) / 8e6:.2f} MB")
+        raise InputError(f"no allocation fits the budgets ({sol.status}): " + "; ".join(_least(table, b) for b in budgets))
     work = mixed.merge(plans, table, sol.choice)
     original = ctx.plan.nodes
 
@@ -607,6 +607,43 @@ def _allocate(ctx: CompileContext) -> None:
     ctx.report["allocation"] = {**record, "sensitivity_seconds": round(t1 - t0, 3)}
     log.info("allocation: %s, objective %.4g, %d of %d layers quantized, %.1f s measuring", sol.status, sol.objective,
              len(work.nodes), len(table.layers), t1 - t0)
+
+
+def _least(table, budget) -> str:
+    """What a budget asked against the least any allocation needs (ties aside), in its own units."""
+    from qcompile.allocate import WEIGHT_BITS
+
+    least = np.where(table.allowed, table.costs[budget.cost], np.inf).min(axis=1).sum() + table.fixed.get(budget.cost, 0.0)
+    if budget.cost == WEIGHT_BITS:
+        params = max(sum(table.meta["params"]), 1)
+        fixed = table.fixed.get(WEIGHT_BITS, 0.0)
+        return (f"the candidates need at least {(least - fixed) / params:.2f} bits per weight ({least / 8e6:.3f} MB), "
+                f"the budget allows {(budget.limit - fixed) / params:.2f} ({budget.limit / 8e6:.3f} MB)")
+    return f"{budget.cost} needs at least {least:.4g}, the budget allows {budget.limit:.4g}"
+
+
+def _latency_costs(ctx: CompileContext, table, plans: dict[str, QuantPlan]) -> None:
+    """Cost "latency" of the table (`qcompile.latency`): every (layer, candidate) timed as a
+    one-layer model at the first calibration sample's shapes; fixed: the float model's latency
+    beyond its layers'."""
+    from qcompile import latency
+    from qcompile.allocate import FLOAT, LATENCY
+
+    graph = ctx.model.graph
+    nodes = {n.name: n for n in graph}
+    acts = sorted({v.name for layer in table.layers for v in nodes[layer].inputs if v is not None and v.const_value is None})
+    first = next(ctx.calib.take(0, 1).batches(1))
+    (_, feed), = list(stream_values(ctx.model, acts, [first]))
+    cands = {layer: [FLOAT, *(c for c, p in plans.items() if layer in p.nodes)] for layer in table.layers}
+    lat = latency.measure(graph, ctx.opset, table.layers, cands, feed, ctx.settings.lowering.value)
+    cost = np.zeros_like(table.sensitivity)
+    for i, layer in enumerate(table.layers):
+        for j, c in enumerate(table.candidates):
+            cost[i, j] = lat.get((layer, c), 0.0)
+    table.costs[LATENCY] = cost
+    whole = latency.model_seconds(restore.snapshot(ctx.model), first)
+    table.fixed[LATENCY] = max(0.0, whole - cost[:, table.candidates.index(FLOAT)].sum())
+    table.meta["latency"] = {"float_model_seconds": whole, "runs": latency.RUNS, "threads": 1, "batch": 1}
 
 
 def _mean_axes(ctx: CompileContext) -> dict[str, int]:

@@ -114,3 +114,27 @@ def test_sweep_executors_agree_and_a_sweep_resumes(tmp_path, monkeypatch):
     t = r.report["allocation"]["table"]
     assert (t["layers"], t["candidates"], t["sensitivity"], t["costs"]) == tables["serial"]
     assert sorted(n for layers in calls for n in layers) == sorted(k.split("\t")[0] for k in dropped)
+
+
+def test_latency_budget_uses_a_measured_reusable_table(tmp_path, monkeypatch):
+    """--budget-latency: every (layer, candidate) timed as a one-layer model (float included), the
+    table stored as JSON and reused by the next compile (nothing measured again); the ILP keeps
+    the sum within the ratio of float's. (Whether the compiled model is then not slower than float
+    is a wall-clock claim: bench/mixed.py measures it.)"""
+    from qcompile import latency
+
+    monkeypatch.setenv("QCOMPILE_CACHE", str(tmp_path))
+    r = qcompile.compile(MLP, "auto", calib=CALIB, eval=EVAL, budget_latency=1.0, candidates="int8;w4;fp8")
+    a = r.report["allocation"]
+    table = Table.from_json(a["table"])
+    lat = table.costs["latency"]
+    assert table.candidates == ["float", "int8", "w4", "fp8"] and (lat[:, 0] > 0).all() and (lat > 0).all()
+    (budget,) = a["budgets"]
+    assert budget["cost"] == "latency" and a["solution"]["totals"]["latency"] <= budget["limit"] * (1 + 1e-9)
+    assert budget["limit"] == pytest.approx(lat[:, 0].sum() + table.fixed["latency"])
+    stored = json.loads(latency.table_path().read_text())
+    assert len(stored) == 3 * 4, "3 layers x 4 candidates, each measured once"
+    mtime = latency.table_path().stat().st_mtime_ns
+    again = qcompile.compile(MLP, "auto", calib=CALIB, eval=EVAL, budget_latency=1.0, candidates="int8;w4;fp8")
+    assert latency.table_path().stat().st_mtime_ns == mtime, "the second compile measured nothing"
+    assert np.array_equal(Table.from_json(again.report["allocation"]["table"]).costs["latency"], lat)

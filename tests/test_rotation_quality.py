@@ -101,6 +101,11 @@ def opt_export(tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         lm = transformers.OPTForCausalLM(cfg).eval()
+        with torch.no_grad():  # trained-like norms: gains and biases the folds must carry (init: ones, zeros)
+            for mod in lm.modules():
+                if isinstance(mod, torch.nn.LayerNorm):
+                    mod.weight.uniform_(0.5, 1.5)
+                    mod.bias.normal_(0.0, 0.2)
 
     class Logits(torch.nn.Module):
         def __init__(self):
