@@ -45,9 +45,10 @@ def main() -> None:
         first, _ = run("auto", budget_bits=16.0)  # measures the table once (any budget: the table does not depend on it)
         table = Table.from_json(first.report["allocation"]["table"])
         params = sum(table.meta["params"])
-        bpw = {c: table.costs[WEIGHT_BITS][:, j].sum() / params for j, c in enumerate(table.candidates)
-               if np.isfinite(table.sensitivity[:, j]).all()}
-        uniform = {c: run(c)[1] for c in bpw if c != "float"}
+        wb, ok = table.costs[WEIGHT_BITS], table.allowed  # a uniform target leaves the layers it cannot take in float
+        bpw = {c: np.where(ok[:, j], wb[:, j], wb[:, 0]).sum() / params for j, c in enumerate(table.candidates)}
+        top = max(bpw[b] for b in args.budgets.split(","))
+        uniform = {c: run(c)[1] for c in bpw if c != "float" and bpw[c] <= top + 1e-9}  # those that fit some budget
         for b in args.budgets.split(","):
             bits = bpw[b]
             fits = {c: s for c, s in uniform.items() if bpw[c] <= bits + 1e-9}
@@ -57,6 +58,7 @@ def main() -> None:
             rows.append({"model": name, "budget": f"{b} ({bits:.2f} bits/weight)", "auto": auto, "greedy": greedy,
                          "best_uniform": best, "best_uniform_sqnr": fits[best], "uniform_fitting": fits,
                          "auto_over_best_uniform": auto - fits[best], "auto_over_w4": auto - uniform.get("w4", np.nan),
+                         "bits_per_weight": {c: round(float(v), 3) for c, v in bpw.items()},
                          "plan_counts": {c: list(auto_r.report["allocation"]["solution"]["plan"].values()).count(c)
                                          for c in table.candidates}})
             print(json.dumps(rows[-1]), flush=True)

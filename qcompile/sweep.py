@@ -13,8 +13,9 @@ only that layer quantized as that candidate (`restore.Simulator.noise`), on an e
 
 A task is (candidate, a batch of its layers). Every simulation is a single-threaded
 onnxruntime session on the same samples, so every executor gives the same numbers. Results are
-cached on disk under a key of everything they depend on (`_key`): a sweep that stops is resumed,
-finished tasks are not run again.
+cached on disk, a file per candidate under a key of everything its noises depend on (`_key`):
+a sweep that stops is resumed, finished tasks are not run again, and a new candidate is the only
+one measured.
 """
 from __future__ import annotations
 
@@ -97,6 +98,14 @@ def _key(model_bytes: bytes, plans: dict, means, batches, samples: int) -> str:
     return h.hexdigest()[:24]
 
 
+def _means_of(plan: QuantPlan, means: dict | None) -> dict | None:
+    """The bias-correction means a plan's simulations read: those of its nodes' inputs."""
+    if means is None:
+        return None
+    values = {q.value for n in plan.nodes.values() for q in n.inputs.values()}
+    return {v: m for v, m in means.items() if v in values}
+
+
 def cache_dir() -> Path:
     env = os.environ.get("QCOMPILE_CACHE")
     return (Path(env) if env else Path.home() / ".cache" / "qcompile") / "sensitivity"
@@ -109,15 +118,18 @@ def sweep(snapshot: ir.Model, plans: dict[str, QuantPlan], means: dict | None, b
         raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     model_bytes = ir.to_proto(snapshot).SerializeToString()
     plans_json = {c: p.to_json() for c, p in plans.items()}
-    key = _key(model_bytes, plans_json, means, batches, samples)
-    path = cache_dir() / f"{key}.json"
+    key = _key(model_bytes, plans_json, means, batches, samples)  # the workers' state
+    paths = {c: cache_dir() / f"{_key(model_bytes, {c: plans_json[c]}, _means_of(plans[c], means), batches, samples)}.json"
+             for c in plans}  # one file per candidate: adding a candidate re-measures only it
     done: dict[str, float] = {}
-    if cache and path.exists():
-        done = json.loads(path.read_text())
+    for c, path in paths.items():
+        if cache and path.exists():
+            done.update({f"{n}\t{c}": v for n, v in json.loads(path.read_text()).items()})
     todo = {c: [n for n in p.nodes if f"{n}\t{c}" not in done] for c, p in plans.items()}
     todo = {c: ls for c, ls in todo.items() if ls}
     if todo:
-        workers = workers or max(1, min(os.cpu_count() or 1, 2 if executor == "ray" else os.cpu_count() or 1))
+        cores = os.cpu_count() or 1
+        workers = workers or (min(2, cores) if executor == "ray" else cores)  # a local Ray: 2 CPUs, as CI runs it
         n_tasks = max(1, workers * 2)
         per = max(1, math.ceil(sum(len(v) for v in todo.values()) / n_tasks))
         tasks = [(c, ls[i:i + per]) for c, ls in todo.items() for i in range(0, len(ls), per)]
@@ -128,9 +140,10 @@ def sweep(snapshot: ir.Model, plans: dict[str, QuantPlan], means: dict | None, b
         def record(cand: str, noises: dict[str, float]) -> None:
             done.update({f"{n}\t{cand}": v for n, v in noises.items()})
             if cache:
+                path = paths[cand]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(done))
+                tmp.write_text(json.dumps({k.split("\t")[0]: v for k, v in done.items() if k.endswith(f"\t{cand}")}))
                 os.replace(tmp, path)
             log.info("sensitivity sweep: %d of %d simulations done", len(done), sum(len(p.nodes) for p in plans.values()))
 
@@ -154,6 +167,7 @@ def sweep(snapshot: ir.Model, plans: dict[str, QuantPlan], means: dict | None, b
                     record(*f.result())
         else:
             _ray_sweep(state, key, tasks, samples, workers, record)
+    _SIM.clear()  # this process's copy of the model, if the sweep ran here
     return {(n, c): done[f"{n}\t{c}"] for c, p in plans.items() for n in p.nodes}
 
 

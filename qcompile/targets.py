@@ -168,7 +168,7 @@ TARGETS: dict[str, Target] = {
         Target("auto", "mixed precision: per layer the candidate (or float) of least measured output error "
                "within --budget-bits / --budget-mb (an ILP, solved to optimality)",
                WeightPolicy("int8"), ActivationPolicy("uint8"), min_sqnr_db=5.0,
-               candidates=("int8", "fp8", "a16w8", "w4", "w:int4/128", "fp6", "w4a8", "mxfp4", "nvfp4")),
+               candidates=("int8", "fp8", "a16w8", "w4", "w:int4/128", "int3", "fp6", "w4a8", "mxfp4", "nvfp4")),
     ]
 }
 
