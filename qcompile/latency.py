@@ -78,7 +78,8 @@ def one_layer(node: ir.Node, opset: int, feed: dict[str, np.ndarray]) -> onnx.Mo
                 onnx.TensorProto.FLOAT)
     out = helper.make_tensor_value_info("y", elem, None)
     g = helper.make_graph([n], "layer", inputs, [out], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    ops = [helper.make_opsetid("", opset)]
+    return helper.make_model(g, opset_imports=ops, ir_version=helper.find_min_ir_version_for(ops))  # onnxruntime takes <= 13
 
 
 def _key(node: ir.Node, feed: dict[str, np.ndarray], candidate: str, lowering: str) -> str:
