@@ -126,8 +126,14 @@ def settings_for(target: str | Target = "int8", *, validate: bool = True, min_sq
                  dump_after=(), dump_dir=None, rotate: str = "none", rotate_block: int | None = None,
                  smooth: str | float | None = None, cle: bool = False, budget_bits: float | None = None,
                  budget_mb: float | None = None, candidates: str | list[str] | None = None,
-                 executor: str = "process", allocator: str = "ilp", budget_latency: float | None = None) -> Settings:
-    """Validated, resolved `Settings` (the one place a compile's arguments are checked)."""
+                 executor: str = "process", allocator: str = "ilp", budget_latency: float | None = None,
+                 max_float: float | None = None) -> Settings:
+    """Validated, resolved `Settings` (the one place a compile's arguments are checked); a
+    `max_float` given sets `probe` (restore only when it is above 0)."""
+    if max_float is not None:
+        if not (isinstance(max_float, (int, float)) and 0 <= max_float <= 1):
+            raise InputError(f"max_float must be a share of the weights in [0, 1], got {max_float!r}")
+        probe = max_float > 0
     from qcompile.backends.onnxruntime.kernels import LOWERINGS, Lowering
 
     if accuracy_level != "auto" and accuracy_level not in range(5):
@@ -291,14 +297,12 @@ def compile(
     Raises ValidationFailed (carrying the report) when an output's SQNR is below the tolerance.
     """
     t0 = time.perf_counter()
-    if not 0 <= max_float <= 1:
-        raise InputError(f"max_float must be a share of the weights in [0, 1], got {max_float!r}")
     settings = settings_for(target, validate=validate, min_sqnr=min_sqnr, options=options, batch_size=batch_size,
                             caps=caps, lowering=lowering, accuracy_level=accuracy_level, cpu=cpu, samples=samples,
-                            seed=seed, input_shapes=input_shapes, probe=max_float > 0, dump_after=dump_after,
+                            seed=seed, input_shapes=input_shapes, max_float=max_float, dump_after=dump_after,
                             dump_dir=dump_dir, rotate=rotate, rotate_block=rotate_block, smooth=smooth, cle=cle,
-                            budget_bits=budget_bits, budget_mb=budget_mb, candidates=candidates, executor=executor,
-                            allocator=allocator, budget_latency=budget_latency)
+                            budget_bits=budget_bits, budget_mb=budget_mb, budget_latency=budget_latency,
+                            candidates=candidates, executor=executor, allocator=allocator)
     if plan is not None and not isinstance(plan, QuantPlan):
         plan = QuantPlan.load(plan)
     if lowering == "native":
