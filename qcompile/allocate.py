@@ -205,10 +205,8 @@ def solve(table: Table, budgets: list[Budget], time_limit: float = 60.0, gap: fl
             tr += [k] * v.size
             tc += v.tolist()
             tv += [sign] * v.size
-    if tr or table.ties:
-        n_ties = max(tr) + 1 if tr else 0
-        if n_ties:
-            cons.append(LinearConstraint(coo_matrix((tv, (tr, tc)), shape=(n_ties, n)), 0, 0))
+    if tr:
+        cons.append(LinearConstraint(coo_matrix((tv, (tr, tc)), shape=(max(tr) + 1, n)), 0, 0))
     with _quiet_stdout():
         res = milp(table.sensitivity[rows, cols], constraints=cons, integrality=np.ones(n), bounds=Bounds(0, 1),
                    options={"time_limit": time_limit, "presolve": True, "mip_rel_gap": gap})
@@ -224,22 +222,14 @@ def solve(table: Table, budgets: list[Budget], time_limit: float = 60.0, gap: fl
 
 
 def _units(table: Table) -> list[list[int]]:
-    """Layers that move together in `greedy`: each tie's layers (merged when ties overlap), else alone."""
-    parent = list(range(len(table.layers)))
+    """Layers that move together in `greedy`: each tie's layers (merged when ties overlap), else
+    alone; in order of their first layer."""
+    import networkx as nx
 
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    uf = nx.utils.UnionFind(range(len(table.layers)))
     for _, group in table.ties:
-        for j in group[1:]:
-            parent[find(j)] = find(group[0])
-    units: dict[int, list[int]] = {}
-    for i in range(len(table.layers)):
-        units.setdefault(find(i), []).append(i)
-    return list(units.values())
+        uf.union(*group)
+    return sorted((sorted(u) for u in uf.to_sets()), key=lambda u: u[0])
 
 
 def feasible(table: Table, budgets: list[Budget], choice: np.ndarray) -> bool:

@@ -641,7 +641,7 @@ def _latency_costs(ctx: CompileContext, table, plans: dict[str, QuantPlan]) -> N
         for j, c in enumerate(table.candidates):
             cost[i, j] = lat.get((layer, c), 0.0)
     table.costs[LATENCY] = cost
-    whole = latency.model_seconds(restore.snapshot(ctx.model), first)
+    whole = latency.model_seconds(ctx.model, first)
     table.fixed[LATENCY] = max(0.0, whole - cost[:, table.candidates.index(FLOAT)].sum())
     table.meta["latency"] = {"float_model_seconds": whole, "runs": latency.RUNS, "threads": 1, "batch": 1}
 

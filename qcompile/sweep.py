@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 EXECUTORS = ("serial", "process", "ray")
 SERIAL_SECONDS = 15.0  # "process" runs in this process when the first simulation predicts a shorter sweep
 
-_SIM: dict = {}  # per worker process: state key -> Simulator
+_SIM: dict = {}  # per process (a worker, or this one): state key -> (Simulator, candidate plans)
 
 
 def _simulator(state: bytes, key: str) -> restore.Simulator:
@@ -147,6 +147,9 @@ def sweep(snapshot: ir.Model, plans: dict[str, QuantPlan], means: dict | None, b
                 os.replace(tmp, path)
             log.info("sensitivity sweep: %d of %d simulations done", len(done), sum(len(p.nodes) for p in plans.values()))
 
+        if executor != "ray" and key not in _SIM:  # in this process: from the snapshot itself, not a copy from the bytes
+            _SIM.clear()
+            _SIM[key] = (restore.Simulator(snapshot, next(iter(plans.values())), means, batches, batch_size, caps), plans)
         if executor == "process" and (workers == 1 or not _spawnable()):
             executor = "serial"
         if executor == "process":  # worth a pool only when the sweep outlasts the workers' start (~2-4 s each)
